@@ -1,0 +1,147 @@
+"""The ``mastfs`` command line: mount, umount, demo, twin serve (and the operational verbs).
+
+Each verb parses its flags into :class:`mastfs.config.Settings` and hands over to the layer that does the
+work; this module holds no filesystem logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+from . import __version__
+from .config import add_arguments, load_settings
+
+EPILOG = """\
+examples:
+  mastfs mount ~/mast                      mount MAST (JWST) at ~/mast, in the background
+  ls ~/mast/program/2733                   observations of program 2733
+  mastfs umount ~/mast
+  mastfs demo /tmp/mast-demo               try it offline, against the bundled MAST twin
+  mastfs twin serve --port 0               run the MAST twin alone (prints its URLs as one JSON line)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mastfs",
+        description="Mount the MAST astronomy archive (JWST, HST, ...) as a read-only filesystem.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mastfs {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    mount = verbs.add_parser("mount", help="mount MAST at MOUNTPOINT (returns once the mount is live)",
+                             description="Mount MAST at MOUNTPOINT. Returns once the mount is live; the "
+                             "daemon keeps running in the background unless --foreground is given.")
+    mount.add_argument("mountpoint", help="an empty directory")
+    mount.add_argument("--foreground", "-f", action="store_true",
+                       help="stay in the foreground (for systemd and debugging)")
+    mount.add_argument("--debug", action="store_true", help="log everything (same as --log-level DEBUG)")
+    add_arguments(mount)
+    mount.set_defaults(run=run_mount)
+
+    umount = verbs.add_parser("umount", help="unmount a mastfs mount",
+                              description="Unmount MOUNTPOINT cleanly, even while reads are in flight.")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(run=run_umount)
+
+    demo = verbs.add_parser("demo", help="start the bundled MAST twin and mount it (no internet needed)",
+                            description="Start the MAST twin (an offline emulator of MAST's HTTP API and S3 "
+                            "bucket) and mount it at MOUNTPOINT; Ctrl-C unmounts and stops both.")
+    demo.add_argument("mountpoint")
+    demo.add_argument("--scale", type=float, default=0.01,
+                      help="file sizes relative to the real archive (default: 0.01)")
+    demo.add_argument("--cache-dir", default=None, help="cache directory (default: a temporary one)")
+    demo.set_defaults(run=run_demo)
+
+    twin = verbs.add_parser("twin", help="the MAST twin (offline emulator of MAST for tests and demos)")
+    twin_verbs = twin.add_subparsers(dest="twin_verb", metavar="COMMAND", required=True)
+    serve = twin_verbs.add_parser("serve", help="serve the twin until SIGTERM/SIGINT",
+                                  description="Serve MAST's HTTP API and an S3 bucket on loopback; prints ONE "
+                                  "JSON line with mast_url, resolver_url, s3_endpoint and bucket when ready.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0, help="HTTP port (0: pick a free one)")
+    serve.add_argument("--s3-port", type=int, default=0, help="S3 port (0: pick a free one)")
+    serve.add_argument("--scale", type=float, default=1.0,
+                       help="file sizes relative to the real archive (default: 1.0)")
+    serve.set_defaults(run=run_twin_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings_from(args: argparse.Namespace):
+    flags = vars(args).copy()
+    if getattr(args, "debug", False):
+        flags["log_level"] = "DEBUG"
+    try:
+        return load_settings(flags)
+    except ValueError as exc:
+        raise SystemExit(f"mastfs: {exc}") from exc
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    from .daemon import mount_command
+
+    return mount_command(_settings_from(args), args.mountpoint, foreground=args.foreground)
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    from .daemon import umount_command
+
+    return umount_command(args.mountpoint)
+
+
+def run_twin_serve(args: argparse.Namespace) -> int:
+    from .twin.server import serve
+
+    logging.basicConfig(level=logging.WARNING)
+    serve(host=args.host, port=args.port, s3_port=args.s3_port, scale=args.scale)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start the twin in a child process, mount against it in the foreground, clean up both on exit."""
+    twin = subprocess.Popen(
+        [sys.executable, "-m", "mastfs", "twin", "serve", "--scale", str(args.scale)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = twin.stdout.readline() if twin.stdout else ""
+        if not line:
+            print("mastfs demo: the twin did not start", file=sys.stderr)
+            return 1
+        urls = json.loads(line)
+        cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="mastfs-demo-cache-")
+        print(f"twin: {urls['mast_url']} (S3 {urls['s3_endpoint']}); cache {cache_dir}", file=sys.stderr)
+        print(f"mounting at {args.mountpoint}; try: ls {args.mountpoint}/program/2733  (Ctrl-C stops)",
+              file=sys.stderr)
+        mount_args = [
+            "mount", "--foreground", args.mountpoint, "--mast-url", urls["mast_url"],
+            "--resolver-url", urls["resolver_url"], "--s3-endpoint", urls["s3_endpoint"],
+            "--cache-dir", cache_dir,
+        ]
+        return main(mount_args)
+    finally:
+        twin.send_signal(signal.SIGTERM)
+        try:
+            twin.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            twin.kill()
+        if os.environ.get("MASTFS_DEMO_KEEP_TWIN") is None and twin.stdout:
+            twin.stdout.close()

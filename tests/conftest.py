@@ -1,0 +1,26 @@
+"""Shared fixtures: the MAST twin (real HTTP + S3 servers on loopback), started once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def twin():
+    """The MAST twin at scale 0.001 (small files), shared by the whole session.
+
+    Tests that inject faults must clear them (use the ``clean_twin`` fixture) so others see a healthy twin.
+    """
+    from mastfs.twin.server import Twin
+
+    with Twin.start(scale=0.001) as handle:
+        yield handle
+
+
+@pytest.fixture
+def clean_twin(twin):
+    """The session twin with no faults and zeroed counters, restored to no faults afterwards."""
+    twin.faults.clear()
+    twin.reset_stats()
+    yield twin
+    twin.faults.clear()
