@@ -1,0 +1,374 @@
+"""Lazily generated, deterministic file contents for the MAST twin.
+
+Every product the twin serves is a `GeneratedFile`: an ordered list of segments (literal bytes such as
+FITS headers, or stretches of a shared pseudo-random data pattern) whose total length is exactly the
+product's declared size. `GeneratedFile.read(offset, length)` builds any byte range in O(length) time and
+memory without materialising the file, so multi-GiB mosaics cost nothing until read, and reading 8 MiB
+costs about two memcpys (the data pattern is sliced through memoryviews, then joined once).
+
+Builders:
+- `build_fits(spec, size, shift)`: a valid FITS file (primary header, image extensions, and one trailing
+  BINTABLE "filler" extension, like JWST's ASDF extension, that absorbs whatever the images leave of the
+  declared size). Image shapes shrink, keeping their aspect ratio, when the declared size is smaller than
+  the spec's full-size shape; `fits_min_size` / `fits_natural_size` tell the catalog which sizes are
+  possible and what the real-world size is.
+- `build_jpeg(size, shift, comment)`: a JPEG-looking file (SOI, JFIF APP0, COM, pattern bytes, EOI).
+- `build_text(content)`: literal bytes (asn.json, pool.csv, cat.ecsv produced by the helpers below).
+- `padded_json(obj, size)`, `pipe_table(...)`, `ecsv_catalog(...)`: parseable text of an exact size.
+
+All output is a pure function of the arguments; the data pattern is a fixed seeded 1 MiB block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+BLOCK = 2880
+PATTERN_SIZE = 1 << 20
+_PATTERN = random.Random(0x6D617374).randbytes(PATTERN_SIZE)
+# Two copies back to back: any window of up to PATTERN_SIZE bytes is one contiguous slice.
+_DOUBLED_PATTERN = memoryview(_PATTERN + _PATTERN)
+_PRIMARY_HEADER_MAX_BLOCKS = 2
+_CARDS_PER_BLOCK = BLOCK // 80
+
+
+def pad_to_block(nbytes: int) -> int:
+    """Return `nbytes` rounded up to a multiple of the FITS block size (2880)."""
+    return -(-nbytes // BLOCK) * BLOCK
+
+
+@dataclass(frozen=True)
+class ImageExt:
+    """One IMAGE extension: its shape is `leading + (ny, nx)`, (ny, nx) chosen by the layout."""
+
+    extname: str
+    bitpix: int
+    leading: tuple[int, ...] = ()
+    extver: int = 1
+    bunit: str | None = None
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        """Bytes per spatial pixel, counting every leading plane (integrations, groups)."""
+        return abs(self.bitpix) // 8 * math.prod(self.leading)
+
+
+@dataclass(frozen=True)
+class FitsSpec:
+    """Everything that determines a generated FITS file except its size and data shift."""
+
+    primary_cards: tuple[tuple[str, object, str], ...]  # (keyword, value, comment); None values skipped
+    images: tuple[ImageExt, ...]
+    base_shape: tuple[int, int]  # (ny, nx) of every image at full (real-world) size
+    filler_extname: str = "ASDF"
+    filler_column: str = "ASDF_METADATA"
+    wcs: tuple[float, float, float] | None = None  # (ra, dec, pixel scale in deg) for SCI headers
+
+
+def fits_min_size(images: Sequence[ImageExt]) -> int:
+    """A size `build_fits` always accepts for these images (1-pixel planes, one filler block, a primary
+    header of up to two blocks); smaller sizes may be refused."""
+    data = sum(BLOCK + pad_to_block(image.bytes_per_pixel) for image in images)
+    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + data + 2 * BLOCK
+
+
+def fits_natural_size(images: Sequence[ImageExt], base_shape: tuple[int, int], filler_bytes: int) -> int:
+    """Size of the file at full shape with `filler_bytes` (rounded up to blocks) of filler data."""
+    ny, nx = base_shape
+    data = sum(BLOCK + pad_to_block(ny * nx * image.bytes_per_pixel) for image in images)
+    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + data + BLOCK + pad_to_block(max(filler_bytes, 1))
+
+
+class GeneratedFile:
+    """Deterministic file contents made of literal segments and stretches of the data pattern.
+
+    `read` is thread-safe (instances are immutable after construction).
+    """
+
+    __slots__ = ("size", "_shift", "_starts", "_segments")
+
+    def __init__(self, segments: Sequence[bytes | int], shift: int) -> None:
+        """`segments`: literal bytes, or an int = that many pattern bytes; `shift` offsets the pattern."""
+        self._shift = shift % PATTERN_SIZE
+        self._starts: list[int] = []
+        self._segments: list[tuple[int, int, memoryview | None]] = []
+        position = 0
+        for segment in segments:
+            length = segment if isinstance(segment, int) else len(segment)
+            if length == 0:
+                continue
+            literal = None if isinstance(segment, int) else memoryview(bytes(segment))
+            self._starts.append(position)
+            self._segments.append((position, position + length, literal))
+            position += length
+        self.size = position
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return bytes [offset, offset+length) clipped to the file size (b"" past the end).
+
+        Raises ValueError for a negative offset or length.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length: {offset}, {length}")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        parts: list[memoryview] = []
+        index = bisect_right(self._starts, offset) - 1
+        position = offset
+        while position < end:
+            start, stop, literal = self._segments[index]
+            stop = min(stop, end)
+            if literal is None:
+                _append_pattern(parts, position + self._shift, stop - position)
+            else:
+                parts.append(literal[position - start : stop - start])
+            position = stop
+            index += 1
+        return b"".join(parts)
+
+
+def _append_pattern(parts: list[memoryview], position: int, length: int) -> None:
+    """Append views of the data pattern covering `length` bytes from pattern position `position`."""
+    while length > 0:
+        start = position % PATTERN_SIZE
+        chunk = min(length, PATTERN_SIZE)
+        parts.append(_DOUBLED_PATTERN[start : start + chunk])
+        position += chunk
+        length -= chunk
+
+
+def _format_value(value: object) -> str:
+    """FITS fixed-format value field for a bool, int, float or str."""
+    if isinstance(value, bool):
+        return ("T" if value else "F").rjust(20)
+    if isinstance(value, int):
+        return str(value).rjust(20)
+    if isinstance(value, float):
+        text = repr(value).upper()
+        if "." not in text and "E" not in text:
+            text += ".0"
+        return text.rjust(20)
+    quoted = "'" + str(value).replace("'", "''").ljust(8) + "'"
+    return quoted.ljust(20)
+
+
+def _card(keyword: str, value: object, comment: str = "") -> str:
+    """One 80-character header card."""
+    card = f"{keyword:<8}= {_format_value(value)}"
+    if comment:
+        card += f" / {comment}"
+    if len(card) > 80:
+        if card[:80].count("'") % 2:  # never cut a string value in half
+            raise ValueError(f"FITS card too long: {card!r}")
+        card = card[:80]
+    return card.ljust(80)
+
+
+def _header(cards: Sequence[tuple[str, object, str]]) -> bytes:
+    """Header bytes: the cards (None values skipped), END, padded with blanks to a block multiple."""
+    lines = [_card(key, value, comment) for key, value, comment in cards if value is not None]
+    lines.append("END".ljust(80))
+    text = "".join(lines)
+    return text.ljust(pad_to_block(len(text))).encode("ascii")
+
+
+def _image_header(image: ImageExt, shape: tuple[int, int], wcs: tuple[float, float, float] | None) -> bytes:
+    ny, nx = shape
+    axes = [nx, ny, *reversed(image.leading)]
+    cards: list[tuple[str, object, str]] = [
+        ("XTENSION", "IMAGE", "Image extension"),
+        ("BITPIX", image.bitpix, "array data type"),
+        ("NAXIS", len(axes), "number of array dimensions"),
+    ]
+    cards += [(f"NAXIS{i}", n, "") for i, n in enumerate(axes, start=1)]
+    cards += [
+        ("PCOUNT", 0, "number of parameters"),
+        ("GCOUNT", 1, "number of groups"),
+        ("EXTNAME", image.extname, "extension name"),
+        ("EXTVER", image.extver, "extension value"),
+        ("BUNIT", image.bunit, "physical units of the array values"),
+    ]
+    if wcs is not None and image.extname == "SCI":
+        ra, dec, scale = wcs
+        cards += [
+            ("WCSAXES", 2, "number of World Coordinate System axes"),
+            ("CTYPE1", "RA---TAN", "first axis coordinate type"),
+            ("CTYPE2", "DEC--TAN", "second axis coordinate type"),
+            ("CUNIT1", "deg", "first axis units"),
+            ("CUNIT2", "deg", "second axis units"),
+            ("CRPIX1", (nx + 1) / 2.0, "axis 1 coordinate of the reference pixel"),
+            ("CRPIX2", (ny + 1) / 2.0, "axis 2 coordinate of the reference pixel"),
+            ("CRVAL1", float(ra), "first axis value at the reference pixel"),
+            ("CRVAL2", float(dec), "second axis value at the reference pixel"),
+            ("CDELT1", -float(scale), "first axis increment per pixel"),
+            ("CDELT2", float(scale), "second axis increment per pixel"),
+            ("RADESYS", "ICRS", "name of the coordinate reference frame"),
+        ]
+    return _header(cards)
+
+
+def _filler_header(extname: str, column: str, nbytes: int) -> bytes:
+    return _header(
+        [
+            ("XTENSION", "BINTABLE", "binary table extension"),
+            ("BITPIX", 8, "array data type"),
+            ("NAXIS", 2, "number of array dimensions"),
+            ("NAXIS1", nbytes, "length of dimension 1"),
+            ("NAXIS2", 1, "length of dimension 2"),
+            ("PCOUNT", 0, "number of group parameters"),
+            ("GCOUNT", 1, "number of groups"),
+            ("TFIELDS", 1, "number of table fields"),
+            ("TTYPE1", column, ""),
+            ("TFORM1", f"{nbytes}B", ""),
+            ("EXTNAME", extname, "extension name"),
+        ]
+    )
+
+
+def _image_data_bytes(images: Sequence[ImageExt], ny: int, nx: int) -> int:
+    return sum(pad_to_block(ny * nx * image.bytes_per_pixel) for image in images)
+
+
+def _fit_shape(images: Sequence[ImageExt], base_shape: tuple[int, int], budget: int) -> tuple[int, int]:
+    """Largest (ny, nx), full shape at most, keeping the aspect ratio, whose padded data fits `budget`."""
+    ny0, nx0 = base_shape
+    if _image_data_bytes(images, ny0, nx0) <= budget:
+        return base_shape
+    per_pixel = sum(image.bytes_per_pixel for image in images)
+    usable = max(budget - len(images) * BLOCK, per_pixel)
+    factor = math.sqrt(usable / (per_pixel * ny0 * nx0))
+    nx = max(1, min(nx0, int(nx0 * factor)))
+    ny = max(1, min(ny0, usable // (per_pixel * nx)))
+    while _image_data_bytes(images, ny, nx) > budget:
+        if ny > 1:
+            ny -= 1
+        elif nx > 1:
+            nx -= 1
+        else:
+            raise ValueError(f"size too small for {len(images)} image extensions")
+    return ny, nx
+
+
+def build_fits(spec: FitsSpec, size: int, shift: int) -> GeneratedFile:
+    """A valid FITS file of exactly `size` bytes (a multiple of 2880, >= fits_min_size(spec.images)).
+
+    Image data and filler data come from the data pattern (offset by `shift`); data padding is zeros.
+    Raises ValueError if the size is impossible or the primary header exceeds two blocks.
+    """
+    if size % BLOCK:
+        raise ValueError(f"FITS size {size} is not a multiple of {BLOCK}")
+    primary = _header(
+        [
+            ("SIMPLE", True, "conforms to FITS standard"),
+            ("BITPIX", 8, "array data type"),
+            ("NAXIS", 0, "number of array dimensions"),
+            ("EXTEND", True, ""),
+            *spec.primary_cards,
+        ]
+    )
+    if len(primary) > _PRIMARY_HEADER_MAX_BLOCKS * BLOCK:
+        raise ValueError("primary header longer than two blocks")
+    headers_size = len(primary) + BLOCK * (len(spec.images) + 1)
+    budget = size - headers_size - BLOCK  # keep at least one block for the filler's data
+    if budget < 0:
+        raise ValueError(f"size {size} too small")
+    ny, nx = _fit_shape(spec.images, spec.base_shape, budget)
+    segments: list[bytes | int] = [primary]
+    for image in spec.images:
+        nbytes = ny * nx * image.bytes_per_pixel
+        segments += [_image_header(image, (ny, nx), spec.wcs), nbytes, bytes(pad_to_block(nbytes) - nbytes)]
+    filler = size - headers_size - _image_data_bytes(spec.images, ny, nx)
+    segments += [_filler_header(spec.filler_extname, spec.filler_column, filler), filler]
+    generated = GeneratedFile(segments, shift)
+    assert generated.size == size
+    return generated
+
+
+def build_jpeg(size: int, shift: int, comment: str) -> GeneratedFile:
+    """A JPEG-looking file of exactly `size` bytes: SOI, JFIF APP0, COM(comment), pattern bytes, EOI."""
+    note = comment.encode("ascii", "replace")[:200]
+    head = (
+        b"\xff\xd8"
+        + b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+        + b"\xff\xfe"
+        + (len(note) + 2).to_bytes(2, "big")
+        + note
+    )
+    tail = b"\xff\xd9"
+    if size < len(head) + len(tail):
+        raise ValueError(f"JPEG size {size} too small")
+    return GeneratedFile([head, size - len(head) - len(tail), tail], shift)
+
+
+def build_text(content: bytes) -> GeneratedFile:
+    """A file holding exactly `content`."""
+    return GeneratedFile([content], 0)
+
+
+def padded_json(obj: object, size: int) -> bytes:
+    """`obj` as indented JSON followed by blanks and a newline, exactly `size` bytes.
+
+    Raises ValueError if the JSON does not fit.
+    """
+    text = json.dumps(obj, indent=4).encode("ascii")
+    if len(text) + 1 > size:
+        raise ValueError(f"JSON of {len(text)} bytes does not fit in {size}")
+    return text + b" " * (size - len(text) - 1) + b"\n"
+
+
+def _fill_rows(header: str, row: Callable[[int], list[str]], separator: str, size: int) -> bytes:
+    """Header plus as many rows as fit in `size` bytes; the last row's first field is zero-padded.
+
+    Rows' first fields must be numeric so zero padding keeps their value. Raises ValueError if not even
+    one row fits.
+    """
+    lines = [header]
+    used = len(header)
+    index = 0
+    while True:
+        fields = row(index)
+        line = separator.join(fields) + "\n"
+        if used + len(line) > size:
+            break
+        lines.append(line)
+        used += len(line)
+        index += 1
+    if index == 0:
+        raise ValueError(f"no row fits in {size} bytes")
+    spare = size - used
+    if spare:
+        fields = row(index - 1)
+        fields[0] = fields[0].rjust(len(fields[0]) + spare, "0")
+        lines[-1] = separator.join(fields) + "\n"
+    content = "".join(lines).encode("ascii")
+    assert len(content) == size
+    return content
+
+
+def pipe_table(columns: Sequence[str], row: Callable[[int], list[str]], size: int) -> bytes:
+    """A '|'-separated table (JWST association pool layout) of exactly `size` bytes.
+
+    `row(i)` returns the fields of row i; its first field must be numeric (zero padding absorbs slack).
+    """
+    return _fill_rows("|".join(columns) + "\n", row, "|", size)
+
+
+def ecsv_catalog(
+    columns: Sequence[tuple[str, str]], row: Callable[[int], list[str]], meta: dict[str, str], size: int
+) -> bytes:
+    """An ECSV 1.0 table of exactly `size` bytes; `columns` are (name, datatype) pairs.
+
+    `row(i)` returns the fields of row i (first one an integer); fields must contain no blanks.
+    """
+    header = ["# %ECSV 1.0", "# ---", "# datatype:"]
+    header += [f"# - {{name: {name}, datatype: {datatype}}}" for name, datatype in columns]
+    header += ["# meta: !!omap"]
+    header += [f"# - {{{key}: {value}}}" for key, value in meta.items()]
+    header += ["# schema: astropy-2.0", " ".join(name for name, _ in columns)]
+    return _fill_rows("\n".join(header) + "\n", row, " ", size)
