@@ -17,12 +17,15 @@ import tempfile
 
 from . import __version__
 from .config import add_arguments, load_settings
+from .errors import MastfsError
 
 EPILOG = """\
 examples:
   mastfs mount ~/mast                      mount MAST (JWST) at ~/mast, in the background
   ls ~/mast/program/2733                   observations of program 2733
   mastfs umount ~/mast
+  mastfs prefetch ~/mast/obs/jw02733-o002_t001_miri_f1130w --level 2 --type SCIENCE
+  mastfs status ~/mast                     transfers, cache use, counters
   mastfs demo /tmp/mast-demo               try it offline, against the bundled MAST twin
   mastfs twin serve --port 0               run the MAST twin alone (prints its URLs as one JSON line)
 """
@@ -62,6 +65,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None, help="cache directory (default: a temporary one)")
     demo.set_defaults(run=run_demo)
 
+    status = verbs.add_parser("status", help="transfers, cache use, counters and errors of a mount",
+                              description="Show what a running mount is doing: transfers in flight with "
+                              "progress, cache use against its limit, request and error counters, and the "
+                              "source (S3 or HTTPS) of recent products. Without MOUNTPOINT: every mount.")
+    status.add_argument("mountpoint", nargs="?")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    status.set_defaults(run=run_status)
+
+    prefetch = verbs.add_parser("prefetch", help="warm the cache for files or whole directories",
+                                description="Download every product below PATH into the cache, in "
+                                "parallel, with a progress bar; ends with a manifest of what was done, "
+                                "skipped and failed (and why). Interrupt it at will: a rerun resumes.")
+    prefetch.add_argument("paths", nargs="+", metavar="PATH", help="files or directories inside a mount")
+    prefetch.add_argument("--level", type=int, choices=range(0, 5), metavar="N",
+                          help="only products of calibration level N (0-4)")
+    prefetch.add_argument("--type", dest="product_type", metavar="TYPE",
+                          help="only products of this type: SCIENCE, AUXILIARY, INFO, PREVIEW, THUMBNAIL, ...")
+    prefetch.add_argument("--jobs", type=int, metavar="N", help="parallel transfers (default: --transfers)")
+    prefetch.set_defaults(run=run_prefetch)
+
+    refresh = verbs.add_parser("refresh", help="forget cached metadata for a subtree",
+                               description="Drop the cached MAST metadata at and below PATH so the next "
+                               "listing asks MAST again (file bytes stay cached).")
+    refresh.add_argument("path")
+    refresh.set_defaults(run=run_refresh)
+
+    cache = verbs.add_parser("cache", help="inspect, verify or clear the block cache",
+                             description="stats: use against the limit; verify: check every block's checksum "
+                             "and remove bad ones; clear: remove every cached block. verify and clear need "
+                             "the cache not to be in use by a mount.")
+    cache.add_argument("action", choices=("stats", "clear", "verify"))
+    add_arguments(cache)
+    cache.set_defaults(run=run_cache)
+
     twin = verbs.add_parser("twin", help="the MAST twin (offline emulator of MAST for tests and demos)")
     twin_verbs = twin.add_subparsers(dest="twin_verb", metavar="COMMAND", required=True)
     serve = twin_verbs.add_parser("serve", help="serve the twin until SIGTERM/SIGINT",
@@ -83,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except MastfsError as exc:
+        print(f"mastfs: {exc}", file=sys.stderr)
+        return 1
 
 
 def _settings_from(args: argparse.Namespace):
@@ -105,6 +145,30 @@ def run_umount(args: argparse.Namespace) -> int:
     from .daemon import umount_command
 
     return umount_command(args.mountpoint)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from .ops import status_command
+
+    return status_command(args.mountpoint, args.json)
+
+
+def run_prefetch(args: argparse.Namespace) -> int:
+    from .ops import prefetch_command
+
+    return prefetch_command(args.paths, args.level, args.product_type, args.jobs)
+
+
+def run_refresh(args: argparse.Namespace) -> int:
+    from .ops import refresh_command
+
+    return refresh_command(args.path)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from .ops import cache_command
+
+    return cache_command(args.action, _settings_from(args))
 
 
 def run_twin_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,287 @@
+"""Run-time controls of the MAST twin: fault injection and traffic counters.
+
+Both servers of the twin (HTTP in :mod:`mastfs.twin.http_api`, S3 in :mod:`mastfs.twin.s3`) consult one
+:class:`FaultController` before answering and report every request and every body byte they write to one
+:class:`TwinStats`. Tests drive them through the Python handle (``twin.faults.add(...)``, ``twin.stats()``)
+or, from another process, through the admin endpoints ``/__twin__/faults`` and ``/__twin__/stats``.
+
+Thread-safety: every public method may be called from any server thread; state is guarded by one lock
+per object.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+ENDPOINTS = ("invoke", "columnsconfig", "download", "path_lookup", "whoami", "resolver", "s3")
+KINDS = (
+    "latency",
+    "status",
+    "html_504",
+    "reset",
+    "truncate",
+    "wrong_range",
+    "stall",
+    "executing",
+    "unauthorized",
+    "ignore_range",
+)
+# Kinds that need a response body to act on (they change how the body is written).
+BODY_KINDS = frozenset({"reset", "truncate"})
+# Kinds that only make sense for a GET carrying a single satisfiable Range header.
+RANGE_KINDS = frozenset({"wrong_range", "ignore_range"})
+# Kinds every request of an endpoint can suffer (answer replaced or delayed before any work is done).
+GENERIC_KINDS = frozenset({"latency", "status", "html_504", "stall", "unauthorized"})
+
+NGINX_504_PAGE = (
+    b"<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+    b"<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
+class FaultError(ValueError):
+    """A fault specification that cannot be honoured (unknown endpoint or kind, bad parameter)."""
+
+
+@dataclass
+class Fault:
+    """One armed fault. ``remaining`` is None for "until cleared", else how many more requests it hits."""
+
+    fault_id: int
+    endpoint: str
+    kind: str
+    remaining: int | None
+    match: str | None
+    params: dict[str, object] = field(default_factory=dict)
+    hits: int = 0
+
+    def applies_to(self, endpoint: str, subject: str, kinds: Iterable[str]) -> bool:
+        """True when this fault is armed for ``endpoint``, its ``match`` occurs in ``subject`` and its
+        kind is one of ``kinds`` (the kinds meaningful for the request at hand)."""
+        return (
+            self.endpoint == endpoint
+            and self.kind in kinds
+            and (self.remaining is None or self.remaining > 0)
+            and (not self.match or self.match in subject)
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The fault as the admin endpoint lists it."""
+        return {
+            "id": self.fault_id,
+            "endpoint": self.endpoint,
+            "kind": self.kind,
+            "count": self.remaining,
+            "match": self.match,
+            "params": dict(self.params),
+            "hits": self.hits,
+        }
+
+    def number(self, name: str, default: float) -> float:
+        """Numeric parameter ``name`` (``default`` when absent)."""
+        value = self.params.get(name, default)
+        return float(value)  # type: ignore[arg-type]
+
+
+class FaultController:
+    """The set of armed faults, switchable at run time.
+
+    ``add`` arms a fault, ``clear`` disarms all (and releases every stalled request), ``take`` is what a
+    server calls per request: it returns the faults that hit that request (every matching ``latency``
+    fault plus at most one other fault, first armed first) and counts them down. A fault whose count
+    reaches zero stays listed (with ``count`` 0) until cleared so tests can read its ``hits``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._ids = itertools.count(1)
+        self._released = threading.Condition(self._lock)
+        self._generation = 0
+        self._stopped = False
+        self._executing: dict[str, int] = {}
+
+    def add(
+        self,
+        endpoint: str,
+        kind: str,
+        count: int | None = None,
+        match: str | None = None,
+        **params: object,
+    ) -> Fault:
+        """Arm a fault and return it.
+
+        Raises FaultError for an unknown endpoint or kind, a negative count, or a kind the endpoint
+        cannot suffer ("executing" is for "invoke" only).
+        """
+        if endpoint not in ENDPOINTS:
+            raise FaultError(f"unknown endpoint {endpoint!r}; known: {', '.join(ENDPOINTS)}")
+        if kind not in KINDS:
+            raise FaultError(f"unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
+        if kind == "executing" and endpoint != "invoke":
+            raise FaultError("fault kind 'executing' applies to endpoint 'invoke' only")
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise FaultError(f"count must be a non-negative integer or None, not {count!r}")
+        for name, value in params.items():
+            if name in ("seconds", "code", "after_bytes", "polls", "retry_after", "shift") and not isinstance(
+                value, (int, float)
+            ):
+                raise FaultError(f"fault parameter {name} must be a number, not {value!r}")
+        with self._lock:
+            fault = Fault(next(self._ids), endpoint, kind, count, match or None, dict(params))
+            self._faults.append(fault)
+        logger.info("twin fault armed: %s", fault.to_json())
+        return fault
+
+    def add_from_json(self, spec: Mapping[str, object]) -> Fault:
+        """Arm a fault described by the admin endpoint's JSON object
+        ``{"endpoint", "kind", "count"?, "match"?, <params>...}``; raises FaultError when malformed."""
+        if not isinstance(spec, Mapping):
+            raise FaultError("a fault is a JSON object")
+        params = dict(spec)
+        try:
+            endpoint = params.pop("endpoint")
+            kind = params.pop("kind")
+        except KeyError as missing:
+            raise FaultError(f"fault needs {missing.args[0]!r}") from None
+        count = params.pop("count", None)
+        match = params.pop("match", None)
+        nested = params.pop("params", None)
+        if isinstance(nested, Mapping):
+            params.update(nested)
+        if not isinstance(endpoint, str) or not isinstance(kind, str):
+            raise FaultError("endpoint and kind are strings")
+        if match is not None and not isinstance(match, str):
+            raise FaultError("match is a string")
+        return self.add(endpoint, kind, count=count, match=match, **params)  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        """Disarm every fault, forget EXECUTING progress and release every stalled request."""
+        with self._lock:
+            self._faults.clear()
+            self._executing.clear()
+            self._generation += 1
+            self._released.notify_all()
+        logger.info("twin faults cleared")
+
+    def shutdown(self) -> None:
+        """Release every stalled request for good (the servers are stopping)."""
+        with self._lock:
+            self._stopped = True
+            self._released.notify_all()
+
+    def list(self) -> list[dict[str, object]]:
+        """Every armed fault as JSON (see :meth:`Fault.to_json`)."""
+        with self._lock:
+            return [fault.to_json() for fault in self._faults]
+
+    def take(self, endpoint: str, subject: str, kinds: Iterable[str]) -> list[Fault]:
+        """Faults hitting one request of ``endpoint`` about ``subject`` (uri, key, service name...).
+
+        ``kinds`` are the kinds meaningful for this request (a Range fault does not hit a HEAD). Returns
+        every matching latency fault followed by at most one other fault; each returned fault is counted
+        down by one.
+        """
+        kinds = frozenset(kinds)
+        hit: list[Fault] = []
+        with self._lock:
+            terminal_taken = False
+            for fault in self._faults:
+                if not fault.applies_to(endpoint, subject, kinds):
+                    continue
+                if fault.kind != "latency":
+                    if terminal_taken:
+                        continue
+                    terminal_taken = True
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                fault.hits += 1
+                hit.append(fault)
+        hit.sort(key=lambda fault: fault.kind != "latency")
+        return hit
+
+    def executing_polls_left(self, request_key: str) -> int | None:
+        """For a request already answered EXECUTING: count one more poll and return how many EXECUTING
+        replies are still owed before this poll (0 means answer COMPLETE now; the key is then forgotten).
+        None when the request is not being held in EXECUTING."""
+        with self._lock:
+            left = self._executing.get(request_key)
+            if left is None:
+                return None
+            if left <= 0:
+                del self._executing[request_key]
+                return 0
+            self._executing[request_key] = left - 1
+            return left
+
+    def start_executing(self, request_key: str, polls: int) -> None:
+        """Hold ``request_key`` in EXECUTING: the caller answers EXECUTING now, and the next ``polls - 1``
+        identical requests get EXECUTING too before one gets COMPLETE."""
+        with self._lock:
+            self._executing[request_key] = max(0, polls - 1)
+
+    def stall(self, poll_seconds: float = 0.2) -> None:
+        """Block the calling server thread until :meth:`clear` or :meth:`shutdown` is called."""
+        with self._lock:
+            generation = self._generation
+            while not self._stopped and self._generation == generation:
+                self._released.wait(poll_seconds)
+
+
+class TwinStats:
+    """Per-endpoint request and body-byte counters.
+
+    Keys are endpoint names ("invoke", "download", "s3", ...) and their refinements
+    ("invoke:Mast.Caom.Products", "s3:GetObject"). ``snapshot`` returns exactly
+    ``{"endpoints": {key: {"requests": n, "bytes_sent": b}}, "total_requests": N, "total_bytes_sent": B}``
+    where the totals sum the plain endpoint keys only (no double counting of refinements).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+
+    def count_request(self, keys: Iterable[str]) -> None:
+        """Count one request against every key in ``keys`` (an endpoint and its refinement)."""
+        with self._lock:
+            for key in keys:
+                self._requests[key] = self._requests.get(key, 0) + 1
+                self._bytes.setdefault(key, 0)
+
+    def count_bytes(self, keys: Iterable[str], sent: int) -> None:
+        """Add ``sent`` body bytes written to the socket to every key in ``keys`` (negative ``sent`` takes
+        back bytes counted for a write that then failed)."""
+        if not sent:
+            return
+        with self._lock:
+            for key in keys:
+                self._bytes[key] = self._bytes.get(key, 0) + sent
+                self._requests.setdefault(key, 0)
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        with self._lock:
+            self._requests.clear()
+            self._bytes.clear()
+
+    def snapshot(self) -> dict[str, object]:
+        """The counters in the documented JSON shape (a fresh dict the caller may keep)."""
+        with self._lock:
+            endpoints = {
+                key: {"requests": self._requests.get(key, 0), "bytes_sent": self._bytes.get(key, 0)}
+                for key in sorted(set(self._requests) | set(self._bytes))
+            }
+        plain = [value for key, value in endpoints.items() if ":" not in key]
+        return {
+            "endpoints": endpoints,
+            "total_requests": sum(value["requests"] for value in plain),
+            "total_bytes_sent": sum(value["bytes_sent"] for value in plain),
+        }

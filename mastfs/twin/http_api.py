@@ -1,0 +1,857 @@
+"""HTTP side of the MAST twin: the mast.stsci.edu endpoints mastfs and astroquery use, plus the SANTA
+resolver and the twin's admin endpoints, on one stdlib ``ThreadingHTTPServer``.
+
+Served (wire formats as in /work/shared/reference/MAST_API.md):
+
+* ``POST /api/v0/invoke`` (form field ``request``): Mast.Caom.Filtered, Mast.Caom.Filtered.Position,
+  Mast.Caom.Cone, Mast.Caom.Products, Mast.Name.Lookup; real paging; ``COUNT_BIG(*)`` counting.
+* ``POST /portal/Mashup/Mashup.asmx/columnsconfig`` (form field ``colConfigId``).
+* ``HEAD``/``GET /api/v0.1/Download/file?uri=``: single byte ranges, 416, 401 for exclusive data.
+* ``GET``/``POST /api/v0.1/path_lookup/?uri=..&uri=..``; ``GET /whoami``; ``GET /Santa-war/query``.
+* admin (not counted): ``/__twin__/faults``, ``/__twin__/stats``, ``/__twin__/stats/reset``,
+  ``/__twin__/sha256?uri=``.
+
+Product bodies are streamed from ``Catalog.read`` in 1 MiB pieces, never materialised whole. Every
+request consults the :class:`~mastfs.twin.faults.FaultController` and is counted in
+:class:`~mastfs.twin.faults.TwinStats` (body bytes as actually written to the socket).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog
+from mastfs.twin.faults import (
+    BODY_KINDS,
+    GENERIC_KINDS,
+    NGINX_504_PAGE,
+    RANGE_KINDS,
+    Fault,
+    FaultController,
+    FaultError,
+    TwinStats,
+)
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+
+INVOKE_PATH = "/api/v0/invoke"
+COLUMNS_CONFIG_PATH = "/portal/Mashup/Mashup.asmx/columnsconfig"
+DOWNLOAD_PATH = "/api/v0.1/Download/file"
+PATH_LOOKUP_PATHS = ("/api/v0.1/path_lookup/", "/api/v0.1/path_lookup")
+WHOAMI_PATH = "/whoami"
+RESOLVER_PATH = "/Santa-war/query"
+ADMIN_PREFIX = "/__twin__/"
+
+FILTERED = "Mast.Caom.Filtered"
+FILTERED_POSITION = "Mast.Caom.Filtered.Position"
+CONE = "Mast.Caom.Cone"
+PRODUCTS = "Mast.Caom.Products"
+NAME_LOOKUP = "Mast.Name.Lookup"
+COUNT_COLUMN = "COUNT_BIG(*)"
+
+# MAST's declared field types (string, float, int, boolean, ...); columns not listed get a type inferred
+# from their first non-null value.
+FIELD_TYPES = {**dict(OBSERVATION_COLUMNS), **dict(PRODUCT_COLUMNS), "distance": "float", "objID1": "string"}
+
+CONTENT_TYPES = {
+    ".fits": "application/fits",
+    ".fits.gz": "application/fits",
+    ".json": "application/json",
+    ".jpg": "image/jpeg",
+    ".png": "image/png",
+    ".csv": "text/csv",
+    ".ecsv": "text/plain",
+    ".txt": "text/plain",
+}
+
+UNAUTHORIZED_MESSAGE = "Must be logged in as an authorized user to access this service."
+
+
+class InvokeError(Exception):
+    """A MAST service error: answered as HTTP 200 ``{"status": "ERROR", "msg": ...}``."""
+
+
+@dataclass
+class Reply:
+    """One response before it is written: status, headers and a body that is either in memory or a
+    ``(uri, offset, length)`` stretch of a catalog product streamed on demand.
+
+    ``length_known`` False means: no Content-Length (chunked for HTTP/1.1 clients, close-delimited
+    otherwise).
+    """
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    stream: tuple[str, int, int] | None = None
+    length_known: bool = True
+
+    @property
+    def body_length(self) -> int:
+        """Number of body bytes this reply carries."""
+        return self.stream[2] if self.stream else len(self.body)
+
+
+def json_reply(payload: object, status: int = 200) -> Reply:
+    """A JSON reply (UTF-8, compact)."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return Reply(status, [("Content-Type", "application/json; charset=utf-8")], body)
+
+
+def html_reply(status: int, title: str, detail: str = "") -> Reply:
+    """A small HTML error page like the ones MAST's front end sends."""
+    text = f"{status} {title}"
+    page = (
+        f"<html>\r\n<head><title>{text}</title></head>\r\n<body>\r\n<center><h1>{text}</h1></center>\r\n"
+        f"{'<p>' + detail + '</p>' if detail else ''}\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    )
+    return Reply(status, [("Content-Type", "text/html; charset=utf-8")], page.encode())
+
+
+def http_date(timestamp: float) -> str:
+    """RFC 7231 date for ``timestamp`` (Last-Modified, Date)."""
+    return formatdate(timestamp, usegmt=True)
+
+
+def content_type_for(filename: str) -> str:
+    """Content-Type MAST would send for a product file name."""
+    lower = filename.lower()
+    for suffix, content_type in CONTENT_TYPES.items():
+        if lower.endswith(suffix):
+            return content_type
+    return "application/octet-stream"
+
+
+def parse_single_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """Interpret a Range header against a body of ``size`` bytes.
+
+    Returns (start, end_inclusive) for one satisfiable range, "unsatisfiable" for a syntactically valid
+    single range that selects nothing, and None when the header must be ignored (syntax error, other
+    unit, several ranges: the full body is then sent with 200, as RFC 9110 allows).
+    """
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not match:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+def mismatched_range(start: int, end: int, size: int, shift: int) -> tuple[int, int]:
+    """A range of a ``size``-byte body that differs from [start, end] (shifted by ``shift`` when it
+    fits, else shortened): what the ``wrong_range`` fault answers instead of the requested range."""
+    length = end - start + 1
+    if start + shift + length <= size:
+        return start + shift, end + shift
+    if start - shift >= 0:
+        return start - shift, end - shift
+    if length > 1:
+        return start, start + length // 2 - 1
+    return (start + 1, end + 1) if end + 1 < size else (start - 1, end - 1)
+
+
+def like_pattern(free_text: str) -> re.Pattern[str]:
+    """Compile an SQL LIKE pattern (``%`` any run, ``_`` one character) to a case-insensitive regex."""
+    parts = []
+    for char in free_text:
+        if char == "%":
+            parts.append(".*")
+        elif char == "_":
+            parts.append(".")
+        else:
+            parts.append(re.escape(char))
+    return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
+
+
+def great_circle_arcsec(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Angular distance between two sky positions (degrees in) in arcseconds (haversine)."""
+    phi1, phi2 = math.radians(dec1), math.radians(dec2)
+    dphi = phi2 - phi1
+    dlam = math.radians(ra2 - ra1)
+    h = math.sin(dphi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(dlam / 2) ** 2
+    return math.degrees(2 * math.asin(min(1.0, math.sqrt(h)))) * 3600.0
+
+
+def field_type(name: str, rows: list[dict]) -> str:
+    """MAST type name of column ``name``: declared, else inferred from the first non-null value."""
+    declared = FIELD_TYPES.get(name)
+    if declared:
+        return declared
+    for row in rows:
+        value = row.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            return "boolean"
+        if isinstance(value, int):
+            return "int"
+        if isinstance(value, float):
+            return "float"
+        return "string"
+    return "string"
+
+
+def fields_for(rows: list[dict], template: dict | None = None) -> list[dict[str, str]]:
+    """The ``fields`` list describing ``rows``: the columns of ``template`` (if given) then of every row,
+    in first-seen order."""
+    names: dict[str, None] = dict.fromkeys(template or {})
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return [{"name": name, "type": field_type(name, rows)} for name in names]
+
+
+class RowFilter:
+    """One Mashup filter ``{"paramName", "values", "separator"?, "freeText"?}`` compiled for matching.
+
+    Semantics (as MAST's SQL): range values ``[{"min", "max"}]`` are inclusive numeric bounds (either may
+    be null); other values match exactly on ``str(value)``; ``freeText`` is a case-insensitive LIKE; with a
+    ``separator`` each part of a multi-valued field is tried too; values and freeText are OR-ed; a filter
+    without values or freeText matches everything.
+    """
+
+    def __init__(self, spec: object, known_columns: set[str]) -> None:
+        if not isinstance(spec, dict) or not isinstance(spec.get("paramName"), str):
+            raise InvokeError("Each filter must be an object with a paramName.")
+        self.column = spec["paramName"]
+        if self.column not in known_columns:
+            raise InvokeError(f"Invalid column name: {self.column}")
+        values = spec.get("values", [])
+        if not isinstance(values, list):
+            raise InvokeError(f"Filter {self.column}: values must be a list.")
+        self.ranges = [value for value in values if isinstance(value, dict)]
+        self.exact = {str(value) for value in values if not isinstance(value, dict)}
+        for bounds in self.ranges:
+            for bound in ("min", "max"):
+                if bounds.get(bound) is not None and not isinstance(bounds[bound], (int, float, str)):
+                    raise InvokeError(f"Filter {self.column}: bad {bound} bound.")
+        free_text = spec.get("freeText")
+        self.free = like_pattern(free_text) if isinstance(free_text, str) and free_text else None
+        separator = spec.get("separator")
+        self.separator = separator if isinstance(separator, str) and separator else None
+
+    def matches(self, row: dict) -> bool:
+        """Whether ``row`` passes this filter."""
+        if not self.ranges and not self.exact and self.free is None:
+            return True
+        value = row.get(self.column)
+        if value is None:
+            return False
+        if self.ranges and self._in_ranges(value):
+            return True
+        text = str(value)
+        parts = [text] + (text.split(self.separator) if self.separator else [])
+        if self.exact and any(part in self.exact for part in parts):
+            return True
+        return self.free is not None and any(self.free.fullmatch(part) for part in parts)
+
+    def _in_ranges(self, value: object) -> bool:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False
+        for bounds in self.ranges:
+            low, high = bounds.get("min"), bounds.get("max")
+            try:
+                if (low is None or number >= float(low)) and (high is None or number <= float(high)):
+                    return True
+            except ValueError as exc:
+                raise InvokeError(f"Filter {self.column}: bounds must be numbers.") from exc
+        return False
+
+
+def parse_position(text: object) -> tuple[float, float, float]:
+    """``"ra, dec, radius_deg"`` -> floats; raises InvokeError when malformed."""
+    try:
+        ra, dec, radius = (float(part) for part in str(text).split(","))
+    except ValueError:
+        raise InvokeError(f"Invalid position: {text!r} (expected 'ra, dec, radius').") from None
+    return ra, dec, radius
+
+
+class MastHttpServer(ThreadingHTTPServer):
+    """The twin's HTTP server. Daemon threads; one per connection (keep-alive)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        catalog: Catalog,
+        faults: FaultController,
+        stats: TwinStats,
+    ) -> None:
+        self.catalog = catalog
+        self.faults = faults
+        self.stats = stats
+        self.observations: list[dict] = catalog.observation_rows()
+        self.observation_columns: set[str] = set()
+        for row in self.observations:
+            self.observation_columns.update(row)
+        self._connections_lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._reset_sockets: set[socket.socket] = set()
+        super().__init__(address, MastRequestHandler)
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def mark_for_reset(self, request: socket.socket) -> None:
+        """Close ``request`` with an RST (SO_LINGER 0) instead of an orderly FIN when it is shut down."""
+        with self._connections_lock:
+            self._reset_sockets.add(request)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+            reset = request in self._reset_sockets
+            self._reset_sockets.discard(request)
+        if reset:
+            abort_socket(request)
+            return
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut down every open client connection (used when the twin stops)."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def abort_socket(sock: socket.socket) -> None:
+    """Close ``sock`` so that the peer sees a connection reset (RST), not an orderly close."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def request_token(headers) -> str | None:
+    """The MAST token a request carries: ``Authorization: token X`` / ``Bearer X`` or cookie
+    ``mast_token``; None without one."""
+    authorization = headers.get("Authorization", "")
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() in ("token", "bearer") and value.strip():
+        return value.strip()
+    cookie_header = headers.get("Cookie")
+    if cookie_header:
+        cookies = SimpleCookie()
+        try:
+            cookies.load(cookie_header)
+        except CookieError:
+            return None
+        morsel = cookies.get("mast_token")
+        if morsel is not None and morsel.value:
+            return morsel.value
+    return None
+
+
+class MastRequestHandler(BaseHTTPRequestHandler):
+    """Routes one request to its endpoint, applies faults, writes the reply and counts it."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "nginx"
+    sys_version = ""
+    server: MastHttpServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        logger.debug("twin http %s: " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    # ---- routing -------------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        url = urlsplit(self.path)
+        self.query = parse_qs(url.query, keep_blank_values=True)
+        self.body = self._read_body()
+        path = url.path
+        method = self.command
+        if path.startswith(ADMIN_PREFIX):
+            self._write(self._admin(method, path[len(ADMIN_PREFIX) :]), stat_keys=())
+            return
+        if path == INVOKE_PATH and method == "POST":
+            self._invoke()
+        elif path == COLUMNS_CONFIG_PATH and method == "POST":
+            colconfig_id = self._form().get("colConfigId", [""])[0]
+            self._serve(
+                "columnsconfig",
+                colconfig_id,
+                ["columnsconfig"],
+                lambda fault: self._columns_config(colconfig_id),
+            )
+        elif path == DOWNLOAD_PATH and method in ("GET", "HEAD"):
+            uri = self.query.get("uri", [""])[0]
+            ranged = method == "GET" and "Range" in self.headers
+            self._serve(
+                "download", uri, ["download"], lambda fault: self._download(uri, fault), ranged=ranged
+            )
+        elif path in PATH_LOOKUP_PATHS and method in ("GET", "POST"):
+            uris = self.query.get("uri", []) + self._form().get("uri", [])
+            self._serve(
+                "path_lookup", "\n".join(uris), ["path_lookup"], lambda fault: self._path_lookup(uris)
+            )
+        elif path == WHOAMI_PATH and method == "GET":
+            self._serve("whoami", self.path, ["whoami"], lambda fault: self._whoami())
+        elif path == RESOLVER_PATH and method == "GET":
+            names = self.query.get("name", [])
+            self._serve("resolver", "\n".join(names), ["resolver"], lambda fault: self._resolve(names))
+        else:
+            known = path in (INVOKE_PATH, COLUMNS_CONFIG_PATH, DOWNLOAD_PATH, WHOAMI_PATH, RESOLVER_PATH)
+            if known or path in PATH_LOOKUP_PATHS:
+                self._write(html_reply(405, "Method Not Allowed"), stat_keys=())
+            else:
+                self._write(html_reply(404, "Not Found"), stat_keys=())
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if not length:
+            return b""
+        try:
+            return self.rfile.read(int(length))
+        except ValueError:
+            self.close_connection = True
+            return b""
+
+    def _form(self) -> dict[str, list[str]]:
+        if not self.body:
+            return {}
+        return parse_qs(self.body.decode("utf-8", "replace"), keep_blank_values=True)
+
+    # ---- fault application -----------------------------------------------------------------------------
+
+    def _serve(
+        self,
+        endpoint: str,
+        subject: str,
+        stat_keys: list[str],
+        build: Callable[[Fault | None], Reply],
+        *,
+        ranged: bool = False,
+        extra_kinds: Iterable[str] = (),
+    ) -> None:
+        """Count the request, apply the faults that hit it, build the reply and write it."""
+        self.server.stats.count_request(stat_keys)
+        kinds = set(GENERIC_KINDS) | set(extra_kinds)
+        if self.command != "HEAD":
+            kinds |= BODY_KINDS
+        if ranged:
+            kinds |= RANGE_KINDS
+        faults = self.server.faults.take(endpoint, subject, kinds)
+        terminal = None
+        for fault in faults:
+            if fault.kind == "latency":
+                time.sleep(fault.number("seconds", 1.0))
+            else:
+                terminal = fault
+        if terminal is not None:
+            early = self._fault_reply(terminal)
+            if early is not None:
+                self._write(early, stat_keys)
+                return
+            if terminal.kind == "stall":
+                self.server.faults.stall()
+                self.close_connection = True
+                self.server.mark_for_reset(self.connection)
+                return
+        self._write(build(terminal), stat_keys, terminal)
+
+    def _fault_reply(self, fault: Fault) -> Reply | None:
+        """The reply that replaces the real one for status-like faults; None for other kinds."""
+        if fault.kind == "status":
+            code = int(fault.number("code", 503))
+            try:
+                title = HTTPStatus(code).phrase
+            except ValueError:
+                title = "Error"
+            reply = html_reply(code, title)
+            if "retry_after" in fault.params:
+                reply.headers.append(("Retry-After", str(int(fault.number("retry_after", 1)))))
+            return reply
+        if fault.kind == "html_504":
+            return Reply(504, [("Content-Type", "text/html")], NGINX_504_PAGE)
+        if fault.kind == "unauthorized":
+            return html_reply(401, "Unauthorized", "The token is expired or invalid.")
+        return None
+
+    # ---- writing ---------------------------------------------------------------------------------------
+
+    def _write(self, reply: Reply, stat_keys: Iterable[str], fault: Fault | None = None) -> None:
+        """Send ``reply``; apply body faults (reset/truncate); count body bytes actually written."""
+        stat_keys = list(stat_keys)
+        head = self.command == "HEAD"
+        total = reply.body_length
+        chunked = not reply.length_known and self.request_version == "HTTP/1.1"
+        self.send_response(reply.status)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if reply.length_known:
+            self.send_header("Content-Length", str(total))
+        elif chunked and not head:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif not head:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        try:
+            self.end_headers()
+            if head:
+                return
+            limit = total
+            if fault is not None and fault.kind == "reset":
+                limit = min(total, int(fault.number("after_bytes", 0)))
+            elif fault is not None and fault.kind == "truncate":
+                limit = min(total, int(fault.number("after_bytes", total // 2)))
+                limit = min(limit, max(0, total - 1))
+            for piece in self._body_pieces(reply, limit):
+                # Counted before the write (so a client that has the bytes also sees them counted) and
+                # taken back if the write fails.
+                self.server.stats.count_bytes(stat_keys, len(piece))
+                try:
+                    if chunked:
+                        self.wfile.write(b"%x\r\n" % len(piece))
+                        self.wfile.write(piece)
+                        self.wfile.write(b"\r\n")
+                    else:
+                        self.wfile.write(piece)
+                except OSError:
+                    self.server.stats.count_bytes(stat_keys, -len(piece))
+                    raise
+            if fault is not None and fault.kind in BODY_KINDS:
+                self.close_connection = True
+                if fault.kind == "reset":
+                    self.server.mark_for_reset(self.connection)
+                return
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError as exc:
+            logger.debug("twin http client went away: %s", exc)
+            self.close_connection = True
+
+    def _body_pieces(self, reply: Reply, limit: int) -> Iterator[memoryview | bytes]:
+        """The first ``limit`` body bytes of ``reply`` in pieces of at most CHUNK_SIZE."""
+        if reply.stream is None:
+            view = memoryview(reply.body)[:limit]
+            for start in range(0, len(view), CHUNK_SIZE):
+                yield view[start : start + CHUNK_SIZE]
+            return
+        uri, offset, _ = reply.stream
+        position, end = offset, offset + limit
+        while position < end:
+            data = self.server.catalog.read(uri, position, min(CHUNK_SIZE, end - position))
+            if not data:
+                break
+            yield data
+            position += len(data)
+
+    # ---- admin -----------------------------------------------------------------------------------------
+
+    def _admin(self, method: str, route: str) -> Reply:
+        faults, stats = self.server.faults, self.server.stats
+        if route == "faults":
+            if method == "GET":
+                return json_reply({"faults": faults.list()})
+            if method == "DELETE":
+                faults.clear()
+                return json_reply({"faults": []})
+            if method == "POST":
+                try:
+                    spec = json.loads(self.body or b"null")
+                    specs = spec if isinstance(spec, list) else [spec]
+                    added = [faults.add_from_json(item).to_json() for item in specs]
+                except (ValueError, FaultError) as exc:
+                    return json_reply({"error": str(exc)}, status=400)
+                return json_reply({"added": added, "faults": faults.list()})
+        if route == "stats":
+            if method == "GET":
+                return json_reply(stats.snapshot())
+            if method == "DELETE":
+                stats.reset()
+                return json_reply(stats.snapshot())
+        if route == "stats/reset" and method == "POST":
+            stats.reset()
+            return json_reply(stats.snapshot())
+        if route == "sha256" and method == "GET":
+            uri = self.query.get("uri", [""])[0]
+            product = self.server.catalog.product(uri)
+            if product is None:
+                return json_reply({"error": f"unknown uri {uri!r}"}, status=404)
+            digest = self.server.catalog.sha256(uri)
+            return json_reply({"uri": uri, "sha256": digest, "size": product.size})
+        return json_reply({"error": f"no admin route {method} {route}"}, status=404)
+
+    # ---- endpoints -------------------------------------------------------------------------------------
+
+    def _invoke(self) -> None:
+        """``POST /api/v0/invoke``: parse the Mashup request; malformed bodies get HTTP 400."""
+        form = self._form()
+        try:
+            raw_request = form["request"][0]
+            request = json.loads(raw_request)
+            if not isinstance(request, dict):
+                raise ValueError("request is not a JSON object")
+        except (KeyError, IndexError, ValueError) as exc:
+            self.server.stats.count_request(["invoke"])
+            self._write(html_reply(400, "Bad Request", f"Malformed Mashup request: {exc}"), ["invoke"])
+            return
+        service = str(request.get("service", ""))
+        stat_keys = ["invoke", f"invoke:{service}"]
+        polls_left = self.server.faults.executing_polls_left(raw_request)
+        if polls_left:
+            self.server.stats.count_request(stat_keys)
+            self._write(self._executing_reply(request), stat_keys)
+            return
+        if polls_left == 0:
+            self.server.stats.count_request(stat_keys)
+            self._write(self._invoke_reply(request), stat_keys)
+            return
+
+        def build(fault: Fault | None) -> Reply:
+            if fault is not None and fault.kind == "executing":
+                self.server.faults.start_executing(raw_request, int(fault.number("polls", 1)))
+                return self._executing_reply(request)
+            return self._invoke_reply(request)
+
+        self._serve("invoke", service, stat_keys, build, extra_kinds=("executing",))
+
+    def _executing_reply(self, request: dict) -> Reply:
+        return json_reply(
+            {
+                "status": "EXECUTING",
+                "msg": "",
+                "data": [],
+                "fields": [],
+                "paging": {
+                    "page": request.get("page", 1),
+                    "pageSize": request.get("pagesize", 0),
+                    "pagesFiltered": 0,
+                    "rows": 0,
+                    "rowsFiltered": 0,
+                    "rowsTotal": 0,
+                },
+            }
+        )
+
+    def _invoke_reply(self, request: dict) -> Reply:
+        try:
+            return json_reply(self._run_service(request))
+        except InvokeError as exc:
+            return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
+
+    def _run_service(self, request: dict) -> dict:
+        service = request.get("service")
+        params = request.get("params", {})
+        if not isinstance(params, dict):
+            raise InvokeError("params must be a JSON object.")
+        if service == NAME_LOOKUP:
+            name = params.get("input")
+            if not isinstance(name, str) or not name.strip():
+                raise InvokeError("Mast.Name.Lookup needs params.input.")
+            entries = self.server.catalog.resolve_name(name)
+            return {
+                "resolvedCoordinate": [dict(entry, searchString=name.lower()) for entry in entries[:1]],
+                "status": "",
+            }
+        if service == PRODUCTS:
+            obsids = params.get("obsid")
+            if obsids is None or str(obsids).strip() == "":
+                raise InvokeError("Mast.Caom.Products needs params.obsid.")
+            rows: list[dict] = []
+            for obsid in str(obsids).split(","):
+                if obsid.strip():
+                    rows.extend(self.server.catalog.product_rows(obsid.strip()))
+            return self._table(request, rows, fields_for(rows))
+        if service in (FILTERED, FILTERED_POSITION):
+            filters = params.get("filters", [])
+            if not isinstance(filters, list):
+                raise InvokeError("params.filters must be a list.")
+            compiled = [RowFilter(spec, self.server.observation_columns) for spec in filters]
+            rows = [row for row in self.server.observations if all(flt.matches(row) for flt in compiled)]
+            if service == FILTERED_POSITION:
+                if "position" not in params:
+                    raise InvokeError("Mast.Caom.Filtered.Position needs params.position.")
+                rows = self._within(rows, *parse_position(params["position"]))
+            return self._select(request, params, rows)
+        if service == CONE:
+            try:
+                ra, dec, radius = (float(params[name]) for name in ("ra", "dec", "radius"))
+            except (KeyError, TypeError, ValueError):
+                raise InvokeError("Mast.Caom.Cone needs numeric params ra, dec and radius.") from None
+            return self._select(request, params, self._within(self.server.observations, ra, dec, radius))
+        raise InvokeError(f"Unknown service: {service}")
+
+    def _within(self, rows: list[dict], ra: float, dec: float, radius_deg: float) -> list[dict]:
+        """Rows within ``radius_deg`` of (ra, dec), each with ``distance`` (arcsec) and ``objID1`` added."""
+        selected = []
+        for row in rows:
+            if row.get("s_ra") is None or row.get("s_dec") is None:
+                continue
+            distance = great_circle_arcsec(ra, dec, float(row["s_ra"]), float(row["s_dec"]))
+            if distance <= radius_deg * 3600.0:
+                selected.append({**row, "objID1": row.get("objID"), "distance": distance})
+        return selected
+
+    def _select(self, request: dict, params: dict, rows: list[dict]) -> dict:
+        """Apply ``params.columns`` (``*``, ``COUNT_BIG(*)`` or a comma list) and page the result."""
+        columns = str(params.get("columns", "*")).strip()
+        if columns.replace(" ", "").upper() == COUNT_COLUMN:
+            counted = [{"Column1": len(rows)}]
+            return self._table(request, counted, [{"name": "Column1", "type": "string"}])
+        if columns in ("*", ""):
+            return self._table(
+                request,
+                rows,
+                fields_for(rows, self.server.observations[0] if self.server.observations else None),
+            )
+        wanted = [name.strip() for name in columns.split(",") if name.strip()]
+        known = self.server.observation_columns | {"distance", "objID1"}
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise InvokeError(f"Invalid column name: {', '.join(unknown)}")
+        projected = [{name: row.get(name) for name in wanted} for row in rows]
+        return self._table(
+            request, projected, [{"name": name, "type": field_type(name, rows)} for name in wanted]
+        )
+
+    def _table(self, request: dict, rows: list[dict], fields: list[dict]) -> dict:
+        """A COMPLETE response holding page ``request.page`` of ``rows`` (``pagesize`` rows a page)."""
+        total = len(rows)
+        try:
+            page = int(request.get("page") or 1)
+            page_size = int(request.get("pagesize") or max(total, 1))
+        except (TypeError, ValueError):
+            raise InvokeError("page and pagesize must be integers.") from None
+        if page < 1 or page_size < 1:
+            raise InvokeError("page and pagesize must be positive.")
+        start = (page - 1) * page_size
+        data = rows[start : start + page_size]
+        return {
+            "status": "COMPLETE",
+            "msg": "",
+            "paging": {
+                "page": page,
+                "pageSize": page_size,
+                "pagesFiltered": math.ceil(total / page_size),
+                "rows": len(data),
+                "rowsFiltered": total,
+                "rowsTotal": total,
+            },
+            "fields": fields,
+            "data": data,
+        }
+
+    def _columns_config(self, colconfig_id: str) -> Reply:
+        try:
+            config = self.server.catalog.column_config(colconfig_id)
+        except KeyError:
+            config = {}
+        return json_reply(config or {})
+
+    def _download(self, uri: str, fault: Fault | None) -> Reply:
+        """``/api/v0.1/Download/file``: headers, 401, 404, single ranges, 416."""
+        catalog = self.server.catalog
+        product = catalog.product(uri) if uri else None
+        if product is None:
+            return html_reply(404, "Not Found", f"File not found: {uri}")
+        if not catalog.may_read(product, request_token(self.headers)):
+            return html_reply(401, "Unauthorized", UNAUTHORIZED_MESSAGE)
+        size = product.size
+        headers = [
+            ("Content-Type", content_type_for(product.filename)),
+            ("Content-Disposition", f'attachment; filename="{product.filename}"'),
+            ("Last-Modified", http_date(product.mtime)),
+        ]
+        if not product.send_content_length:
+            return Reply(200, headers, stream=(uri, 0, size), length_known=False)
+        headers.append(("Accept-Ranges", "bytes"))
+        range_header = self.headers.get("Range") if self.command == "GET" else None
+        wanted = parse_single_range(range_header, size) if range_header else None
+        if wanted == "unsatisfiable":
+            reply = html_reply(416, "Requested Range Not Satisfiable")
+            reply.headers.append(("Content-Range", f"bytes */{size}"))
+            return reply
+        if wanted is None or (fault is not None and fault.kind == "ignore_range"):
+            return Reply(200, headers, stream=(uri, 0, size))
+        start, end = wanted
+        if fault is not None and fault.kind == "wrong_range":
+            start, end = mismatched_range(start, end, size, int(fault.number("shift", 2880)))
+        headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+        return Reply(206, headers, stream=(uri, start, end - start + 1))
+
+    def _path_lookup(self, uris: list[str]) -> Reply:
+        catalog = self.server.catalog
+        answer = {}
+        for uri in uris:
+            product = catalog.product(uri)
+            if product is not None and product.s3_key:
+                answer[uri] = {"status_code": 200, "path": "/" + product.s3_key}
+            else:
+                answer[uri] = {"status_code": 404, "path": None}
+        return json_reply(answer)
+
+    def _whoami(self) -> Reply:
+        return json_reply(self.server.catalog.whoami(request_token(self.headers)))
+
+    def _resolve(self, names: list[str]) -> Reply:
+        """SANTA: first compatible resolver per name, all of them with resolveAll=true, or the one named
+        by ``resolver``."""
+        resolve_all = self.query.get("resolveAll", ["false"])[0].lower() == "true"
+        resolver = self.query.get("resolver", [""])[0].upper()
+        resolved = []
+        for name in names:
+            entries = [
+                dict(entry, searchString=name.lower()) for entry in self.server.catalog.resolve_name(name)
+            ]
+            if not resolve_all:
+                if resolver:
+                    entries = [
+                        entry for entry in entries if str(entry.get("resolver", "")).upper() == resolver
+                    ]
+                entries = entries[:1]
+            resolved.extend(entries)
+        return json_reply({"resolvedCoordinate": resolved, "status": ""})

@@ -1,0 +1,498 @@
+"""S3 side of the MAST twin: bucket ``stpubdata`` on loopback, anonymous read-only, backed by the catalog.
+
+moto's S3 WSGI app answers everything S3 (ListObjectsV2, HeadObject, errors, ...), so the protocol is
+the real one. In front of it sits :class:`S3Gateway`, a small WSGI middleware that
+
+* registers catalog products in moto lazily (:class:`LazyCatalogKey`: size, ETag and LastModified come
+  from the catalog; the bytes are never stored) when a request first names them or lists their prefix;
+* serves GetObject (whole object or one Range) for catalog keys itself, streaming ``Catalog.read`` in
+  1 MiB pieces: O(range) time and memory whatever the object size (stock moto materialises the object);
+* refuses writes (403 AccessDenied, like the public bucket);
+* applies the "s3" faults and counts requests and body bytes actually written
+  ("s3" and "s3:<Operation>").
+
+Each running twin owns a private moto account (selected with moto's ``x-moto-account-id`` header), so
+several twins can live in one process without sharing a bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from email.utils import parsedate_to_datetime
+from urllib.parse import parse_qs
+from xml.sax.saxutils import escape
+
+from moto.core.utils import rfc_1123_datetime
+from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+from moto.s3.models import FakeBucket, FakeKey, get_canned_acl, s3_backends
+from werkzeug.serving import ThreadedWSGIServer
+
+from mastfs.twin.catalog import Catalog, TwinProduct
+from mastfs.twin.faults import (
+    BODY_KINDS,
+    GENERIC_KINDS,
+    NGINX_504_PAGE,
+    RANGE_KINDS,
+    Fault,
+    FaultController,
+    TwinStats,
+)
+from mastfs.twin.http_api import CHUNK_SIZE, abort_socket, mismatched_range, parse_single_range
+
+logger = logging.getLogger(__name__)
+
+BUCKET = "stpubdata"
+REGION = "us-east-1"
+PARTITION = "aws"
+OBJECT_CONTENT_TYPE = "binary/octet-stream"
+ADMIN_PING_PATH = "/__twin__/ping"
+
+_account_numbers = itertools.count(int.from_bytes(os.urandom(3), "big") * 1000)
+
+S3_ERRORS = {
+    400: ("InvalidRequest", "Invalid Request"),
+    403: ("AccessDenied", "Access Denied"),
+    404: ("NoSuchKey", "The specified key does not exist."),
+    412: ("PreconditionFailed", "At least one of the pre-conditions you specified did not hold"),
+    416: ("InvalidRange", "The requested range is not satisfiable"),
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
+STATUS_LINES = {
+    200: "200 OK",
+    206: "206 Partial Content",
+    304: "304 Not Modified",
+    403: "403 Forbidden",
+    412: "412 Precondition Failed",
+    416: "416 Requested Range Not Satisfiable",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+    504: "504 Gateway Time-out",
+}
+
+
+def etag_for(product: TwinProduct) -> str:
+    """Deterministic quoted ETag of a catalog product: md5 of its identity (uri, size, mtime), not of
+    its bytes (S3 multipart ETags are not content md5s either)."""
+    identity = f"{product.uri}\n{product.size}\n{product.mtime!r}".encode()
+    return '"' + hashlib.md5(identity, usedforsecurity=False).hexdigest() + '"'
+
+
+def naive_utc(timestamp: float) -> datetime.datetime:
+    """``timestamp`` as the naive UTC datetime moto keeps in ``FakeKey.last_modified``."""
+    return datetime.datetime.fromtimestamp(int(timestamp), tz=datetime.timezone.utc).replace(tzinfo=None)
+
+
+class LazyCatalogKey(FakeKey):
+    """A moto key whose size, ETag and LastModified come from a catalog product and whose bytes are read
+    from the catalog only if moto itself ever asks for ``value`` (the gateway serves GetObject without
+    it)."""
+
+    def __init__(self, product: TwinProduct, catalog: Catalog, account_id: str, owner: str) -> None:
+        super().__init__(
+            name=product.s3_key,
+            value=b"",
+            account_id=account_id,
+            region_name=REGION,
+            etag=etag_for(product).strip('"'),
+            bucket_name=BUCKET,
+        )
+        self.product = product
+        self.catalog = catalog
+        self.owner = owner
+        self.contentsize = product.size
+        self.last_modified = naive_utc(product.mtime)
+        self.acl = get_canned_acl("public-read")
+
+    @property
+    def value(self) -> bytes:
+        """The whole object, read from the catalog (only moto-internal paths such as CopyObject use it)."""
+        return self.catalog.read(self.product.uri, 0, self.product.size)
+
+    @value.setter
+    def value(self, new_value: bytes) -> None:
+        if new_value:
+            raise ValueError("catalog-backed S3 objects are read-only")
+
+    @property
+    def size(self) -> int:
+        return self.product.size
+
+
+def s3_error_body(code: str, message: str, request_id: str, **details: str) -> bytes:
+    """An S3 XML error document."""
+    extra = "".join(f"<{name}>{escape(str(value))}</{name}>" for name, value in details.items())
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>{extra}"
+        f"<RequestId>{request_id}</RequestId><HostId>{request_id}</HostId></Error>"
+    ).encode()
+
+
+def operation_name(method: str, key: str, query: dict[str, list[str]]) -> str:
+    """The S3 API operation a request is (GetObject, HeadObject, ListObjectsV2, ...), for the stats."""
+    if not key:
+        if method == "GET" and query.get("list-type") == ["2"]:
+            return "ListObjectsV2"
+        if method == "GET" and "versions" in query:
+            return "ListObjectVersions"
+        if method == "GET" and "location" in query:
+            return "GetBucketLocation"
+        if method == "GET" and not query:
+            return "ListObjects"
+        if method == "HEAD":
+            return "HeadBucket"
+        return f"{method.title()}Bucket"
+    if method == "GET":
+        return "GetObject" if set(query) <= {"x-id"} else "GetObjectSubresource"
+    if method == "HEAD":
+        return "HeadObject"
+    return f"{method.title()}Object"
+
+
+class ResetRegistry:
+    """Sockets to close with an RST instead of an orderly FIN once their request is done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+
+    def mark(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+
+    def is_marked(self, sock: socket.socket) -> bool:
+        with self._lock:
+            return sock in self._sockets
+
+    def pop(self, sock: socket.socket) -> bool:
+        """True (and forgotten) when ``sock`` was marked."""
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.discard(sock)
+                return True
+            return False
+
+
+class S3Gateway:
+    """WSGI middleware in front of moto's S3 app (see the module docstring)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        faults: FaultController,
+        stats: TwinStats,
+        resets: ResetRegistry,
+    ) -> None:
+        self.catalog = catalog
+        self.faults = faults
+        self.stats = stats
+        self.resets = resets
+        self.owner = uuid.uuid4().hex
+        self.account_id = f"{next(_account_numbers) % 10**12:012d}"
+        self.moto_app = create_backend_app("s3")
+        self.products = {product.s3_key: product for product in catalog.products() if product.s3_key}
+        self._sorted_keys = sorted(self.products)
+        self._registered: set[str] = set()
+        self._register_lock = threading.Lock()
+        backend = s3_backends[self.account_id][PARTITION]
+        self.bucket = FakeBucket(name=BUCKET, account_id=self.account_id, region_name=REGION)
+        backend.buckets[BUCKET] = self.bucket
+
+    # ---- lazy registration -----------------------------------------------------------------------------
+
+    def register(self, keys: Iterable[str]) -> None:
+        """Make the catalog keys ``keys`` exist in moto's bucket (idempotent)."""
+        with self._register_lock:
+            for key in keys:
+                if key in self._registered:
+                    continue
+                self.bucket.keys[key] = LazyCatalogKey(
+                    self.products[key], self.catalog, self.account_id, self.owner
+                )
+                self._registered.add(key)
+
+    def register_prefix(self, prefix: str) -> None:
+        """Register every catalog key starting with ``prefix`` (before moto lists them)."""
+        start = bisect.bisect_left(self._sorted_keys, prefix)
+        stop = start
+        while stop < len(self._sorted_keys) and self._sorted_keys[stop].startswith(prefix):
+            stop += 1
+        self.register(self._sorted_keys[start:stop])
+
+    def dispose(self) -> None:
+        """Drop this gateway's bucket and keys from moto (the twin is stopping)."""
+        backend = s3_backends[self.account_id][PARTITION]
+        backend.buckets.pop(BUCKET, None)
+        if s3_backends.bucket_accounts.get(BUCKET) == (PARTITION, self.account_id):
+            s3_backends.bucket_accounts.pop(BUCKET, None)
+        for _name, versions in self.bucket.keys.lists():
+            for key in versions:
+                key.dispose()
+        LazyCatalogKey.instances_tracked[:] = [
+            key for key in LazyCatalogKey.instances_tracked if getattr(key, "owner", None) != self.owner
+        ]
+        FakeBucket.instances_tracked[:] = [
+            bucket for bucket in FakeBucket.instances_tracked if bucket is not self.bucket
+        ]
+
+    # ---- WSGI ------------------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == ADMIN_PING_PATH:
+            start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+            return [b"ok"]
+        method = environ["REQUEST_METHOD"]
+        bucket, key = self._bucket_and_key(environ, path)
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        stat_keys = ["s3", f"s3:{operation_name(method, key, query)}"]
+        self.stats.count_request(stat_keys)
+        request_id = uuid.uuid4().hex[:16].upper()
+        environ["HTTP_X_MOTO_ACCOUNT_ID"] = self.account_id
+
+        is_catalog_get = (
+            method == "GET" and bucket == BUCKET and key in self.products and set(query) <= {"x-id"}
+        )
+        kinds = set(GENERIC_KINDS)
+        if is_catalog_get:
+            kinds |= BODY_KINDS
+            if environ.get("HTTP_RANGE"):
+                kinds |= RANGE_KINDS
+        terminal = None
+        for fault in self.faults.take("s3", key or bucket, kinds):
+            if fault.kind == "latency":
+                time.sleep(fault.number("seconds", 1.0))
+            else:
+                terminal = fault
+        if terminal is not None and terminal.kind == "stall":
+            self.faults.stall()
+            self.resets.mark(environ["werkzeug.socket"])
+            raise ConnectionAbortedError("stalled request released")
+        if terminal is not None and terminal.kind not in BODY_KINDS | RANGE_KINDS:
+            status, headers, body = self._fault_response(terminal, request_id)
+        elif method not in ("GET", "HEAD"):
+            status, headers, body = self._error(403, request_id)
+        elif is_catalog_get:
+            status, headers, body = self._get_object(environ, self.products[key], request_id, terminal)
+            length = int(dict(headers).get("Content-Length", 0))
+            start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
+            return self._counted(body, stat_keys, environ, terminal, length)
+        else:
+            if bucket == BUCKET and key in self.products:
+                self.register([key])
+            elif bucket == BUCKET and not key:
+                self.register_prefix(query.get("prefix", [""])[0])
+            return self._counted(self.moto_app(environ, start_response), stat_keys, environ)
+        start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
+        if method == "HEAD":
+            return []
+        return self._counted(body, stat_keys, environ)
+
+    @staticmethod
+    def _bucket_and_key(environ: dict, path: str) -> tuple[str, str]:
+        """(bucket, key) of a path-style or virtual-host-style request; PATH_INFO is latin-1 decoded."""
+        try:
+            path = path.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            pass
+        host = environ.get("HTTP_HOST", "")
+        if host.startswith(BUCKET + "."):
+            return BUCKET, path.lstrip("/")
+        bucket, _, key = path.lstrip("/").partition("/")
+        return bucket, key
+
+    def _error(self, status: int, request_id: str, **details: str) -> tuple[int, list, Iterable[bytes]]:
+        code, message = S3_ERRORS.get(status, ("InternalError", "We encountered an internal error."))
+        body = s3_error_body(code, message, request_id, **details)
+        headers = [
+            ("Content-Type", "application/xml"),
+            ("Content-Length", str(len(body))),
+            ("x-amz-request-id", request_id),
+            ("x-amz-id-2", request_id),
+        ]
+        return status, headers, [body]
+
+    def _fault_response(self, fault: Fault, request_id: str) -> tuple[int, list, Iterable[bytes]]:
+        if fault.kind == "html_504":
+            headers = [("Content-Type", "text/html"), ("Content-Length", str(len(NGINX_504_PAGE)))]
+            return 504, headers, [NGINX_504_PAGE]
+        if fault.kind == "unauthorized":
+            return self._error(403, request_id)
+        status, headers, body = self._error(int(fault.number("code", 503)), request_id)
+        if "retry_after" in fault.params:
+            headers.append(("Retry-After", str(int(fault.number("retry_after", 1)))))
+        return status, headers, body
+
+    def _get_object(
+        self, environ: dict, product: TwinProduct, request_id: str, fault: Fault | None
+    ) -> tuple[int, list, Iterable[bytes]]:
+        """GetObject of a catalog key: conditionals, one Range, streamed body."""
+        size = product.size
+        etag = etag_for(product)
+        last_modified = naive_utc(product.mtime)
+        headers = [
+            ("Content-Type", OBJECT_CONTENT_TYPE),
+            ("ETag", etag),
+            ("Last-Modified", rfc_1123_datetime(last_modified)),
+            ("Accept-Ranges", "bytes"),
+            ("x-amz-request-id", request_id),
+            ("x-amz-id-2", request_id),
+        ]
+        precondition = self._precondition(environ, etag, last_modified)
+        if precondition == 412:
+            return self._error(412, request_id, Condition="If-Match")
+        if precondition == 304:
+            return 304, headers, []
+        wanted = (
+            parse_single_range(environ.get("HTTP_RANGE", ""), size) if environ.get("HTTP_RANGE") else None
+        )
+        if wanted == "unsatisfiable":
+            status, error_headers, body = self._error(
+                416, request_id, RangeRequested=environ["HTTP_RANGE"], ActualObjectSize=str(size)
+            )
+            error_headers.append(("Content-Range", f"bytes */{size}"))
+            return status, error_headers, body
+        if wanted is None or (fault is not None and fault.kind == "ignore_range"):
+            headers.append(("Content-Length", str(size)))
+            return 200, headers, self._stream(product.uri, 0, size)
+        start, end = wanted
+        if fault is not None and fault.kind == "wrong_range":
+            start, end = mismatched_range(start, end, size, int(fault.number("shift", 2880)))
+        headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+        headers.append(("Content-Length", str(end - start + 1)))
+        return 206, headers, self._stream(product.uri, start, end - start + 1)
+
+    @staticmethod
+    def _precondition(environ: dict, etag: str, last_modified: datetime.datetime) -> int | None:
+        """412, 304 or None from If-Match / If-Unmodified-Since / If-None-Match / If-Modified-Since."""
+
+        def parse_date(text: str) -> datetime.datetime | None:
+            try:
+                return parsedate_to_datetime(text).astimezone(datetime.timezone.utc).replace(tzinfo=None)
+            except (TypeError, ValueError):
+                return None
+
+        if_match = environ.get("HTTP_IF_MATCH")
+        if if_match and if_match.strip() not in (etag, etag.strip('"'), "*"):
+            return 412
+        since = parse_date(environ.get("HTTP_IF_UNMODIFIED_SINCE", ""))
+        if since is not None and last_modified > since:
+            return 412
+        if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+        if if_none_match and if_none_match.strip() in (etag, etag.strip('"'), "*"):
+            return 304
+        modified_since = parse_date(environ.get("HTTP_IF_MODIFIED_SINCE", ""))
+        if modified_since is not None and last_modified <= modified_since:
+            return 304
+        return None
+
+    def _stream(self, uri: str, offset: int, length: int) -> Iterator[bytes]:
+        """Catalog bytes [offset, offset+length) in pieces of at most CHUNK_SIZE."""
+        position, end = offset, offset + length
+        while position < end:
+            data = self.catalog.read(uri, position, min(CHUNK_SIZE, end - position))
+            if not data:
+                return
+            yield bytes(data)
+            position += len(data)
+
+    def _counted(
+        self,
+        body: Iterable[bytes],
+        stat_keys: list[str],
+        environ: dict,
+        fault: Fault | None = None,
+        length: int = 0,
+    ) -> Iterator[bytes]:
+        """Yield ``body``, counting each piece as it is handed to the server and taking it back if the
+        server fails to write it (it then closes this generator at the yield). A reset/truncate ``fault`` cuts a body of ``length`` bytes short:
+        reset then closes the connection with an RST, truncate with an orderly close."""
+        limit = None
+        if fault is not None and fault.kind == "reset":
+            limit = min(length, int(fault.number("after_bytes", 0)))
+        elif fault is not None and fault.kind == "truncate":
+            limit = min(max(0, length - 1), int(fault.number("after_bytes", length // 2)))
+        sent = 0
+        try:
+            for piece in body:
+                if limit is not None:
+                    piece = piece[: limit - sent]
+                if piece:
+                    self.stats.count_bytes(stat_keys, len(piece))
+                    try:
+                        yield piece
+                    except GeneratorExit:
+                        self.stats.count_bytes(stat_keys, -len(piece))
+                        raise
+                    sent += len(piece)
+                if limit is not None and sent >= limit:
+                    break
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        if fault is not None and fault.kind == "reset":
+            self.resets.mark(environ["werkzeug.socket"])
+            raise ConnectionResetError("twin fault: reset")
+
+
+class TwinS3RequestHandler(MotoRequestHandler):
+    """moto's request handler, logging to our logger instead of werkzeug's stderr handler, and ending the
+    connection after a request the gateway aborted (reset or released stall)."""
+
+    server: S3Server
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        if self.server.resets.is_marked(self.connection):
+            self.close_connection = True
+
+    def log(self, type: str, message: str, *args: object) -> None:
+        logger.debug("twin s3 %s: " + message, self.address_string(), *args)
+
+
+class S3Server(ThreadedWSGIServer):
+    """werkzeug's threaded WSGI server running an :class:`S3Gateway`; closes marked sockets with RST."""
+
+    def __init__(self, host: str, port: int, gateway: S3Gateway, resets: ResetRegistry) -> None:
+        self.resets = resets
+        self._connections_lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        super().__init__(host, port, gateway, handler=TwinS3RequestHandler)
+
+    def log(self, type: str, message: str, *args: object) -> None:
+        logger.debug("twin s3 server %s: " + message, type, *args)
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._connections.discard(request)
+        if self.resets.pop(request):
+            abort_socket(request)
+            return
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut down every open client connection (used when the twin stops)."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
