@@ -1,0 +1,287 @@
+"""HttpFetcher: verified byte ranges of archive files from MAST's ``/api/v0.1/Download/file``.
+
+Every request goes through the one :class:`~mastfs.retry.RetryPolicy`. A range is accepted only as a 206
+whose Content-Range names exactly the requested bytes and whose body has exactly that length; a 200 means
+the server ignored the Range header: its body is streamed once, the bytes before the wanted window are
+skipped and reading stops at the window's end. The token travels only in the ``Authorization: token <t>``
+header, never in a URL or a log line.
+
+:meth:`HttpFetcher.fetch_blocks` reads several consecutive blocks with one request (per-request overhead
+dominates at high bandwidth), handing each block over as soon as it is complete; a failure retries from
+the first block not yet handed over.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import httpx
+import trio
+
+from ..errors import BadResponse, NotFound, Retryable, Unauthorized
+from ..retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+LOGIN_HINT = (
+    "this file is exclusive-access: get a token at https://auth.mast.stsci.edu/token and set MAST_API_TOKEN "
+    "(or --token-file) before mounting"
+)
+REFUSED_HINT = (
+    "MAST refused the token (expired, revoked or without rights to this program): get a new one at "
+    "https://auth.mast.stsci.edu/token"
+)
+_CLOSE_TIMEOUT = 2.0
+
+
+class HttpFetcher:
+    """Ranged downloads of MAST files over HTTPS.
+
+    ``http`` is shared and owned by the caller (its timeouts and pool limits apply); ``mast_url`` is the
+    MAST base URL; ``token`` the MAST API token or None; ``policy`` bounds retries and time.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, mast_url: str, token: str | None, policy: RetryPolicy) -> None:
+        self._http = http
+        self._url = mast_url.rstrip("/") + "/api/v0.1/Download/file"
+        self._headers = {"Accept-Encoding": "identity"}
+        if token:
+            self._headers["Authorization"] = f"token {token}"
+        self._has_token = bool(token)
+        self._policy = policy
+        self.ignored_ranges = 0
+        """How many answers ignored the Range header (200 instead of 206)."""
+
+    async def fetch(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the file ``uri``, exactly ``end - start`` of them.
+
+        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
+        once; retries 5xx, 429, timeouts, resets, short bodies and wrong Content-Range answers under the
+        policy, then raises Unavailable. Cancellation closes the connection and propagates.
+        """
+        blocks: list[bytes] = []
+        await self.fetch_blocks(uri, (start, end), blocks.append)
+        return blocks[0]
+
+    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], None]) -> None:
+        """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as
+        possible, calling ``deliver(block)`` for each, in order, as soon as it is complete.
+
+        Errors as :meth:`fetch`. A retried failure resumes at the first block not yet delivered; the
+        policy's attempts and deadline apply to each block. Raises ValueError on empty or unordered bounds.
+        """
+        if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
+        run = _Run(uri, bounds)
+        try:
+            while run.position < len(bounds) - 1:
+                what = f"download of {uri} [{bounds[run.position]}, {bounds[run.position + 1]})"
+                block = await self._policy.run(lambda: self._next_block(run), what=what)
+                run.position += 1
+                deliver(block)
+        finally:
+            await run.close()
+
+    async def head(self, uri: str) -> int | None:
+        """The size of ``uri`` in bytes, or None when the server does not say.
+
+        HEAD first; when it carries no Content-Length, a one-byte ranged GET reads the total from its
+        Content-Range. Raises like :meth:`fetch`.
+        """
+        return await self._policy.run(lambda: self._head_once(uri), what=f"size of {uri}")
+
+    # ------------------------------------------------------------------ one attempt each
+
+    async def _next_block(self, run: _Run) -> bytes:
+        """The run's next block, opening (or re-opening) the request as needed; closes it on failure."""
+        try:
+            if run.response is None:
+                await self._open(run)
+            need = run.bounds[run.position + 1] - run.bounds[run.position]
+            while run.buffered < need:
+                await run.receive()
+            block = run.take(need)
+            if run.position + 2 == len(run.bounds):
+                await run.finish()
+            return block
+        except (Retryable, httpx.TransportError, httpx.StreamError) as exc:
+            await run.close()
+            if isinstance(exc, httpx.TimeoutException):
+                raise Retryable(f"download of {run.uri}: timed out ({type(exc).__name__})") from exc
+            if isinstance(exc, httpx.HTTPError | httpx.StreamError):
+                raise Retryable(f"download of {run.uri}: {type(exc).__name__}: {exc}") from exc
+            raise
+        except BaseException:
+            await run.close()
+            raise
+
+    async def _open(self, run: _Run) -> None:
+        start, end = run.bounds[run.position], run.bounds[-1]
+        request = self._http.build_request("GET", self._url, params={"uri": run.uri},
+                                           headers={**self._headers, "Range": f"bytes={start}-{end - 1}"})
+        try:
+            response = await self._http.send(request, stream=True, follow_redirects=True)
+        except httpx.TooManyRedirects as exc:
+            raise BadResponse(f"download of {run.uri}: too many redirects") from exc
+        run.attach(response)
+        if response.status_code == 206:
+            _check_content_range(response, start, end)
+            run.exact = True
+        elif response.status_code == 200:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) < end:
+                raise BadResponse(f"{run.uri} is {length} bytes, shorter than the {end} bytes expected")
+            self.ignored_ranges += 1
+            if self.ignored_ranges == 1:
+                log.warning("the download server ignored a Range request (HTTP 200); reading files from "
+                            "their start up to the wanted bytes instead")
+            run.skip = start
+        else:
+            raise self._error_for(response, run.uri)
+
+    async def _head_once(self, uri: str) -> int | None:
+        try:
+            response = await self._http.head(self._url, params={"uri": uri}, headers=self._headers,
+                                             follow_redirects=True)
+            if response.status_code != 200:
+                raise self._error_for(response, uri)
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit():
+                return int(length)
+            headers = {**self._headers, "Range": "bytes=0-0"}
+            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=headers,
+                                         follow_redirects=True) as probe:
+                if probe.status_code == 206:
+                    match = _CONTENT_RANGE.fullmatch(probe.headers.get("Content-Range", ""))
+                    if match and match.group(3) != "*":
+                        return int(match.group(3))
+                    return None
+                if probe.status_code == 200:
+                    return None  # no length and no ranges: only a full download would tell
+                raise self._error_for(probe, uri)
+        except httpx.TimeoutException as exc:
+            raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise Retryable(f"size of {uri}: {type(exc).__name__}: {exc}") from exc
+        except httpx.TooManyRedirects as exc:
+            raise BadResponse(f"size of {uri}: too many redirects") from exc
+
+    def _error_for(self, response: httpx.Response, uri: str) -> Exception:
+        """The domain error for a non-success answer (returned, for the caller to raise)."""
+        status = response.status_code
+        if status in (401, 403):
+            if self._has_token:
+                return Unauthorized(f"{uri}: access refused (HTTP {status})", reason=REFUSED_HINT)
+            return Unauthorized(f"{uri}: login required (HTTP {status})", reason=LOGIN_HINT)
+        if status == 404:
+            return NotFound(f"{uri}: no such file in the archive")
+        if status == 416:
+            return BadResponse(f"{uri}: range not satisfiable (the file is shorter than its listed size?)")
+        if status == 429 or status >= 500:
+            return Retryable(f"{uri}: HTTP {status}", retry_after=_retry_after(response))
+        return BadResponse(f"{uri}: unexpected HTTP {status}")
+
+
+class _Run:
+    """The state of one :meth:`HttpFetcher.fetch_blocks` call: the open response (if any), the bytes
+    received but not yet handed over, and the index of the next block."""
+
+    def __init__(self, uri: str, bounds: Sequence[int]) -> None:
+        self.uri = uri
+        self.bounds = bounds
+        self.position = 0
+        self.response: httpx.Response | None = None
+        self.chunks: AsyncIterator[bytes] | None = None
+        self.pending: deque[bytes | memoryview] = deque()
+        self.buffered = 0
+        self.skip = 0  # bytes still to drop before the wanted ones (a 200 answer)
+        self.exact = False  # a 206: the body must end exactly at the run's end
+
+    def attach(self, response: httpx.Response) -> None:
+        self.response = response
+        self.chunks = response.aiter_raw()
+
+    async def receive(self) -> None:
+        """Append the next body chunk (after dropping skipped bytes); Retryable at a premature end."""
+        assert self.chunks is not None
+        try:
+            chunk = await self.chunks.__anext__()
+        except StopAsyncIteration:
+            raise Retryable(f"body of {self.uri} ended early, before byte {self.bounds[-1]}") from None
+        if self.skip:
+            if len(chunk) <= self.skip:
+                self.skip -= len(chunk)
+                return
+            view = memoryview(chunk)[self.skip:]
+            self.skip = 0
+            self.pending.append(view)
+            self.buffered += len(view)
+            return
+        self.pending.append(chunk)
+        self.buffered += len(chunk)
+
+    def take(self, need: int) -> bytes:
+        """The next ``need`` buffered bytes as one bytes object (one copy)."""
+        parts: list[bytes | memoryview] = []
+        got = 0
+        while got < need:
+            piece = self.pending[0]
+            room = need - got
+            if len(piece) <= room:
+                parts.append(self.pending.popleft())
+                got += len(piece)
+            else:
+                view = memoryview(piece)
+                parts.append(view[:room])
+                self.pending[0] = view[room:]
+                got = need
+        self.buffered -= need
+        return b"".join(parts)
+
+    async def finish(self) -> None:
+        """After the last block: a 206 must have nothing more; a 200 is simply closed."""
+        if self.exact:
+            if self.buffered:
+                raise Retryable(f"body of {self.uri} longer than the range asked for")
+            assert self.chunks is not None
+            async for extra in self.chunks:
+                if extra:
+                    raise Retryable(f"body of {self.uri} longer than the range asked for")
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the response (shielded: also on cancellation) and drop buffered bytes."""
+        response, chunks = self.response, self.chunks
+        self.response = self.chunks = None
+        self.pending.clear()
+        self.buffered = self.skip = 0
+        self.exact = False
+        if response is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                if chunks is not None:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                await response.aclose()
+
+
+def _check_content_range(response: httpx.Response, start: int, end: int) -> None:
+    """Raise Retryable unless the 206's Content-Range (and Content-Length, if any) are the request's."""
+    header = response.headers.get("Content-Range", "")
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1:
+        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Range {header!r}")
+    length = response.headers.get("Content-Length")
+    if length is not None and length.strip() != str(end - start):
+        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Length {length}")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The Retry-After header in seconds (delta form only), or None."""
+    value = response.headers.get("Retry-After", "").strip()
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

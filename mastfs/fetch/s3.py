@@ -1,0 +1,183 @@
+"""S3Fetcher: verified byte ranges of MAST's cloud copies (bucket ``stpubdata``), anonymous boto3 reads.
+
+boto3 blocks, so each range is one worker-thread hop (``get_object`` plus reading the whole body) under
+the fetcher's own CapacityLimiter of ``settings.transfers`` threads. botocore does not retry
+(``total_max_attempts=1``): the one :class:`~mastfs.retry.RetryPolicy` does. botocore and urllib3
+exceptions are translated into mastfs errors inside the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import trio
+import urllib3.exceptions
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from ..config import Settings
+from ..errors import BadResponse, NotFound, Retryable
+from ..retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "AccessDenied", "403"}
+_CHUNK = 1024 * 1024
+CONNECT_TIMEOUT = 5.0
+
+
+class S3Fetcher:
+    """Ranged reads of ``settings.bucket`` at ``settings.s3_endpoint`` (AWS when empty) in
+    ``settings.region``, unsigned. ``policy`` defaults to one built from ``settings.retries`` and
+    ``settings.deadline``. The boto3 client is built (in a worker thread) on first use, not here.
+    """
+
+    def __init__(self, settings: Settings, policy: RetryPolicy | None = None) -> None:
+        self._bucket = settings.bucket
+        self._endpoint = settings.s3_endpoint or None
+        self._region = settings.region
+        self._transfers = max(1, settings.transfers)
+        self._policy = policy or RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+        self._limiter = trio.CapacityLimiter(self._transfers)
+        self._client: Any = None
+        self._client_lock = trio.Lock()
+
+    async def fetch(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of object ``key``, exactly ``end - start`` of them.
+
+        Raises NotFound when the object is not in the bucket (the file is not in the cloud; a 403 on
+        an anonymous read means the same), BadResponse on 416 or another client error; retries 5xx,
+        throttling, timeouts, resets, short bodies and wrong Content-Range under the policy, then raises
+        Unavailable. On cancellation the worker thread is abandoned (its result discarded; it ends at the
+        latest at botocore's read timeout) and its limiter slot stays taken until then.
+        """
+        blocks: list[bytes] = []
+        await self.fetch_blocks(key, (start, end), blocks.append)
+        return blocks[0]
+
+    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], None]) -> None:
+        """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
+        only after failures), calling ``deliver(block)`` for each, in order, as soon as it is read.
+
+        One worker-thread hop per block. Errors as :meth:`fetch`; a retried failure resumes at the first
+        block not yet delivered, and the policy's attempts and deadline apply to each block. Raises
+        ValueError on empty or unordered bounds.
+        """
+        if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
+        client = await self._get_client()
+        run = _Run(key, bounds)
+        try:
+            while run.position < len(bounds) - 1:
+                what = f"s3://{self._bucket}/{key} [{bounds[run.position]}, {bounds[run.position + 1]})"
+                block = await self._policy.run(lambda: self._next_block(client, run), what=what)
+                run.position += 1
+                deliver(block)
+        finally:
+            if run.body is not None and not run.busy:
+                run.body.close()  # closes the socket at once; a busy (abandoned) thread closes its own
+
+    async def _next_block(self, client: Any, run: _Run) -> bytes:
+        run.busy = True
+        try:
+            body, skip, block = await trio.to_thread.run_sync(
+                self._next_block_sync, client, run.key, run.body, run.skip, run.bounds[run.position],
+                run.bounds[run.position + 1], run.bounds[-1], limiter=self._limiter, abandon_on_cancel=True)
+        except Exception:  # the thread closed the body: the next attempt opens a new request
+            run.busy = False
+            run.body, run.skip = None, 0
+            raise
+        run.busy = False
+        run.body, run.skip = body, skip
+        return block
+
+    async def _get_client(self) -> Any:
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await trio.to_thread.run_sync(self._build_client, limiter=self._limiter)
+        return self._client
+
+    def _build_client(self) -> Any:
+        read_timeout = max(1.0, min(30.0, self._policy.deadline / 2))
+        config = Config(
+            signature_version=UNSIGNED,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
+            read_timeout=read_timeout,
+            max_pool_connections=max(10, self._transfers),
+        )
+        session = boto3.session.Session()
+        return session.client("s3", region_name=self._region, endpoint_url=self._endpoint, config=config)
+
+    def _next_block_sync(self, client: Any, key: str, body: Any, skip: int, start: int, end: int,
+                         run_end: int) -> tuple[Any, int, bytes]:
+        """Worker thread: bytes [start, end) from the open ``body`` (None: open a GetObject of
+        [start, run_end) first). Returns (body still open or None, bytes still to skip, block). Closes
+        the body itself on failure and after the run's last byte."""
+        where = f"s3://{self._bucket}/{key}"
+        try:
+            if body is None:
+                response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}")
+                body = response["Body"]
+                if response["ResponseMetadata"]["HTTPStatusCode"] == 200 and "ContentRange" not in response:
+                    log.debug("%s: the server ignored the Range header; reading from its start", where)
+                    skip = start
+                else:
+                    _check_content_range(response.get("ContentRange", ""), start, run_end, where)
+            while skip:
+                dropped = body.read(min(_CHUNK, skip))
+                if not dropped:
+                    raise Retryable(f"{where}: whole-object body ended before byte {start}")
+                skip -= len(dropped)
+            block = body.read(end - start)
+            if len(block) != end - start:
+                raise Retryable(f"{where}: body cut short ({len(block)} of {end - start} bytes)")
+            if end == run_end:
+                body.close()
+                body = None
+            return body, skip, block
+        except BaseException as exc:
+            if body is not None:
+                body.close()
+            if isinstance(exc, botocore.exceptions.ClientError):
+                raise _translate_client_error(exc, where) from exc
+            if isinstance(exc, botocore.exceptions.BotoCoreError | urllib3.exceptions.HTTPError | OSError):
+                raise Retryable(f"{where}: {type(exc).__name__}: {exc}") from exc
+            raise
+
+
+class _Run:
+    """The state of one :meth:`S3Fetcher.fetch_blocks` call (only touched on the trio thread)."""
+
+    def __init__(self, key: str, bounds: Sequence[int]) -> None:
+        self.key = key
+        self.bounds = bounds
+        self.position = 0
+        self.body: Any = None
+        self.skip = 0
+        self.busy = False
+
+
+def _check_content_range(header: str, start: int, end: int, where: str) -> None:
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1:
+        raise Retryable(f"{where}: answer for bytes {start}-{end - 1} had Content-Range {header!r}")
+
+
+def _translate_client_error(exc: botocore.exceptions.ClientError, where: str) -> Exception:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in _MISSING_CODES or status in (403, 404):
+        return NotFound(f"{where}: not in the cloud ({code or status})")
+    if code == "InvalidRange" or status == 416:
+        return BadResponse(f"{where}: range not satisfiable")
+    if status == 429 or status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
+        return Retryable(f"{where}: {code or status}", retry_after=None)
+    return BadResponse(f"{where}: {code or status}: {error.get('Message', '')}")

@@ -1,0 +1,420 @@
+"""The namespace grammar of mastfs: pure functions that validate names and lay products out.
+
+Nothing here performs I/O. Every function that rejects a name raises :class:`~mastfs.errors.InvalidName`
+(ENOENT) or :class:`~mastfs.errors.NameTooLong` (ENAMETOOLONG), so a name that cannot be valid never
+costs a request. The grammar is documented in ``docs/namespace.md``, whose text is :data:`README_TEXT`
+(served as the virtual ``/README.txt``); a test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import InvalidName, NameTooLong
+
+NAME_MAX = 255
+"""Longest name (in UTF-8 bytes) of one path component, as on local filesystems."""
+
+TOP_DIRECTORIES = ("program", "obs", "target", "cone")
+README_NAME = "README.txt"
+OBSERVATION_SIDECAR = "observation.json"
+PRODUCTS_SIDECAR = "products.csv"
+SIDECARS = (OBSERVATION_SIDECAR, PRODUCTS_SIDECAR)
+
+DEFAULT_CONE_RADIUS = 0.2
+"""Radius in degrees of ``/cone/<ra>,<dec>/`` (astroquery's default for region queries)."""
+MAX_CONE_RADIUS = 1.0
+"""Largest accepted cone radius in degrees; wider cones return unbrowsably many observations."""
+
+OTHER_GROUP = "other"
+_TYPE_GROUPS = {
+    "AUXILIARY": "auxiliary",
+    "CALIBRATION": "calibration",
+    "INFO": "info",
+    "PREVIEW": "preview",
+    "THUMBNAIL": "thumbnail",
+}
+
+# Names desktop environments, shells and version-control tools probe for in every directory. None of
+# them can be a mastfs name; they are answered ENOENT before anything else happens.
+_PROBE_NAMES = frozenset(
+    name.lower()
+    for name in (
+        "autorun.inf", "desktop.ini", "Thumbs.db", "ehthumbs.db", "folder.jpg", "folder.gif",
+        "AlbumArtSmall.jpg", "lost+found",
+    )
+)
+_FORBIDDEN_CHARS = frozenset("/\\%*;?\"'`<>|&$=!{}#^")
+_PROGRAM_ID = re.compile(r"[1-9][0-9]{0,6}")
+_OBS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9 +._()\[\]:,-]{0,99}")
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_CONE = re.compile(rf"({_NUMBER}),({_NUMBER})(?:,({_NUMBER}))?")
+
+
+class ObservationLike(Protocol):
+    """What the namespace needs of an observation (``mastfs.mast.models.Observation``)."""
+
+    fields: Mapping[str, Any]
+
+    @property
+    def obs_id(self) -> str: ...
+
+
+class ProductLike(Protocol):
+    """What the namespace needs of a product (``mastfs.mast.models.Product``)."""
+
+    fields: Mapping[str, Any]
+
+    @property
+    def data_uri(self) -> str: ...
+    @property
+    def filename(self) -> str: ...
+    @property
+    def product_type(self) -> str | None: ...
+    @property
+    def level(self) -> int | None:
+        """``calib_level``, or the level the file name implies, or None."""
+
+
+@dataclass(frozen=True)
+class Cone:
+    """A cone search: centre in degrees (ICRS) and radius in degrees."""
+
+    ra: float
+    dec: float
+    radius: float
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def check_component(name: str) -> None:
+    """Reject a path component no mastfs directory can hold, before any I/O.
+
+    Raises NameTooLong when longer than :data:`NAME_MAX` bytes; InvalidName for hidden names (every
+    file-manager probe such as ``.Trash-1000``, ``.xdg-volume-info``, ``.git``, ``.DS_Store`` starts with
+    a dot), other well-known probes (``autorun.inf``, ``desktop.ini``, ``Thumbs.db`` ...), control
+    characters, and characters that never occur in MAST ids (``% * ; ' " \\`` and friends).
+    """
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise NameTooLong(f"name longer than {NAME_MAX} bytes")
+    if not name or name.startswith("."):
+        raise InvalidName(f"hidden or empty name {name!r}")
+    if name.lower() in _PROBE_NAMES:
+        raise InvalidName(f"file-manager probe {name!r}")
+    for char in name:
+        if ord(char) < 0x20 or ord(char) == 0x7F or char in _FORBIDDEN_CHARS:
+            raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
+        if 0xDC80 <= ord(char) <= 0xDCFF:
+            raise InvalidName("name is not valid UTF-8")
+
+
+def parse_program_id(name: str) -> str:
+    """Return the proposal id written as MAST writes it (decimal, no leading zeros).
+
+    ``02733`` is rejected rather than aliased to ``2733``: two names for one directory would confuse
+    the kernel's directory cache. Raises InvalidName (NameTooLong) without any I/O.
+    """
+    check_component(name)
+    if not _PROGRAM_ID.fullmatch(name):
+        raise InvalidName(f"program ids are decimal numbers without leading zeros, not {name!r}")
+    return name
+
+
+def parse_obs_id(name: str) -> str:
+    """Return ``name`` if it can be a MAST ``obs_id`` (letters, digits, ``. _ + -``; at most 128)."""
+    check_component(name)
+    if not _OBS_ID.fullmatch(name) or ".." in name:
+        raise InvalidName(f"not an observation id: {name!r}")
+    return name
+
+
+def parse_target_name(name: str) -> str:
+    """Return ``name`` if it can be an object name for the resolver (e.g. ``NGC 3132``, ``M101``).
+
+    Letters, digits, spaces and ``+ - . _ ( ) [ ] : ,`` only, at most 100 characters; no ``--``.
+    """
+    check_component(name)
+    if not _TARGET.fullmatch(name) or "--" in name or ".." in name or name != name.strip():
+        raise InvalidName(f"not a target name: {name!r}")
+    return name
+
+
+def parse_cone(name: str) -> Cone:
+    """Parse ``<ra>,<dec>[,<radius_deg>]`` in decimal degrees.
+
+    0 <= ra < 360, -90 <= dec <= 90, 0 < radius <= :data:`MAX_CONE_RADIUS` (default
+    :data:`DEFAULT_CONE_RADIUS`). Raises InvalidName on anything else, without any I/O.
+    """
+    check_component(name)
+    match = _CONE.fullmatch(name)
+    if not match:
+        raise InvalidName(f"cone names are <ra>,<dec>[,<radius_deg>] in decimal degrees, not {name!r}")
+    ra, dec = float(match.group(1)), float(match.group(2))
+    radius = float(match.group(3)) if match.group(3) is not None else DEFAULT_CONE_RADIUS
+    if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0 and 0.0 < radius <= MAX_CONE_RADIUS):
+        raise InvalidName(
+            f"cone {name!r} out of range (0 <= ra < 360, -90 <= dec <= 90, 0 < radius <= {MAX_CONE_RADIUS:g})"
+        )
+    return Cone(ra, dec, radius)
+
+
+# ------------------------------------------------------------------------------------- product layout
+
+_INFO_SUFFIXES = frozenset({"asn", "pool"})
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
+
+
+def _type_from_filename(product: ProductLike) -> str:
+    """Guess the productType of a row whose productType is null, from its file name."""
+    lowered = product.filename.lower()
+    stem = lowered.split(".", 1)[0]
+    if "_thumb." in lowered:
+        return "THUMBNAIL"
+    if lowered.endswith(_IMAGE_EXTENSIONS):
+        return "PREVIEW"
+    if "_" in stem and stem.rsplit("_", 1)[1] in _INFO_SUFFIXES:
+        return "INFO"
+    if product.level is not None:
+        return "SCIENCE"
+    return ""
+
+
+def product_group(product: ProductLike) -> str:
+    """Name of the directory of an observation that holds ``product``.
+
+    SCIENCE products go to ``level<N>`` by their ``level`` (``calib_level``, or when that is null the
+    level their JWST file name implies; ``other`` when it implies none). Other product types go to ``auxiliary``,
+    ``calibration``, ``info``, ``preview`` or ``thumbnail``; a null ``productType`` is guessed from the
+    file name; anything else lands in ``other``.
+    """
+    product_type = (product.product_type or "").strip().upper()
+    if product_type in ("", "UNKNOWN"):
+        product_type = _type_from_filename(product)
+    if product_type == "SCIENCE":
+        level = product.level
+        return f"level{level}" if level is not None and 0 <= level <= 9 else OTHER_GROUP
+    return _TYPE_GROUPS.get(product_type, OTHER_GROUP)
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    return (0 if group.startswith("level") else 2 if group == OTHER_GROUP else 1, group)
+
+
+def safe_filename(product: ProductLike) -> str | None:
+    """The file name ``product`` is shown under: ``productFilename``, else the last part of its
+    ``dataURI``; None when neither gives a usable name (then the product is listed only in products.csv).
+    """
+    for candidate in (product.filename, (product.data_uri or "").rsplit("/", 1)[-1]):
+        if not candidate:
+            continue
+        candidate = candidate.strip()
+        try:
+            check_component(candidate)
+        except InvalidName:
+            continue
+        return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An observation's products arranged into directories.
+
+    groups: group directory name -> {file name -> product}, groups in display order (levels, then
+    product types, then ``other``), files sorted by name. Products are deduplicated by dataURI; two
+    different products with one file name get ``~2``, ``~3`` ... appended to the later names.
+    paths: dataURI -> path relative to the observation directory (``level2/x_cal.fits``).
+    """
+
+    groups: dict[str, dict[str, Any]]
+    paths: dict[str, str]
+
+
+def layout_products(products: Iterable[ProductLike]) -> Layout:
+    """Arrange ``products`` into group directories; see :class:`Layout`."""
+    by_group: dict[str, dict[str, Any]] = {}
+    paths: dict[str, str] = {}
+    for product in products:
+        uri = product.data_uri
+        if not uri or uri in paths:
+            continue
+        name = safe_filename(product)
+        if name is None:
+            continue
+        group = product_group(product)
+        files = by_group.setdefault(group, {})
+        unique, counter = name, 1
+        while unique in files:
+            counter += 1
+            unique = f"{name}~{counter}"
+        files[unique] = product
+        paths[uri] = f"{group}/{unique}"
+    groups = {group: dict(sorted(by_group[group].items())) for group in sorted(by_group, key=_group_order)}
+    return Layout(groups, paths)
+
+
+# ------------------------------------------------------------------------------------- values, sidecars
+
+
+def text_value(value: Any) -> str | None:
+    """A field value as text for xattrs: None stays None (omitted), booleans as true/false, floats
+    without trailing noise (``repr``), everything else ``str``; NaN counts as null."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return None if math.isnan(value) else repr(value)
+    return str(value)
+
+
+_XATTR_FIELD = re.compile(r"[A-Za-z0-9_]{1,200}")
+FIELD_XATTR_PREFIX = "user.mast_"
+OWN_XATTR_PREFIX = "user.mastfs."
+
+
+def field_xattrs(fields: Mapping[str, Any]) -> dict[str, bytes]:
+    """``user.mast_<field>`` -> UTF-8 text for every non-null field whose name is a plain identifier."""
+    result: dict[str, bytes] = {}
+    for key, value in fields.items():
+        text = text_value(value)
+        if text is not None and _XATTR_FIELD.fullmatch(key):
+            result[FIELD_XATTR_PREFIX + key] = text.encode("utf-8", "replace")
+    return result
+
+
+def observation_json(observation: ObservationLike) -> bytes:
+    """Content of ``observation.json``: every field of the observation row, nulls included."""
+    return (json.dumps(dict(observation.fields), indent=2, default=str, allow_nan=False) + "\n").encode()
+
+
+def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> bytes:
+    """Content of ``products.csv``: one row per product row, every field (union of all rows' columns
+    in first-seen order), then ``mastfs_path``, the file's path relative to the observation directory
+    (empty for products not shown as files). Nulls are empty cells."""
+    columns: dict[str, None] = {}
+    for product in products:
+        columns.update(dict.fromkeys(product.fields))
+    header = [*columns, "mastfs_path"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for product in products:
+        row = [text_value(product.fields.get(column)) or "" for column in columns]
+        writer.writerow([*row, paths.get(product.data_uri, "")])
+    return buffer.getvalue().encode("utf-8")
+
+
+MJD_UNIX_EPOCH = 40587.0
+
+
+def mjd_to_unix(mjd: float | None) -> float | None:
+    """Unix seconds for a Modified Julian Date (``(mjd - 40587) * 86400``); None for null or nonsense."""
+    if mjd is None:
+        return None
+    try:
+        value = float(mjd)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(value) or math.isinf(value):
+        return None
+    return (value - MJD_UNIX_EPOCH) * 86400.0
+
+
+README_TEXT = """\
+# The mastfs namespace
+
+mastfs shows the MAST archive as a read-only tree. Directories are filled lazily: nothing is asked of
+MAST until you look inside, and what was seen is cached on disk (see "Caching" below).
+
+## The tree
+
+    /README.txt                       this text
+    /program/                         programs looked up so far (any program can be looked up)
+    /program/<id>/                    one directory per observation of program <id>
+    /program/<id>/<obs_id>/           an observation directory (below)
+    /obs/<obs_id>/                    the same observation directory, reached directly by its obs_id
+    /target/<name>/                   observations around the position the name resolves to
+    /cone/<ra>,<dec>[,<radius_deg>]/  observations in that cone
+
+- `<id>` is a proposal id as MAST writes it: decimal digits without leading zeros (`2733`, not
+  `02733`). Only observations of the configured collections (`--collection`, JWST by default) appear.
+- `ls /program` lists the programs this mount (and the metadata cache) has seen so far: the archive
+  holds tens of thousands, so they are looked up by name (`ls /program/2733`) rather than listed.
+  `/obs`, `/target` and `/cone` likewise list only what was looked up during this mount.
+- `<obs_id>` is MAST's `obs_id`, e.g. `jw02733-o002_t001_miri_f1130w`.
+- `<name>` is resolved by MAST's name resolver (e.g. `NGC 3132`, `M101`); the directory holds the
+  observations within 0.2 degrees of that position. A name that does not resolve does not exist
+  (ENOENT, one log line).
+- `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
+  0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
+
+Names that cannot be valid (a non-numeric program id, a malformed cone, hidden names such as `.git`
+or `.Trash-1000`, `autorun.inf`, `desktop.ini`, names with control characters or `% * ; ' "`) do not
+exist, and never cost a request to MAST.
+
+## An observation directory
+
+    level1/ level2/ level3/    SCIENCE products by calibration level (only the non-empty ones)
+    auxiliary/ calibration/ info/ preview/ thumbnail/
+                               products of the other productType values (only the non-empty ones)
+    other/                     products whose type or level is unknown
+    observation.json           every field of the observation row
+    products.csv               one row per product, every field, plus mastfs_path (its path here)
+
+- A SCIENCE product goes to `level<N>` by its `calib_level` (0 raw ... 4 contributed). When MAST
+  gives no level, a JWST file name decides (`uncal` 1; `rate`, `rateints`, `cal`, `calints` 2;
+  level-3 names `jw<ppppp>-o<ooo>_..._i2d.fits` and the like 3); otherwise it goes to `other/`.
+- A product without a `productType` is placed by its file name too (`_thumb.jpg` thumbnail,
+  other images preview, `_asn.json` and `_pool.csv` info).
+- A JWST level-3 observation lists its member exposures' products too: thousands of files.
+- Products are deduplicated by `dataURI`; if two different products share a file name in one
+  directory, the later ones are shown as `<name>~2`, `<name>~3` ...
+- The same product under several observations is one file for the cache: reading it through either
+  path downloads it once.
+
+## Attributes
+
+- Directories are mode 0555, files 0444, owned by the mounting user (or `--uid`/`--gid`).
+- Exclusive-access products (`dataRights` not PUBLIC) are listed but shown as mode 0000 and opening
+  them fails with EACCES until a MAST token is configured (get one at
+  https://auth.mast.stsci.edu/token, then set MAST_API_TOKEN or `token_file`); with a token they are
+  0444 and MAST decides.
+- File size comes from the product row; a missing size is asked of MAST once (HEAD) and cached.
+- Modification time is the observation's `t_obs_release` (or `t_max` when null), converted from MJD.
+  Files inside an observation directory carry the observation's time.
+- `statfs` (df) reports the block cache: its size limit as the total, the cached bytes as used.
+- The filesystem is read-only: every change fails with EROFS.
+
+## Extended attributes
+
+    getfattr -d /mnt/mast/program/2733/jw02733-o002_t001_miri_f1130w
+    getfattr -d /mnt/mast/program/2733/jw02733-o002_t001_miri_f1130w/level3/<file>
+
+- `user.mast_<field>`: every non-null field of the observation row (on the observation directory)
+  or of the product row (on the file), as text, e.g. `user.mast_target_name`,
+  `user.mast_dataURI`, `user.mast_calib_level`. Null fields are omitted.
+- `user.mastfs.*` are mastfs's own, on product files: `user.mastfs.uri` (the product's dataURI),
+  `user.mastfs.cached_bytes` (how many of its bytes the local cache holds) and, once the file was
+  opened in this mount, `user.mastfs.source` (where its bytes come from: `s3://<bucket>/<key>` or
+  the HTTPS download URL).
+- An unknown attribute is ENODATA; setting or removing any attribute is EPERM. `security.*` and
+  `system.posix_acl_*` are answered at once, without asking MAST.
+
+## Caching
+
+Listings and rows are cached on disk across remounts: observations released long ago for
+`--ttl-released` (7 days), recent, planned or exclusive ones for `--ttl-recent` (1 hour), unknown
+ids for `--ttl-negative` (10 minutes). When MAST cannot be reached, what was seen before still
+lists; what was never seen fails with EIO after `--deadline` (never ENOENT). The kernel keeps
+entries and attributes for 60 seconds. `mastfs refresh PATH` drops cached metadata for a subtree.
+"""

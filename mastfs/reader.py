@@ -1,0 +1,543 @@
+"""ByteReader: the read path of archive files, from FUSE reads down to the block cache and the fetchers.
+
+Per block (geometry in :mod:`mastfs.blockcache`), a read looks in a small in-memory LRU of recent blocks
+(no thread hop, no disk read), then joins or starts the block's one *flight*: the promise of that block,
+fulfilled in the background by loading it from disk (verified) or by a network *run*. A run fetches
+several consecutive missing blocks with one ranged request (per-request overhead dominates at high
+bandwidth), hands each block to its waiting readers as soon as it is complete (verified by the fetcher,
+length-checked here), then stores it in the block cache. So one transfer serves every concurrent reader
+of a block, and a reader cancelled by a signal returns at once while the run ends in the background,
+never leaving an unverified block behind.
+
+Each open file handle has a :class:`ReadStream`. Reads that continue where the previous one ended (within
+a small slack, as FUSE may reorder concurrent reads) grow a readahead window that starts at one block
+and doubles at every block boundary, up to ``max_readahead`` blocks; it is refilled in runs of up to
+``run_blocks`` blocks whenever less than half a window is scheduled ahead. A stream's first read and
+reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the wire.
+Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
+no reader that did not ask for the block.
+
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes, and a run holds its transfer
+slot until its blocks are on disk, so at most ``transfers`` runs' blocks wait for the disk.
+
+Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache and owns the background
+nursery; leaving the block lets fetched blocks reach the disk (at most ``STORE_GRACE`` seconds), then
+cancels the remaining work (waiting readers get Unavailable).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_index, block_span, block_start
+from .errors import IntegrityError, MastfsError, NotFound, Unavailable
+from .fetch.http import HttpFetcher
+from .fetch.s3 import S3Fetcher
+
+log = logging.getLogger(__name__)
+
+MEMORY_LIMIT = 64 * 1024 * 1024
+"""Default byte cap of the in-memory LRU of recent blocks."""
+MAX_READAHEAD_BLOCKS = 8
+"""Default largest readahead window, in blocks (8 x 4 MiB = 32 MiB ahead of the reader)."""
+RUN_BLOCKS = 4
+"""Default most blocks fetched by one ranged request (4 x 4 MiB = 16 MiB)."""
+SEQUENTIAL_SLACK = 1024 * 1024
+"""A read starting this close to where the stream's previous reads ended still counts as sequential."""
+STORE_GRACE = 5.0
+"""Seconds a closing ByteReader waits for fetched blocks to reach the disk before cancelling the rest."""
+SOURCES = ("auto", "s3", "http")
+
+BlockKey = tuple[str, int]
+
+
+@dataclass(eq=False)
+class ReadStream:
+    """Sequential-detection state of one open file handle (see :meth:`ByteReader.open_stream`)."""
+
+    ref: ProductRef
+    next_offset: int = -1
+    last_block: int = -1
+    window: int = 0
+    ahead: int = -1
+
+
+class _Flight:
+    """One block being loaded or fetched: readers wait on ``done`` (then ``data`` or ``error`` is set),
+    prefetch also on ``stored`` (then ``cached`` says whether the block is on disk)."""
+
+    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached")
+
+    def __init__(self, ref: ProductRef, index: int, keep: bool) -> None:
+        self.ref = ref
+        self.index = index
+        self.keep = keep
+        self.done = trio.Event()
+        self.stored = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.cached = False
+
+
+class _RunProgress:
+    """What one network run has handed over so far, and from which source."""
+
+    __slots__ = ("flights", "delivered", "source")
+
+    def __init__(self, flights: list[_Flight], source: str) -> None:
+        self.flights = flights
+        self.delivered = 0
+        self.source = source
+
+
+class ByteReader:
+    """Verified bytes of archive files through the block cache.
+
+    ``cache`` is the :class:`BlockCache`; ``http_fetcher`` reads over HTTPS, ``s3_fetcher`` (optional)
+    from the cloud bucket; ``source`` is "auto" (S3 when the product has an S3 key and is public, else
+    HTTPS; a product missing from S3 falls back to HTTPS and is remembered), "s3" (S3 only) or "http"
+    (HTTPS only); ``transfers`` bounds parallel network runs. Use as ``async with ByteReader(...)``.
+    """
+
+    def __init__(
+        self,
+        cache: BlockCache,
+        http_fetcher: HttpFetcher,
+        s3_fetcher: S3Fetcher | None = None,
+        source: str = "auto",
+        transfers: int = 8,
+        *,
+        memory_limit: int = MEMORY_LIMIT,
+        max_readahead: int = MAX_READAHEAD_BLOCKS,
+        run_blocks: int = RUN_BLOCKS,
+    ) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
+        self._cache = cache
+        self._http = http_fetcher
+        self._s3 = s3_fetcher
+        self._source = source
+        self._transfers = max(1, transfers)
+        self._transfer_slots = trio.CapacityLimiter(self._transfers)
+        self._memory_limit = memory_limit
+        self._max_readahead = max(0, max_readahead)
+        self._run_blocks = max(1, run_blocks)
+        self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self._flights: dict[BlockKey, _Flight] = {}
+        self._verifying: dict[str, trio.Event] = {}
+        self._not_in_cloud: set[str] = set()
+        self._mismatched: set[str] = set()
+        self._active: dict[str, dict[str, Any]] = {}
+        self._bytes_fetched = {"s3": 0, "http": 0}
+        self._counts = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "requests": 0, "readahead_blocks": 0}
+        self._errors: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager: Any = None
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> ByteReader:
+        await self._cache.open()
+        self._nursery_manager = trio.open_nursery()
+        self._nursery = await self._nursery_manager.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        assert self._nursery is not None
+        with trio.CancelScope(shield=True), trio.move_on_after(STORE_GRACE):
+            for flight in list(self._flights.values()):
+                if flight.data is not None:  # fetched: let it reach the disk
+                    await flight.stored.wait()
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        # Background tasks catch their own errors, so closing the nursery raises nothing of theirs;
+        # whatever the body of the `async with` raised propagates unwrapped.
+        await self._nursery_manager.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ reading
+
+    def open_stream(self, ref: ProductRef) -> ReadStream:
+        """A fresh read stream (one per open file handle) for ``ref``."""
+        return ReadStream(ref)
+
+    async def read(self, stream: ReadStream, offset: int, length: int) -> bytes:
+        """Exactly ``min(length, size - offset)`` verified bytes of the stream's product from ``offset``
+        (``b""`` at or after the end).
+
+        Raises NotFound, Unauthorized, Unavailable, BadResponse or IntegrityError from the block(s) the
+        read needs (never from readahead). Cancellation returns at once; the blocks keep loading in the
+        background.
+        """
+        data = await self.read_view(stream, offset, length)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_view(self, stream: ReadStream, offset: int, length: int) -> bytes | memoryview:
+        """Like :meth:`read`, but a read inside one block returns a read-only memoryview of the cached
+        block instead of a copy (for the FUSE adapter: pyfuse3 accepts any buffer). The view keeps its
+        block alive while referenced."""
+        ref = stream.ref
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length ({offset}, {length})")
+        end = min(offset + length, ref.size)
+        if offset >= end:
+            return b""
+        first = block_index(offset)
+        last = block_index(end - 1)
+        self._track(stream, offset, end, last)
+        if first == last:
+            data = await self._block(ref, first)
+            base = block_start(first)
+            return memoryview(data)[offset - base:end - base]
+        self._ensure(ref, first, last, keep=True)  # every missing block in flight before waiting for any
+        parts = []
+        for index in range(first, last + 1):
+            data = await self._block(ref, index)
+            base, block_end = block_span(index, ref.size)
+            parts.append(memoryview(data)[max(offset, base) - base:min(end, block_end) - base])
+        return b"".join(parts)
+
+    async def prefetch(self, ref: ProductRef, progress: Callable[[int], None] | None = None) -> None:
+        """Fill the block cache with the whole product (``transfers`` runs in parallel); when
+        ``ref.sha256`` is known, verify the whole file afterwards.
+
+        ``progress`` is called with the number of the product's bytes in the cache so far (first with
+        what was already there, last with ``ref.size``). Raises like :meth:`read`; IntegrityError when
+        the file does not match its sha256 (its blocks are then dropped); MastfsError when the cache
+        cannot hold it (size limit or free-space floor).
+        """
+        count = block_count(ref.size)
+        if ref.size + count * HEADER_SIZE > self._cache.size_limit:
+            raise MastfsError(f"{ref.uri} ({ref.size} bytes) does not fit in the block cache "
+                              f"({self._cache.size_limit} bytes); raise --cache-size")
+        missing = [index for index in range(count) if not self._cache.contains(ref, index)]
+        done = ref.size - sum(end - start for start, end in (block_span(i, ref.size) for i in missing))
+        if progress is not None:
+            progress(done)
+        self._mismatched.discard(ref.version_key)
+        slots = trio.Semaphore(self._transfers)
+        failure: Exception | None = None
+
+        async def fill(group: list[int], nursery: trio.Nursery) -> None:
+            nonlocal done, failure
+            try:
+                for index, flight in zip(group, self._ensure(ref, group[0], group[-1], keep=False), strict=True):
+                    assert flight is not None  # keep=False never answers from memory
+                    await flight.stored.wait()
+                    if flight.error is not None:
+                        raise flight.error
+                    if not flight.cached:
+                        raise MastfsError(f"block cache full: cannot keep {ref.uri} (size limit or free-space "
+                                          "floor)")
+                    start, end = block_span(index, ref.size)
+                    done += end - start
+                    if progress is not None:
+                        progress(done)
+            except Exception as exc:
+                failure = failure or exc
+                nursery.cancel_scope.cancel()
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for group in _runs_of(missing, self._run_blocks):
+                await slots.acquire()
+                nursery.start_soon(fill, group, nursery)
+        if failure is not None:
+            raise failure
+        if await self._verify_product(ref) is False or ref.version_key in self._mismatched:
+            raise IntegrityError(f"{ref.uri} does not match its sha256 {ref.sha256}; its blocks were dropped")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``mastfs status``: transfers in flight per product (uri, source, bytes fetched
+        since its transfers began / total, runs in flight), bytes fetched per source, cache hits and
+        misses (per block; ``requests`` counts network requests), errors by type."""
+        used, limit = self._cache.usage()
+        return {
+            "in_flight": [dict(entry) for entry in self._active.values()],
+            "bytes_fetched": dict(self._bytes_fetched),
+            "cache": {
+                **self._counts,
+                "memory_bytes": self._memory_bytes,
+                "memory_limit": self._memory_limit,
+                "disk_bytes": used,
+                "disk_limit": limit,
+                "disk_blocks": self._cache.entries,
+                "corrupt_blocks": self._cache.corrupt_blocks,
+            },
+            "errors": dict(self._errors),
+        }
+
+    # ------------------------------------------------------------------ blocks and flights
+
+    async def _block(self, ref: ProductRef, index: int) -> bytes:
+        """The verified bytes of one block: from memory, else from its (possibly new) flight."""
+        key = (ref.version_key, index)
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self._cache.touch(ref, index)
+            self._counts["memory_hits"] += 1
+            return data
+        flight = self._flights.get(key) or self._ensure(ref, index, index, keep=True)[0]
+        assert flight is not None
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    def _ensure(self, ref: ProductRef, first: int, last: int, keep: bool) -> list[_Flight | None]:
+        """Make sure blocks ``first..last`` are in memory or in flight: join existing flights, load
+        blocks on disk, and fetch the others in runs of consecutive blocks. Returns each block's flight
+        (None: in memory, only when ``keep``). ``keep`` puts fetched blocks in the memory LRU."""
+        if self._nursery is None:
+            raise RuntimeError("ByteReader is not running: use `async with ByteReader(...)`")
+        vk = ref.version_key
+        flights: list[_Flight | None] = []
+        pending: list[_Flight] = []
+        for index in range(first, last + 1):
+            key = (vk, index)
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.keep = flight.keep or keep
+            elif keep and key in self._memory:
+                flights.append(None)
+                continue
+            else:
+                flight = self._flights[key] = _Flight(ref, index, keep)
+                if self._cache.contains(ref, index):
+                    self._nursery.start_soon(self._load, flight)
+                else:
+                    pending.append(flight)
+            flights.append(flight)
+        start = 0
+        for group in _runs_of(list(range(len(pending))), self._run_blocks, [f.index for f in pending]):
+            run = pending[start:start + len(group)]
+            start += len(group)
+            self._nursery.start_soon(self._transfer, run)
+        return flights
+
+    async def _load(self, flight: _Flight) -> None:
+        """Background: a block from disk, or (missing or corrupt there) from the network."""
+        try:
+            data = await self._cache.load(flight.ref, flight.index)
+        except OSError as exc:
+            log.warning("cannot read block %d of %s from the cache: %s", flight.index, flight.ref.uri, exc)
+            data = None
+        except BaseException as exc:
+            self._fail([flight], exc)
+            raise
+        if data is None:
+            await self._transfer([flight])
+            return
+        self._counts["disk_hits"] += 1
+        flight.cached = True
+        self._deliver(flight, data)
+        self._finish(flight)
+
+    async def _transfer(self, flights: list[_Flight]) -> None:
+        """Background: fetch consecutive blocks with one run, hand each over, store each; holds one
+        transfer slot until every block it delivered is on disk (or failed to get there)."""
+        ref = flights[0].ref
+        self._counts["misses"] += len(flights)
+        run = _RunProgress(flights, "")
+        try:
+            async with self._transfer_slots:
+                try:
+                    await self._fetch_run(ref, run)
+                except Exception as exc:
+                    self._count_error(exc, f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}")
+                    self._fail(flights[run.delivered:], exc)
+                for flight in flights[:run.delivered]:
+                    await flight.stored.wait()
+        finally:
+            self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+
+    async def _fetch_run(self, ref: ProductRef, run: _RunProgress) -> None:
+        """Fetch the run's blocks from the source the policy picks, falling back from S3 to HTTPS."""
+        flights = run.flights
+        bounds = [block_start(flight.index) for flight in flights] + [block_span(flights[-1].index, ref.size)[1]]
+        run.source = self._source_for(ref)
+        progress = self._transfer_started(ref, run.source)
+
+        def deliver(data: bytes) -> None:
+            flight = flights[run.delivered]
+            start, end = block_span(flight.index, ref.size)
+            if len(data) != end - start:
+                raise IntegrityError(f"{ref.uri}: fetcher handed over {len(data)} bytes for block {flight.index}")
+            run.delivered += 1
+            self._bytes_fetched[run.source] += len(data)
+            progress["bytes_done"] += len(data)
+            self._deliver(flight, data)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._store, flight, data)
+
+        try:
+            if run.source == "s3":
+                assert self._s3 is not None and ref.s3_key is not None
+                try:
+                    self._counts["requests"] += 1
+                    await self._s3.fetch_blocks(ref.s3_key, bounds, deliver)
+                    return
+                except NotFound:
+                    if self._source == "s3" or run.delivered:
+                        raise
+                    log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
+                    self._not_in_cloud.add(ref.version_key)
+                    run.source = progress["source"] = "http"
+            self._counts["requests"] += 1
+            await self._http.fetch_blocks(ref.uri, bounds[run.delivered:], deliver)
+        finally:
+            self._transfer_ended(ref)
+
+    async def _store(self, flight: _Flight, data: bytes) -> None:
+        """Background: put a fetched block on disk; check the whole product once it is complete."""
+        ref = flight.ref
+        try:
+            flight.cached = await self._cache.store(ref, flight.index, data)
+            if flight.cached and ref.sha256 and self._cache.is_complete(ref):
+                if await self._verify_product(ref) is False:
+                    log.error("%s: dropped every cached block; it will be fetched again", ref.uri)
+        except Exception as exc:
+            self._count_error(exc, f"storing block {flight.index} of {ref.uri}")
+        finally:
+            self._finish(flight)
+
+    def _deliver(self, flight: _Flight, data: bytes) -> None:
+        """Hand a verified block to the flight's waiting readers (and the memory LRU)."""
+        flight.data = data
+        if flight.keep:
+            self._remember((flight.ref.version_key, flight.index), data)
+        flight.done.set()
+
+    def _fail(self, flights: list[_Flight], error: BaseException) -> None:
+        """End flights that got no data with ``error`` (flights already ended are left alone)."""
+        for flight in flights:
+            if not flight.done.is_set():
+                flight.error = error
+                flight.done.set()
+            self._finish(flight)
+
+    def _finish(self, flight: _Flight) -> None:
+        key = (flight.ref.version_key, flight.index)
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.stored.set()
+
+    def _count_error(self, exc: Exception, what: str) -> None:
+        self._errors[type(exc).__name__] = self._errors.get(type(exc).__name__, 0) + 1
+        if isinstance(exc, MastfsError):
+            log.debug("%s: %s", what, exc)
+        else:
+            log.error("%s failed unexpectedly", what, exc_info=exc)
+
+    def _source_for(self, ref: ProductRef) -> str:
+        if self._source == "http":
+            return "http"
+        if self._source == "s3":
+            if self._s3 is None or not ref.s3_key:
+                raise NotFound(f"{ref.uri}: not in the cloud (source is s3 only)")
+            return "s3"
+        cloud = self._s3 is not None and ref.s3_key and not ref.exclusive
+        return "s3" if cloud and ref.version_key not in self._not_in_cloud else "http"
+
+    def _transfer_started(self, ref: ProductRef, source: str) -> dict[str, Any]:
+        entry = self._active.get(ref.version_key)
+        if entry is None:
+            entry = self._active[ref.version_key] = {
+                "uri": ref.uri, "source": source, "bytes_done": 0, "bytes_total": ref.size, "transfers": 0,
+            }
+        entry["transfers"] += 1
+        return entry
+
+    def _transfer_ended(self, ref: ProductRef) -> None:
+        entry = self._active[ref.version_key]
+        entry["transfers"] -= 1
+        if entry["transfers"] == 0:
+            del self._active[ref.version_key]
+
+    def _remember(self, key: BlockKey, data: bytes) -> None:
+        """Keep a block in the in-memory LRU, dropping the oldest beyond the byte cap."""
+        if len(data) > self._memory_limit or key in self._memory:
+            return
+        self._memory[key] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > self._memory_limit:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= len(old)
+
+    def _forget_memory(self, version_key: str) -> None:
+        for key in [key for key in self._memory if key[0] == version_key]:
+            self._memory_bytes -= len(self._memory.pop(key))
+
+    async def _verify_product(self, ref: ProductRef) -> bool | None:
+        """Whole-file sha256 check of a complete product, one at a time per product (see
+        :meth:`BlockCache.verify_product`); on a mismatch also forget its blocks in memory."""
+        vk = ref.version_key
+        while vk in self._verifying:
+            await self._verifying[vk].wait()
+        finished = self._verifying[vk] = trio.Event()
+        try:
+            result = await self._cache.verify_product(ref)
+        finally:
+            del self._verifying[vk]
+            finished.set()
+        if result is False:
+            self._mismatched.add(vk)
+            self._forget_memory(vk)
+            self._errors["IntegrityError"] = self._errors.get("IntegrityError", 0) + 1
+        return result
+
+    # ------------------------------------------------------------------ sequential detection
+
+    def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
+        """Update the stream's sequential state; when a sequential read (not the stream's first) past
+        block 0 finds less than half a window scheduled ahead, schedule up to a window of readahead."""
+        if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
+            stream.next_offset = end
+            stream.last_block = stream.ahead = last
+            stream.window = 0
+            return
+        stream.next_offset = max(stream.next_offset, end)
+        if last == 0 or self._max_readahead == 0:
+            return
+        if last > stream.last_block or stream.window == 0:
+            stream.window = min(max(1, stream.window * 2), self._max_readahead)
+            stream.last_block = max(stream.last_block, last)
+        final = block_count(stream.ref.size) - 1
+        if stream.ahead >= min(last + max(1, stream.window // 2), final):
+            return
+        first = max(stream.ahead, last) + 1
+        target = min(last + stream.window, final)
+        if first > target:
+            return
+        stream.ahead = target
+        started = self._ensure(stream.ref, first, target, keep=True)
+        self._counts["readahead_blocks"] += sum(1 for flight in started if flight is not None)
+
+
+def _runs_of(indexes: list[int], most: int, blocks: list[int] | None = None) -> list[list[int]]:
+    """Split ``indexes`` into groups of consecutive blocks (by ``blocks[i]``, default the indexes
+    themselves) of at most ``most``, balanced in length: 5 consecutive blocks with most=4 give 3 + 2."""
+    blocks = indexes if blocks is None else blocks
+    streaks: list[list[int]] = []
+    for position, index in enumerate(indexes):
+        if streaks and blocks[position] == blocks[position - 1] + 1:
+            streaks[-1].append(index)
+        else:
+            streaks.append([index])
+    groups = []
+    for streak in streaks:
+        parts = -(-len(streak) // most)
+        size = -(-len(streak) // parts)
+        groups += [streak[i:i + size] for i in range(0, len(streak), size)]
+    return groups
