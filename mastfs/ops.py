@@ -178,7 +178,7 @@ def prefetch_command(paths: list[str], level: int | None, product_type: str | No
                 bar.files_total += event.get("files", 0)
                 bar.bytes_total += event.get("bytes", 0)
             elif kind == "progress":
-                bar.bytes_done = base_done + event.get("bytes_done", 0)
+                bar.bytes_done = base_done + event.get("bytes_cached", 0)
             elif kind == "file":
                 bar.files_done += 1
                 if event.get("status") == "failed":
@@ -186,7 +186,6 @@ def prefetch_command(paths: list[str], level: int | None, product_type: str | No
             elif kind == "summary":
                 for key in summary:
                     summary[key] += event.get(key, 0)
-                bar.bytes_done = base_done + event.get("bytes_total_done", event.get("bytes", 0))
             elif event.get("ok") is False:
                 raise MastfsError(f"prefetch {path}: {event.get('error')}")
             bar.draw()

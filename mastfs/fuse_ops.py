@@ -1,0 +1,329 @@
+"""The FUSE adapter: the only module importing pyfuse3.
+
+Maps each kernel request to :class:`mastfs.tree.Tree` and converts its answers to pyfuse3 types. Every
+handler is wrapped in :func:`boundary`: a mastfs error becomes its errno (``errors.errno_for``), anything
+else is logged with its traceback and becomes EIO, so no exception ever reaches pyfuse3 (which would end
+the mount). Every write operation is EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+from .errors import InvalidName, MastfsError, NotFound, NotPermitted, ReadOnly, Unauthorized, errno_for
+from .tree import Attributes, Tree
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+ENTRY_TIMEOUT = 60.0
+"""Seconds the kernel may reuse a name lookup or attributes without asking again."""
+NEGATIVE_TIMEOUT = 10.0
+"""Seconds the kernel may remember that a name does not exist."""
+BLOCK_SIZE = 4096
+"""st_blksize, the preferred I/O size. Small on purpose: Python (astropy) sizes its read buffer by it, and
+a 128 KiB buffer turns a 2,880-byte FITS header read into a kernel read beyond the cache's 64 KiB first
+block; ``cp``, ``cat`` and ``dd`` read at least 128 KiB whatever it says, and the kernel reads ahead."""
+_INODE_HANDLERS = frozenset({"lookup", "getattr", "opendir", "open", "getxattr", "listxattr"})
+_HANDLE_HANDLERS = frozenset({"read", "release"})
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+
+
+def _leaf_errors(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_errors(inner)]
+    return [exc]
+
+
+def boundary(handler: F) -> F:
+    """Wrap a handler: FUSEError passes; a MastfsError (alone or as the only kind in an exception
+    group) becomes FUSEError(its errno), logged at DEBUG for "does not exist" and at WARNING otherwise;
+    anything else is logged with its traceback and becomes EIO. Cancellation passes through."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            leaves = _leaf_errors(exc)
+            if all(isinstance(leaf, MastfsError) for leaf in leaves):
+                first = leaves[0]
+                code = errno_for(first)
+                if isinstance(first, NotFound | NotPermitted | ReadOnly | Unauthorized) or code == errno.ENODATA:
+                    log.debug("%s %s: %s", handler.__name__, self.where(handler.__name__, args), first)
+                else:
+                    log.warning("%s %s failed (%s): %s", handler.__name__, self.where(handler.__name__, args),
+                                errno.errorcode.get(code, code), first)
+                raise pyfuse3.FUSEError(code) from None
+            log.error("%s %s failed unexpectedly (EIO)", handler.__name__, self.where(handler.__name__, args),
+                      exc_info=exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _decode(name: bytes) -> str:
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidName("name is not valid UTF-8") from None
+
+
+def entry_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
+    """pyfuse3's view of :class:`~mastfs.tree.Attributes`, with the kernel cache timeouts."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = attributes.ino
+    entry.generation = 0
+    entry.entry_timeout = ENTRY_TIMEOUT
+    entry.attr_timeout = ENTRY_TIMEOUT
+    entry.st_mode = attributes.mode
+    entry.st_nlink = attributes.nlink
+    entry.st_uid = attributes.uid
+    entry.st_gid = attributes.gid
+    entry.st_rdev = 0
+    entry.st_size = attributes.size
+    entry.st_blksize = BLOCK_SIZE
+    entry.st_blocks = (attributes.size + 511) // 512
+    mtime_ns = int(attributes.mtime * 1e9)
+    entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime_ns
+    return entry
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = NEGATIVE_TIMEOUT
+    return entry
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers over a :class:`~mastfs.tree.Tree`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree) -> None:
+        super().__init__()
+        self.tree = tree
+        self._dir_handles: dict[int, list[tuple[str, Attributes]]] = {}
+        self._next_dir_handle = 1
+
+    def where(self, handler: str, args: tuple[Any, ...]) -> str:
+        """The path a request is about, for log lines (best effort, never raises)."""
+        try:
+            if handler in _HANDLE_HANDLERS:
+                return self.tree.handle_path(args[0])
+            if handler in _INODE_HANDLERS:
+                path = self.tree.node(args[0]).path_text
+                if handler == "lookup":
+                    path = path.rstrip("/") + "/" + os.fsdecode(args[1])
+                return path
+        except Exception:  # a log helper must never fail the request it describes
+            pass
+        return repr(args[:2])
+
+    # ------------------------------------------------------------------------------------- names
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        try:
+            return entry_attributes(await self.tree.lookup(parent_inode, _decode(name)))
+        except NotFound as exc:
+            if errno_for(exc) != errno.ENOENT:  # ENAMETOOLONG
+                raise
+            log.debug("lookup %r in %d: %s", name, parent_inode, exc)
+            return _negative_entry()  # ENOENT, remembered by the kernel for NEGATIVE_TIMEOUT
+
+    @boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return entry_attributes(await self.tree.getattr(inode))
+
+    @boundary
+    async def forget(self, inode_list: Any) -> None:
+        """Inodes are kept for the mount's life (numbers are stable per path), so nothing to do."""
+
+    # ------------------------------------------------------------------------------- directories
+
+    @boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        """Snapshot the listing once per open, so readdir continuations page through one consistent list."""
+        entries = await self.tree.listdir(inode)
+        handle = self._next_dir_handle
+        self._next_dir_handle += 1
+        self._dir_handles[handle] = entries
+        return handle
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dir_handles.get(fh)
+        if entries is None:
+            raise NotFound(f"no open directory handle {fh}")
+        for index in range(start_id, len(entries)):
+            name, attributes = entries[index]
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8"), entry_attributes(attributes), index + 1):
+                break
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # ------------------------------------------------------------------------------------- files
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("mastfs is read-only")
+        handle = await self.tree.open(inode)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.tree.read(fh, off, size)
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        self.tree.release(fh)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        """Nothing is ever buffered for writing."""
+
+    # ------------------------------------------------------------------------------------ xattrs
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self.tree.getxattr(inode, _decode(name))
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [name.encode("utf-8") for name in await self.tree.listxattr(inode)]
+
+    @boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise NotPermitted("extended attributes are read-only")
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise NotPermitted("extended attributes are read-only")
+
+    # -------------------------------------------------------------------------------- filesystem
+
+    @boundary
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        stats = self.tree.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = stats.block_size
+        data.f_frsize = stats.block_size
+        data.f_blocks = stats.blocks
+        data.f_bfree = stats.blocks_free
+        data.f_bavail = stats.blocks_free
+        data.f_files = stats.files
+        data.f_ffree = 0
+        data.f_favail = 0
+        data.f_namemax = stats.name_max
+        return data
+
+    # ------------------------------------------------------------------------- writes: all EROFS
+
+    @boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> None:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise ReadOnly("mastfs is read-only")
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Nothing to flush: the filesystem is read-only."""
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Nothing to flush: the filesystem is read-only."""
+
+    # ---------------------------------------------------------------------------- kernel caches
+
+    def invalidate(self, inodes: list[int]) -> None:
+        """Ask the kernel to drop what it cached about ``inodes`` (after a refresh); best effort."""
+        for inode in inodes:
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # the kernel had nothing cached for it
+                    log.debug("invalidate inode %d: %s", inode, exc)
+
+
+def mount_options(allow_other: bool) -> set[str]:
+    """The mount options: read-only, the kernel checks modes (default_permissions), shown as ``mastfs``
+    (type ``fuse.mastfs``); ``allow_other`` when asked. (``max_read`` is not used: pyfuse3 rejects it.)"""
+    options = {"fsname=mastfs", "subtype=mastfs", "ro", "default_permissions", "noatime"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+def init(operations: Operations, mountpoint: str, options: set[str]) -> None:
+    """Mount (``pyfuse3.init``). Raises RuntimeError when the kernel refuses."""
+    pyfuse3.init(operations, mountpoint, options)
+
+
+async def serve() -> None:
+    """Serve kernel requests until the filesystem is unmounted or :func:`terminate` is called."""
+    await pyfuse3.main()
+
+
+def terminate() -> None:
+    """End :func:`serve` from the trio thread."""
+    pyfuse3.terminate()
+
+
+def close(unmount: bool) -> None:
+    """Release the session; unmount too when ``unmount`` (the kernel has not already done it)."""
+    pyfuse3.close(unmount=unmount)

@@ -1,0 +1,761 @@
+"""The virtual tree: inodes, names, attributes, xattrs and sidecar files over the Archive and the reader.
+
+Knows nothing of FUSE: :mod:`mastfs.fuse_ops` adapts these calls to pyfuse3. The grammar of names is in
+:mod:`mastfs.namespace`; metadata comes from the Archive (which owns the persistent cache and its TTLs);
+bytes come from the ByteReader.
+
+Contract:
+- Inode numbers are stable per path for the life of the mount: a path is given a number the first time
+  it is seen and keeps it; numbers are never reused. ``/obs/X`` and ``/program/P/X`` are different
+  directories (the kernel must never see one directory under two names) but their files share one
+  :class:`ProductRef`, hence one cache identity.
+- Directory contents are memoised for :data:`MEMO_TTL` seconds (trio clock) so that a 3,000-file
+  ``ls -l`` costs one Archive call, not one per lookup; the Archive decides when MAST is asked again.
+- Every method raises only :mod:`mastfs.errors` types: NotFound/InvalidName for names that do not
+  exist (invalid names before any I/O), Unauthorized, Unavailable, BadResponse, NoSuchAttribute,
+  NotPermitted, ReadOnly.
+- Everything runs on the trio thread; nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import trio
+
+from . import namespace
+from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROOT_INODE = 1
+MEMO_TTL = 60.0
+"""Seconds a directory's contents are reused before the Archive is asked again (the kernel caches
+entries and attributes for as long)."""
+SIZE_RESOLVERS = 8
+"""Most concurrent size look-ups (HEAD requests) when a listing holds products of unknown size."""
+
+TOKEN_HELP = (
+    "get a token at https://auth.mast.stsci.edu/token, then set MAST_API_TOKEN or the token_file "
+    "setting (a file of mode 0600) and remount"
+)
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """What ``stat`` shows of one node. ``mtime`` in unix seconds."""
+
+    ino: int
+    mode: int
+    nlink: int
+    size: int
+    mtime: float
+    uid: int
+    gid: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+@dataclass(frozen=True)
+class FsStats:
+    """What ``statfs`` (``df``) shows: sizes in blocks of ``block_size`` bytes."""
+
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    name_max: int = namespace.NAME_MAX
+
+
+@dataclass
+class OpenFile:
+    """One open file handle: virtual content, or a product read through the ByteReader's stream."""
+
+    node: Node
+    content: bytes | None = None
+    ref: Any = None
+    stream: Any = None
+
+
+@dataclass
+class _Memo:
+    value: Any
+    expires: float
+
+
+class _Flight:
+    """One load in progress: later callers wait for it and share its value or its error."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+        self.loaded = False
+        self.error: Exception | None = None
+
+
+# ------------------------------------------------------------------------------------------------ nodes
+
+
+class Node:
+    """One path of the tree. Subclasses say whether they are directories and what they hold."""
+
+    is_dir = False
+
+    def __init__(self, ino: int, path: tuple[str, ...]) -> None:
+        self.ino = ino
+        self.path = path
+
+    @property
+    def path_text(self) -> str:
+        return "/" + "/".join(self.path)
+
+    def same_as(self, other: Node) -> bool:
+        """Whether ``other`` (a fresh node for the same path) shows the same thing, so this one may stay."""
+        return type(other) is type(self)
+
+    def mtime(self, tree: Tree) -> float:
+        return tree.mount_time
+
+    async def size(self, tree: Tree) -> int:
+        return 0
+
+    def mode(self, tree: Tree) -> int:
+        return stat.S_IFDIR | 0o555 if self.is_dir else stat.S_IFREG | 0o444
+
+    def nlink(self) -> int:
+        # 1 for a directory means "subdirectory count unknown" to find/fts, which then never skips one.
+        return 1
+
+    def xattrs(self, tree: Tree) -> dict[str, bytes]:
+        return {}
+
+
+class DirNode(Node):
+    """A directory: ``entries`` lists it, ``child`` looks one name up (validated first, before any I/O)."""
+
+    is_dir = True
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        raise NotImplementedError
+
+    async def child(self, tree: Tree, name: str) -> Node:
+        namespace.check_component(name)
+        entry = (await self.entries(tree)).get(name)
+        if entry is None:
+            raise NotFound(f"{self.path_text}/{name}")
+        return entry
+
+
+class RootDir(DirNode):
+    def nlink(self) -> int:
+        return 2 + len(namespace.TOP_DIRECTORIES)
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        entries: dict[str, Node] = {
+            namespace.README_NAME: tree.intern(ReadmeFile, (namespace.README_NAME,)),
+        }
+        for name in namespace.TOP_DIRECTORIES:
+            entries[name] = tree.intern(TopDir, (name,))
+        return entries
+
+
+class ReadmeFile(Node):
+    async def size(self, tree: Tree) -> int:
+        return len(tree.readme)
+
+
+class TopDir(DirNode):
+    """``/program``, ``/obs``, ``/target``, ``/cone``: any valid name can be looked up; listing shows
+    what was seen (programs: also those in the metadata cache)."""
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        kind = self.path[0]
+        names = set(tree.seen[kind])
+        if kind == "program":
+            names.update(await tree.archive.known_programs())
+        order = (lambda n: (len(n), n)) if kind == "program" else str
+        entries: dict[str, Node] = {}
+        for name in sorted(names, key=order):
+            # Names seen in this mount have nodes; other programs come from the metadata cache.
+            entries[name] = tree.existing((kind, name)) or tree.intern(ProgramDir, (kind, name))
+        return entries
+
+    async def child(self, tree: Tree, name: str) -> Node:
+        kind = self.path[0]
+        path = (kind, name)
+        if kind == "program":
+            namespace.parse_program_id(name)
+            node: Node = tree.intern(ProgramDir, path)
+            await node.entries(tree)  # an unknown program is ENOENT, not an empty directory
+        elif kind == "obs":
+            namespace.parse_obs_id(name)
+            observation = await tree.archive.observation(name)
+            node = tree.intern(ObservationDir, path, observation)
+        elif kind == "target":
+            namespace.parse_target_name(name)
+            node = tree.intern(QueryDir, path)
+            await node.entries(tree)
+        else:
+            namespace.parse_cone(name)
+            node = tree.intern(QueryDir, path)
+            await node.entries(tree)
+        tree.seen[kind].add(name)
+        return node
+
+
+class ObservationListDir(DirNode):
+    """A directory of observation directories, named by obs_id, from one Archive query."""
+
+    async def observations(self, tree: Tree) -> list[Any]:
+        raise NotImplementedError
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        return await tree.memoised(self.path, lambda: self._load(tree))
+
+    async def _load(self, tree: Tree) -> dict[str, Node]:
+        entries: dict[str, Node] = {}
+        for observation in await self.observations(tree):
+            name = observation.obs_id
+            try:
+                namespace.parse_obs_id(name)
+            except InvalidName:
+                log.warning("observation id %r cannot be a file name; not shown in %s", name, self.path_text)
+                continue
+            entries.setdefault(name, tree.intern(ObservationDir, (*self.path, name), observation))
+        return entries
+
+
+class ProgramDir(ObservationListDir):
+    async def observations(self, tree: Tree) -> list[Any]:
+        observations = await tree.archive.program(self.path[1])
+        if not observations:
+            raise NotFound(f"program {self.path[1]} has no observations in {', '.join(tree.collections)}")
+        return observations
+
+
+class QueryDir(ObservationListDir):
+    """``/target/<name>`` or ``/cone/<ra>,<dec>[,<r>]``."""
+
+    async def observations(self, tree: Tree) -> list[Any]:
+        kind, name = self.path[0], self.path[1]
+        if kind == "target":
+            try:
+                return await tree.archive.target(name)
+            except NotFound:
+                tree.log_once(("target", name), logging.INFO, "target %r does not resolve to a position", name)
+                raise
+        cone = namespace.parse_cone(name)
+        return await tree.archive.cone(cone.ra, cone.dec, cone.radius)
+
+
+@dataclass(frozen=True)
+class _ObservationContents:
+    """An observation directory's products, laid out, with its sidecar contents."""
+
+    products: list[Any]
+    layout: namespace.Layout
+    sidecars: dict[str, bytes]
+
+
+class ObservationDir(DirNode):
+    def __init__(self, ino: int, path: tuple[str, ...], observation: Any) -> None:
+        super().__init__(ino, path)
+        self.observation = observation
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, ObservationDir) and other.observation == self.observation
+
+    def mtime(self, tree: Tree) -> float:
+        return observation_mtime(self.observation, tree.mount_time)
+
+    def xattrs(self, tree: Tree) -> dict[str, bytes]:
+        return namespace.field_xattrs(self.observation.fields)
+
+    async def contents(self, tree: Tree) -> _ObservationContents:
+        return await tree.memoised(self.path, lambda: self._load(tree))
+
+    async def _load(self, tree: Tree) -> _ObservationContents:
+        products = await tree.archive.products(self.observation)
+        layout = namespace.layout_products(products)
+        sidecars = {
+            namespace.OBSERVATION_SIDECAR: namespace.observation_json(self.observation),
+            namespace.PRODUCTS_SIDECAR: namespace.products_csv(products, layout.paths),
+        }
+        return _ObservationContents(products, layout, sidecars)
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        contents = await self.contents(tree)
+        entries: dict[str, Node] = {}
+        for group in contents.layout.groups:
+            entries[group] = tree.intern(GroupDir, (*self.path, group), self)
+        for name in namespace.SIDECARS:
+            entries[name] = tree.intern(SidecarFile, (*self.path, name), self)
+        return entries
+
+    async def child(self, tree: Tree, name: str) -> Node:
+        namespace.check_component(name)
+        if name in namespace.SIDECARS:  # known without listing the products
+            return tree.intern(SidecarFile, (*self.path, name), self)
+        return await super().child(tree, name)
+
+
+class GroupDir(DirNode):
+    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation."""
+
+    def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
+        super().__init__(ino, path)
+        self.observation_dir = observation_dir
+        self._entries: tuple[dict[str, Any], dict[str, Node]] | None = None  # (products, their nodes)
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, GroupDir) and other.observation_dir is self.observation_dir
+
+    def mtime(self, tree: Tree) -> float:
+        return self.observation_dir.mtime(tree)
+
+    def nlink(self) -> int:
+        return 2
+
+    async def products(self, tree: Tree) -> dict[str, Any]:
+        """File name -> product of this group. Raises NotFound when the group is gone after a refresh."""
+        files = (await self.observation_dir.contents(tree)).layout.groups.get(self.path[-1])
+        if files is None:
+            raise NotFound(f"{self.path_text} no longer exists")
+        return files
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        """The file nodes, made once per listing of the observation (thousands in a level-3 one)."""
+        files = await self.products(tree)
+        if self._entries is None or self._entries[0] is not files:
+            self._entries = (files, {name: tree.intern(ProductFile, (*self.path, name), self, product)
+                                     for name, product in files.items()})
+        return self._entries[1]
+
+    async def s3_keys(self, tree: Tree) -> dict[str, str | None]:
+        """S3 keys of every product in this directory, looked up in one batch call per listing on the
+        first open (memoised under a key no real path can have: names never contain NUL)."""
+
+        async def lookup() -> dict[str, str | None]:
+            return dict(await tree.archive.s3_keys(list((await self.products(tree)).values())))
+
+        return await tree.memoised((*self.path, "\0s3"), lookup)
+
+
+class SidecarFile(Node):
+    def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
+        super().__init__(ino, path)
+        self.observation_dir = observation_dir
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, SidecarFile) and other.observation_dir is self.observation_dir
+
+    def mtime(self, tree: Tree) -> float:
+        return self.observation_dir.mtime(tree)
+
+    async def content(self, tree: Tree) -> bytes:
+        if self.path[-1] == namespace.OBSERVATION_SIDECAR:
+            return namespace.observation_json(self.observation_dir.observation)
+        return (await self.observation_dir.contents(tree)).sidecars[self.path[-1]]
+
+    async def size(self, tree: Tree) -> int:
+        return len(await self.content(tree))
+
+
+class ProductFile(Node):
+    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, product: Any) -> None:
+        super().__init__(ino, path)
+        self.group_dir = group_dir
+        self.observation_dir = group_dir.observation_dir
+        self.product = product
+        self.resolved_size: int | None = product.size
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, ProductFile) and other.product == self.product
+
+    @property
+    def exclusive(self) -> bool:
+        if self.product.data_rights is None:  # older rows: the observation's rights apply
+            return bool(self.observation_dir.observation.is_exclusive)
+        return bool(self.product.is_exclusive)
+
+    def mode(self, tree: Tree) -> int:
+        return stat.S_IFREG | (0o000 if self.exclusive and not tree.has_token else 0o444)
+
+    def mtime(self, tree: Tree) -> float:
+        return self.observation_dir.mtime(tree)
+
+    async def size(self, tree: Tree) -> int:
+        if self.resolved_size is None:
+            size = await tree.archive.resolved_size(self.product)
+            if size is None:
+                tree.log_once(("size", self.product.data_uri), logging.WARNING,
+                              "MAST states no size for %s; it is shown empty", self.product.data_uri)
+            self.resolved_size = size or 0
+        return self.resolved_size
+
+    def xattrs(self, tree: Tree) -> dict[str, bytes]:
+        values = namespace.field_xattrs(self.product.fields)
+        own = namespace.OWN_XATTR_PREFIX
+        values[own + "uri"] = self.product.data_uri.encode()
+        ref = tree.refs.get(self.product.data_uri)
+        if ref is not None:  # opened in this mount: the S3 key question is settled
+            values[own + "source"] = tree.source_of(ref).encode()
+        elif self.resolved_size is not None:  # the cache identity needs only uri and size
+            ref = tree.make_ref(uri=self.product.data_uri, size=self.resolved_size)
+        if ref is not None:
+            values[own + "cached_bytes"] = str(tree.cached_bytes(ref)).encode()
+        return values
+
+
+def observation_mtime(observation: Any, fallback: float) -> float:
+    """Unix time of ``t_obs_release`` (else ``t_max``) of an observation; ``fallback`` when both are null."""
+    for mjd in (observation.t_obs_release, observation.t_max):
+        unix = namespace.mjd_to_unix(mjd)
+        if unix is not None:
+            return unix
+    return fallback
+
+
+# ------------------------------------------------------------------------------------------------- tree
+
+
+class Tree:
+    """The filesystem model. Build once per mount; see the module docstring for the contract.
+
+    archive: the Archive (``program``, ``observation``, ``products``, ``target``, ``cone``, ``s3_keys``,
+    ``resolved_size``, ``known_programs``, ``forget``). reader: the ByteReader (``open_stream``,
+    ``read``). ``product_ref(uri=, size=, s3_key=, exclusive=)`` makes a ProductRef; ``cache_usage()``
+    returns ``(used_bytes, limit_bytes)`` of the block cache (for statfs); ``cached_bytes(ref)`` how much
+    of a product it holds.
+    """
+
+    def __init__(
+        self,
+        archive: Any,
+        reader: Any,
+        settings: Any,
+        *,
+        has_token: bool,
+        product_ref: Callable[..., Any],
+        cache_usage: Callable[[], tuple[int, int]],
+        cached_bytes: Callable[[Any], int],
+    ) -> None:
+        self.archive = archive
+        self.reader = reader
+        self.settings = settings
+        self.has_token = has_token
+        self.collections = list(settings.collections)
+        self.uid = settings.uid if settings.uid is not None else os.getuid()
+        self.gid = settings.gid if settings.gid is not None else os.getgid()
+        self.mount_time = time.time()
+        self.readme = namespace.README_TEXT.encode()
+        self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
+        self.refs: dict[str, Any] = {}
+        self.make_ref = product_ref
+        self._cache_usage = cache_usage
+        self.cached_bytes = cached_bytes
+        self._inos: dict[tuple[str, ...], int] = {(): ROOT_INODE}
+        self._nodes: dict[int, Node] = {ROOT_INODE: RootDir(ROOT_INODE, ())}
+        self._memos: dict[tuple[str, ...], _Memo] = {}
+        self._flights: dict[tuple[str, ...], _Flight] = {}
+        self._handles: dict[int, OpenFile] = {}
+        self._next_handle = 1
+        self._logged: set[Any] = set()
+
+    # ---------------------------------------------------------------------------- inodes and memos
+
+    def intern(self, cls: Callable[..., Node], path: tuple[str, ...], *args: Any) -> Node:
+        """The node for ``path``: the existing one when it shows the same thing, else a fresh one with
+        the same inode number (a path's number never changes)."""
+        ino = self._inos.get(path)
+        if ino is None:
+            ino = self._inos[path] = len(self._inos) + 1
+        fresh = cls(ino, path, *args)
+        existing = self._nodes.get(ino)
+        if existing is not None and existing.same_as(fresh):
+            return existing
+        self._nodes[ino] = fresh
+        return fresh
+
+    def existing(self, path: tuple[str, ...]) -> Node | None:
+        ino = self._inos.get(path)
+        return None if ino is None else self._nodes.get(ino)
+
+    def node(self, ino: int) -> Node:
+        """The node of inode ``ino``. Raises NotFound for numbers never handed out."""
+        node = self._nodes.get(ino)
+        if node is None:
+            raise NotFound(f"no inode {ino}")
+        return node
+
+    async def memoised(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
+        """The memoised value for ``key`` while fresh (MEMO_TTL), else the result of ``await load()``.
+
+        Single flight: concurrent callers for one key share one ``load()`` and its value or error.
+        Errors are not memoised.
+        """
+        while True:
+            memo = self._memos.get(key)
+            if memo is not None and memo.expires > trio.current_time():
+                return memo.value
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.loaded:
+                return flight.value
+            # the loading task was cancelled: try again, maybe as the loader
+        flight = self._flights[key] = _Flight()
+        try:
+            flight.value = await load()
+            flight.loaded = True
+            self._memos[key] = _Memo(flight.value, trio.current_time() + MEMO_TTL)
+            return flight.value
+        except Exception as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    def forget_memos(self, prefix: tuple[str, ...]) -> int:
+        """Drop memoised contents at and below ``prefix``; returns how many were dropped."""
+        doomed = [key for key in self._memos if key[: len(prefix)] == prefix]
+        for key in doomed:
+            del self._memos[key]
+        return len(doomed)
+
+    def log_once(self, key: Any, level: int, message: str, *args: Any) -> None:
+        """Log ``message`` the first time ``key`` is seen in this mount, at DEBUG afterwards."""
+        first = key not in self._logged
+        self._logged.add(key)
+        log.log(level if first else logging.DEBUG, message, *args)
+
+    # ------------------------------------------------------------------------------ namespace ops
+
+    async def lookup(self, parent_ino: int, name: str) -> Attributes:
+        """Attributes of ``name`` in directory ``parent_ino`` (``.`` and ``..`` included)."""
+        return await self.attributes(await self.child(parent_ino, name))
+
+    async def child(self, parent_ino: int, name: str) -> Node:
+        parent = self.node(parent_ino)
+        if not isinstance(parent, DirNode):
+            raise NotFound(f"{parent.path_text} is not a directory")
+        if name == ".":
+            return parent
+        if name == "..":
+            return self.existing(parent.path[:-1]) or self._nodes[ROOT_INODE]
+        return await parent.child(self, name)
+
+    async def getattr(self, ino: int) -> Attributes:
+        return await self.attributes(self.node(ino))
+
+    async def attributes(self, node: Node) -> Attributes:
+        return Attributes(
+            ino=node.ino, mode=node.mode(self), nlink=node.nlink(), size=await node.size(self),
+            mtime=node.mtime(self), uid=self.uid, gid=self.gid,
+        )
+
+    async def listdir(self, ino: int) -> list[tuple[str, Attributes]]:
+        """Every entry of directory ``ino`` with its attributes (for readdirplus), in display order.
+
+        Sizes missing from product rows are resolved concurrently (at most :data:`SIZE_RESOLVERS` at a
+        time), each once.
+        """
+        node = self.node(ino)
+        if not isinstance(node, DirNode):
+            raise NotFound(f"{node.path_text} is not a directory")
+        entries = await node.entries(self)
+        unresolved = [n for n in entries.values() if isinstance(n, ProductFile) and n.resolved_size is None]
+        if unresolved:
+            await self._resolve_sizes(unresolved)
+        return [(name, await self.attributes(child)) for name, child in entries.items()]
+
+    async def _resolve_sizes(self, files: list[ProductFile]) -> None:
+        limiter = trio.CapacityLimiter(SIZE_RESOLVERS)
+
+        async def resolve(file: ProductFile) -> None:
+            async with limiter:
+                await file.size(self)
+
+        async with trio.open_nursery() as nursery:
+            for file in files:
+                nursery.start_soon(resolve, file)
+
+    async def resolve_path(self, path: str) -> Node:
+        """The node at an absolute path inside the mount (``/program/2733``)."""
+        node = self._nodes[ROOT_INODE]
+        for part in (p for p in path.split("/") if p):
+            node = await self.child(node.ino, part)
+        return node
+
+    # ----------------------------------------------------------------------------------- file I/O
+
+    async def open(self, ino: int) -> int:
+        """Open file ``ino`` for reading; returns a handle number for :meth:`read` and :meth:`release`.
+
+        Raises Unauthorized (with one log line saying how to get a token) for exclusive-access products
+        when no token is configured.
+        """
+        node = self.node(ino)
+        if isinstance(node, DirNode):
+            raise NotPermitted(f"{node.path_text} is a directory")
+        if isinstance(node, ReadmeFile):
+            handle = OpenFile(node, content=self.readme)
+        elif isinstance(node, SidecarFile):
+            handle = OpenFile(node, content=await node.content(self))
+        else:
+            assert isinstance(node, ProductFile)
+            if node.exclusive and not self.has_token:
+                self.log_once(("token", node.product.data_uri), logging.WARNING,
+                              "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
+                raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
+            ref = await self.product_ref(node)
+            handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref))
+        number = self._next_handle
+        self._next_handle += 1
+        self._handles[number] = handle
+        return number
+
+    async def product_ref(self, node: ProductFile) -> Any:
+        """The one ProductRef of the node's dataURI (shared by every observation listing it), with its
+        S3 key looked up (once per directory listing) unless ``--source http``."""
+        uri = node.product.data_uri
+        ref = self.refs.get(uri)
+        if ref is not None:
+            return ref
+        s3_key = None
+        if self.settings.source != "http":
+            s3_key = (await node.group_dir.s3_keys(self)).get(uri)
+        size = await node.size(self)
+        ref = self.refs.get(uri)  # another task may have made it meanwhile
+        if ref is None:
+            ref = self.refs[uri] = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
+        return ref
+
+    async def read(self, handle: int, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+        open_file = self._handles.get(handle)
+        if open_file is None:
+            raise NotFound(f"no open file handle {handle}")
+        if open_file.content is not None:
+            return open_file.content[offset:offset + length]
+        try:
+            return await self.reader.read(open_file.stream, offset, length)
+        except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
+            self.log_once(("refused", open_file.ref.uri), logging.WARNING, "%s: %s (%s)",
+                          open_file.node.path_text, exc, exc.reason)
+            raise
+
+    def handle_path(self, handle: int) -> str:
+        """The path of an open file handle (for log lines)."""
+        open_file = self._handles.get(handle)
+        return open_file.node.path_text if open_file is not None else f"<handle {handle}>"
+
+    def release(self, handle: int) -> None:
+        self._handles.pop(handle, None)
+
+    # -------------------------------------------------------------------------------------- xattrs
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        """The value of xattr ``name``; NoSuchAttribute when it has none (ACL and security names at
+        once, without any I/O)."""
+        if _never_present(name):
+            raise NoSuchAttribute(name)
+        value = self.node(ino).xattrs(self).get(name)
+        if value is None:
+            raise NoSuchAttribute(name)
+        return value
+
+    async def listxattr(self, ino: int) -> list[str]:
+        return list(self.node(ino).xattrs(self))
+
+    def source_of(self, ref: Any) -> str:
+        """Where the bytes of ``ref`` come from: ``s3://bucket/key`` or the HTTPS download URL."""
+        if getattr(ref, "s3_key", None) and self.settings.source != "http":
+            return f"s3://{self.settings.bucket}/{ref.s3_key}"
+        return f"{self.settings.mast_url.rstrip('/')}/api/v0.1/Download/file?uri={quote(ref.uri, safe=':/')}"
+
+    # --------------------------------------------------------------------------------- whole mount
+
+    def statfs(self) -> FsStats:
+        """The block cache as the filesystem's size: total = its limit, used = what it holds."""
+        used, limit = self._cache_usage()
+        block = 4096
+        total = max(limit, used)
+        return FsStats(block_size=block, blocks=total // block, blocks_free=(total - used) // block,
+                       files=len(self._inos))
+
+    async def refresh(self, path: str) -> list[int]:
+        """Drop cached metadata at and below ``path`` (the Archive's, the memos, the product refs) so
+        it is asked of MAST again. Returns the inode numbers whose kernel caches should be invalidated.
+        """
+        node = await self.resolve_path(path)
+        below = [self._nodes[ino] for p, ino in self._inos.items()
+                 if p[: len(node.path)] == node.path and ino in self._nodes]
+        if isinstance(node, RootDir):
+            await self.archive.forget_all()
+        else:
+            for kind, ident in self._archive_keys([*below, *self._enclosing_observation(node)]):
+                await self.archive.forget(kind, ident)
+        self.forget_memos(node.path)
+        for owner in self._enclosing_observation(node):  # a group or file: its listing is the observation's
+            self.forget_memos(owner.path)
+        for file in below:
+            if isinstance(file, ProductFile):
+                self.refs.pop(file.product.data_uri, None)
+        log.info("refresh %s: its metadata will be asked of MAST again", node.path_text)
+        return [n.ino for n in below]
+
+    @staticmethod
+    def _enclosing_observation(node: Node) -> list[Node]:
+        owner = getattr(node, "observation_dir", None)
+        return [owner] if owner is not None else []
+
+    @staticmethod
+    def _archive_keys(nodes: list[Node]) -> dict[tuple[str, str], None]:
+        """The Archive entries (kind, id) behind ``nodes``, each once."""
+        keys: dict[tuple[str, str], None] = {}
+        for node in nodes:
+            if isinstance(node, ProgramDir):
+                keys[("program", node.path[1])] = None
+            elif isinstance(node, QueryDir) and node.path[0] == "target":
+                keys[("target", node.path[1])] = None
+            elif isinstance(node, ObservationDir):
+                keys[("observation", node.observation.obs_id)] = None
+                keys[("products", node.observation.obsid)] = None
+            elif isinstance(node, ProductFile):
+                keys[("size", node.product.data_uri)] = None
+                keys[("s3", node.product.data_uri)] = None
+        return keys
+
+    async def walk_products(self, path: str) -> AsyncIterator[tuple[str, ProductFile]]:
+        """Every product file at or below ``path`` (depth first, listing directories as it goes)."""
+        node = await self.resolve_path(path)
+        async for item in self._walk(node):
+            yield item
+
+    async def _walk(self, node: Node) -> AsyncIterator[tuple[str, ProductFile]]:
+        if isinstance(node, ProductFile):
+            yield node.path_text, node
+        elif isinstance(node, DirNode) and not isinstance(node, TopDir | RootDir):
+            for child in (await node.entries(self)).values():
+                async for item in self._walk(child):
+                    yield item
+
+
+def _never_present(name: str) -> bool:
+    """Names mastfs never has (``security.*``, ``system.posix_acl_*``, anything outside ``user.``)."""
+    return not name.startswith("user.")

@@ -1,0 +1,195 @@
+"""The Tree without the kernel: real services (Archive, BlockCache, fetchers, ByteReader) against the twin,
+called directly. Inode stability, cache identity, single flight, xattr short cuts, refresh, statfs."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+
+import pytest
+import trio
+
+from mastfs import daemon, namespace
+from mastfs.config import Settings
+from mastfs.errors import InvalidName, NameTooLong, NoSuchAttribute, NotFound, Unauthorized, errno_for
+from mastfs.tree import ROOT_INODE
+from mastfs.twin import catalog as twin_catalog
+
+PROGRAM = twin_catalog.PROGRAM_2733
+OBS = twin_catalog.OBS_2733_MIRI_F1130W
+SHARED_URI = "mast:JWST/product/jw02733001001_gs-id_1_image-cal.fits"
+
+
+def run_with_tree(twin, tmp_path, body, token=None, **changes):
+    """Run ``await body(tree)`` with a Tree over fresh services pointed at the twin."""
+    settings = Settings.defaults(mast_url=twin.mast_url, resolver_url=twin.resolver_url,
+                                 s3_endpoint=twin.s3_endpoint, cache_dir=str(tmp_path / "cache"), **changes)
+
+    async def main():
+        async with daemon.open_services(settings, token) as services:
+            return await body(services.tree)
+
+    return trio.run(main)
+
+
+async def ino_of(tree, path):
+    return (await tree.resolve_path(path)).ino
+
+
+def requests(twin, key=None):
+    stats = twin.stats()
+    if key is None:
+        return stats["total_requests"]
+    return stats["endpoints"].get(key, {}).get("requests", 0)
+
+
+def test_inodes_are_stable_per_path(clean_twin, tmp_path):
+    async def body(tree):
+        obs_path = f"/program/{PROGRAM}/{OBS}"
+        first = await ino_of(tree, obs_path)
+        assert await ino_of(tree, obs_path) == first
+        program_ino = await ino_of(tree, f"/program/{PROGRAM}")
+        listed = dict(await tree.listdir(program_ino))
+        assert listed[OBS].ino == first
+        assert (await tree.lookup(program_ino, OBS)).ino == first
+        assert await ino_of(tree, f"/obs/{OBS}") != first  # one directory is never shown under two names
+        assert (await tree.lookup(first, "..")).ino == program_ino
+        assert (await tree.lookup(first, ".")).ino == first
+        assert (await tree.getattr(ROOT_INODE)).is_dir
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_one_product_ref_per_data_uri(clean_twin, tmp_path):
+    async def body(tree):
+        handles = []
+        for obs_id in ("jw02733-o001_t001_nircam_clear-f090w", "jw02733-o001_t001_nircam_clear-f187n"):
+            node = await tree.resolve_path(f"/program/{PROGRAM}/{obs_id}")
+            contents = await node.contents(tree)
+            handles.append(await tree.open(await ino_of(tree, f"{node.path_text}/{contents.layout.paths[SHARED_URI]}")))
+        first, second = (tree._handles[h].ref for h in handles)
+        assert first is second and first.uri == SHARED_URI
+        data = await tree.read(handles[0], 0, 100)
+        assert data == clean_twin.catalog.read(SHARED_URI, 0, 100)
+        for handle in handles:
+            tree.release(handle)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_concurrent_cold_listings_share_one_query(clean_twin, tmp_path):
+    async def body(tree):
+        obs_ino = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
+        clean_twin.reset_stats()
+        results = []
+
+        async def list_it():
+            results.append(await tree.listdir(obs_ino))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(list_it)
+        assert len(results) == 5 and all(r == results[0] for r in results)
+        assert requests(clean_twin, "invoke:Mast.Caom.Products") == 1
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_attributes_of_groups_and_files(clean_twin, tmp_path):
+    async def body(tree):
+        level2 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level2")
+        entries = await tree.listdir(level2)
+        assert len(entries) == 80
+        for _name, attributes in entries:
+            assert stat.S_ISREG(attributes.mode) and stat.S_IMODE(attributes.mode) == 0o444
+            assert attributes.size > 0 and attributes.nlink == 1
+        group = await tree.getattr(level2)
+        assert stat.S_IMODE(group.mode) == 0o555 and group.nlink == 2
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_system_xattrs_and_bad_names_cost_nothing(clean_twin, tmp_path):
+    async def body(tree):
+        obs_ino = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
+        clean_twin.reset_stats()
+        for name in ("security.selinux", "system.posix_acl_access", "system.posix_acl_default",
+                     "user.mast_nope"):
+            with pytest.raises(NoSuchAttribute) as info:
+                await tree.getxattr(obs_ino, name)
+            assert errno_for(info.value) == errno.ENODATA
+        assert (await tree.getxattr(obs_ino, "user.mast_obs_id")) == OBS.encode()
+        for parent, name in ((obs_ino, ".Trash-1000"), (obs_ino, "desktop.ini"), (ROOT_INODE, "autorun.inf"),
+                             (await ino_of(tree, "/program"), "02733"), (await ino_of(tree, "/cone"), "1,2,3,4")):
+            with pytest.raises(InvalidName):
+                await tree.lookup(parent, name)
+        with pytest.raises(NameTooLong):
+            await tree.lookup(obs_ino, "x" * 256)
+        assert requests(clean_twin) == 0
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_exclusive_open_is_refused_once_logged(clean_twin, tmp_path, caplog):
+    uri = twin_catalog.EXCLUSIVE_URI
+    obs_id = uri.rsplit("/", 1)[1].rsplit("_", 1)[0]
+    path = f"/program/{twin_catalog.EXCLUSIVE_PROGRAM}/{obs_id}/level3/{uri.rsplit('/', 1)[1]}"
+
+    async def body(tree):
+        ino = await ino_of(tree, path)
+        assert stat.S_IMODE((await tree.getattr(ino)).mode) == 0
+        for _ in range(3):
+            with pytest.raises(Unauthorized):
+                await tree.open(ino)
+
+    with caplog.at_level(logging.INFO, logger="mastfs.tree"):
+        run_with_tree(clean_twin, tmp_path, body)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "auth.mast.stsci.edu" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_refresh_asks_mast_again(clean_twin, tmp_path):
+    async def body(tree):
+        obs_path = f"/program/{PROGRAM}/{OBS}"
+        await tree.listdir(await ino_of(tree, obs_path))
+        clean_twin.reset_stats()
+        await tree.listdir(await ino_of(tree, obs_path))
+        assert requests(clean_twin) == 0
+        inodes = await tree.refresh(obs_path)
+        assert await ino_of(tree, obs_path) in inodes
+        await tree.listdir(await ino_of(tree, obs_path))
+        assert requests(clean_twin, "invoke:Mast.Caom.Products") == 1
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_unknown_things_are_not_found(clean_twin, tmp_path):
+    async def body(tree):
+        for path in ("/program/99999", f"/program/{PROGRAM}/jw02733-o099_t001_none", "/obs/jw09999-o001_x",
+                     f"/target/{twin_catalog.UNRESOLVABLE_NAME}", f"/program/{PROGRAM}/{OBS}/level9"):
+            with pytest.raises(NotFound):
+                await tree.resolve_path(path)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_statfs_and_readme(clean_twin, tmp_path):
+    async def body(tree):
+        stats = tree.statfs()
+        assert stats.block_size * stats.blocks == 2**30
+        assert stats.blocks_free == stats.blocks  # nothing cached yet
+        readme = await ino_of(tree, "/README.txt")
+        handle = await tree.open(readme)
+        assert await tree.read(handle, 0, 1 << 20) == namespace.README_TEXT.encode()
+        tree.release(handle)
+
+    run_with_tree(clean_twin, tmp_path, body, cache_size=2**30)
+
+
+def test_walk_products_lists_every_file_of_a_directory(clean_twin, tmp_path):
+    async def body(tree):
+        found = [path async for path, _node in tree.walk_products(f"/program/{PROGRAM}/{OBS}/level2")]
+        assert len(found) == 80 and all(path.endswith(".fits") for path in found)
+
+    run_with_tree(clean_twin, tmp_path, body)
