@@ -112,7 +112,8 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
     from .reader import ByteReader
     from .retry import RetryPolicy
 
-    os.makedirs(settings.cache_dir, exist_ok=True)
+    os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
+    os.chmod(settings.cache_dir, 0o700)  # blocks of exclusive-access data may live here
     policy = RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
     async with make_http_client(settings) as http:
         client = MastClient(http, settings, token_provider=lambda: token)
@@ -555,14 +556,24 @@ class ControlHandler:
         cached_now: dict[str, int] = {}  # path -> bytes of it in the cache, as prefetch reports them
         limiter = trio.CapacityLimiter(jobs)
         send_lock = trio.Lock()
+        everything = trio.CancelScope()
+        client_gone = False
+
+        async def tell(line: dict[str, Any]) -> None:
+            """Send one line; a client that went away (Ctrl-C) stops the whole prefetch, quietly."""
+            nonlocal client_gone
+            async with send_lock:
+                try:
+                    await _send(stream, line)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    client_gone = True
+                    everything.cancel()
 
         async def report_progress() -> None:
             while True:
                 await trio.sleep(PROGRESS_INTERVAL)
-                async with send_lock:
-                    await _send(stream, {"event": "progress", "bytes_cached": sum(cached_now.values()),
-                                         "bytes": total, "files_finished": sum(summary[k] for k in
-                                                                               ("done", "skipped", "failed"))})
+                await tell({"event": "progress", "bytes_cached": sum(cached_now.values()), "bytes": total,
+                            "files_finished": sum(summary[k] for k in ("done", "skipped", "failed"))})
 
         async def one(path: str, node: Any, size: int) -> None:
             async with limiter:
@@ -585,17 +596,22 @@ class ControlHandler:
                                       reason="already cached" if already else None)
                         summary["bytes"] += fetched
                 except MastfsError as exc:
-                    record.update(status="failed", reason=str(exc))
+                    why = getattr(exc, "reason", None)
+                    record.update(status="failed", reason=f"{exc} ({why})" if why else str(exc))
                 summary[record["status"]] += 1
-                async with send_lock:
-                    await _send(stream, record)
+                await tell(record)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(report_progress)
-            async with trio.open_nursery() as workers:
-                for (path, node), size in zip(files, sizes, strict=True):
-                    workers.start_soon(one, path, node, size)
-            nursery.cancel_scope.cancel()
+        with everything:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(report_progress)
+                async with trio.open_nursery() as workers:
+                    for (path, node), size in zip(files, sizes, strict=True):
+                        workers.start_soon(one, path, node, size)
+                nursery.cancel_scope.cancel()
+        if client_gone:
+            log.info("prefetch %s interrupted by its client after %d files; a rerun resumes",
+                     message.get("path"), sum(summary[k] for k in ("done", "skipped", "failed")))
+            return
         await _send(stream, {"event": "summary", "ok": summary["failed"] == 0, "end": True, **summary})
 
 

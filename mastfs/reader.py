@@ -17,8 +17,9 @@ reads inside block 0 never trigger readahead, so a FITS header read costs one 64
 Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
 no reader that did not ask for the block.
 
-Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes, and a run holds its transfer
-slot until its blocks are on disk, so at most ``transfers`` runs' blocks wait for the disk.
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes; at most ``UNSTORED_BLOCKS``
+fetched blocks wait for the disk (runs pause before fetching more), and each of the at most ``transfers``
+runs assembles one block at a time.
 
 Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache and owns the background
 nursery; leaving the block lets fetched blocks reach the disk (at most ``STORE_GRACE`` seconds), then
@@ -43,14 +44,18 @@ from .fetch.s3 import S3Fetcher
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 64 * 1024 * 1024
+MEMORY_LIMIT = 48 * 1024 * 1024
 """Default byte cap of the in-memory LRU of recent blocks."""
 MAX_READAHEAD_BLOCKS = 8
 """Default largest readahead window, in blocks (8 x 4 MiB = 32 MiB ahead of the reader)."""
 RUN_BLOCKS = 4
 """Default most blocks fetched by one ranged request (4 x 4 MiB = 16 MiB)."""
+UNSTORED_BLOCKS = 8
+"""Most fetched blocks waiting for the disk; runs pause before fetching more (bounded memory)."""
 SEQUENTIAL_SLACK = 1024 * 1024
 """A read starting this close to where the stream's previous reads ended still counts as sequential."""
+RECENT_PRODUCTS = 10
+"""How many recently fetched products :meth:`ByteReader.stats` lists with the source of their bytes."""
 STORE_GRACE = 5.0
 """Seconds a closing ByteReader waits for fetched blocks to reach the disk before cancelling the rest."""
 SOURCES = ("auto", "s3", "http")
@@ -126,6 +131,7 @@ class ByteReader:
         self._source = source
         self._transfers = max(1, transfers)
         self._transfer_slots = trio.CapacityLimiter(self._transfers)
+        self._unstored = trio.Semaphore(UNSTORED_BLOCKS)
         self._memory_limit = memory_limit
         self._max_readahead = max(0, max_readahead)
         self._run_blocks = max(1, run_blocks)
@@ -137,6 +143,7 @@ class ByteReader:
         self._mismatched: set[str] = set()
         self._active: dict[str, dict[str, Any]] = {}
         self._bytes_fetched = {"s3": 0, "http": 0}
+        self._recent: OrderedDict[str, str] = OrderedDict()  # uri -> source of its latest bytes, newest last
         self._counts = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "requests": 0, "readahead_blocks": 0}
         self._errors: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -258,12 +265,14 @@ class ByteReader:
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``mastfs status``: transfers in flight per product (uri, source, bytes fetched
-        since its transfers began / total, runs in flight), bytes fetched per source, cache hits and
-        misses (per block; ``requests`` counts network requests), errors by type."""
+        since its transfers began / total, runs in flight), bytes fetched per source, the source of the
+        ``RECENT_PRODUCTS`` products most recently fetched (newest first), cache hits and misses (per
+        block; ``requests`` counts network requests), errors by type."""
         used, limit = self._cache.usage()
         return {
             "in_flight": [dict(entry) for entry in self._active.values()],
             "bytes_fetched": dict(self._bytes_fetched),
+            "recent": [{"uri": uri, "source": source} for uri, source in reversed(self._recent.items())],
             "cache": {
                 **self._counts,
                 "memory_bytes": self._memory_bytes,
@@ -333,8 +342,8 @@ class ByteReader:
         except OSError as exc:
             log.warning("cannot read block %d of %s from the cache: %s", flight.index, flight.ref.uri, exc)
             data = None
-        except BaseException as exc:
-            self._fail([flight], exc)
+        except BaseException:
+            self._fail([flight], Unavailable(f"read of {flight.ref.uri} interrupted: mastfs is stopping"))
             raise
         if data is None:
             await self._transfer([flight])
@@ -345,8 +354,8 @@ class ByteReader:
         self._finish(flight)
 
     async def _transfer(self, flights: list[_Flight]) -> None:
-        """Background: fetch consecutive blocks with one run, hand each over, store each; holds one
-        transfer slot until every block it delivered is on disk (or failed to get there)."""
+        """Background: fetch consecutive blocks with one run (one transfer slot), hand each over and
+        start its store; the flights that get no data end with the run's error."""
         ref = flights[0].ref
         self._counts["misses"] += len(flights)
         run = _RunProgress(flights, "")
@@ -357,8 +366,6 @@ class ByteReader:
                 except Exception as exc:
                     self._count_error(exc, f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}")
                     self._fail(flights[run.delivered:], exc)
-                for flight in flights[:run.delivered]:
-                    await flight.stored.wait()
         finally:
             self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
 
@@ -369,16 +376,22 @@ class ByteReader:
         run.source = self._source_for(ref)
         progress = self._transfer_started(ref, run.source)
 
-        def deliver(data: bytes) -> None:
+        async def deliver(data: bytes) -> None:
             flight = flights[run.delivered]
             start, end = block_span(flight.index, ref.size)
             if len(data) != end - start:
                 raise IntegrityError(f"{ref.uri}: fetcher handed over {len(data)} bytes for block {flight.index}")
             run.delivered += 1
             self._bytes_fetched[run.source] += len(data)
+            self._note_recent(ref.uri, run.source)
             progress["bytes_done"] += len(data)
             self._deliver(flight, data)
             assert self._nursery is not None
+            try:
+                await self._unstored.acquire()  # backpressure: a slow disk slows the network down
+            except BaseException:
+                self._finish(flight)
+                raise
             self._nursery.start_soon(self._store, flight, data)
 
         try:
@@ -410,6 +423,7 @@ class ByteReader:
         except Exception as exc:
             self._count_error(exc, f"storing block {flight.index} of {ref.uri}")
         finally:
+            self._unstored.release()
             self._finish(flight)
 
     def _deliver(self, flight: _Flight, data: bytes) -> None:
@@ -449,6 +463,12 @@ class ByteReader:
             return "s3"
         cloud = self._s3 is not None and ref.s3_key and not ref.exclusive
         return "s3" if cloud and ref.version_key not in self._not_in_cloud else "http"
+
+    def _note_recent(self, uri: str, source: str) -> None:
+        self._recent[uri] = source
+        self._recent.move_to_end(uri)
+        if len(self._recent) > RECENT_PRODUCTS:
+            self._recent.popitem(last=False)
 
     def _transfer_started(self, ref: ProductRef, source: str) -> dict[str, Any]:
         entry = self._active.get(ref.version_key)

@@ -403,3 +403,23 @@ def test_reads_past_the_end_and_empty_files(twin, big, tmp_path):
             assert await reader.read(reader.open_stream(ProductRef("mast:X/empty.fits", 0)), 0, 10) == b""
 
     trio.run(main)
+
+
+def test_failed_readahead_does_not_fail_the_current_read(clean, big, tmp_path):
+    policy = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, deadline=3.0)
+
+    async def main():
+        async with open_reader(clean, tmp_path, source="http", policy=policy) as reader:
+            stream = reader.open_stream(big)
+            await reader.read(stream, 0, FUSE_READ)  # blocks 0 and 1, no readahead yet
+            clean.faults.add("download", "status", code=503)
+            second = await reader.read(stream, FUSE_READ, FUSE_READ)  # starts readahead of block 2: fails
+            assert second == clean.catalog.read(big.uri, FUSE_READ, FUSE_READ)
+            start, _ = block_span(2, big.size)
+            with pytest.raises(Unavailable):  # joins (or repeats) the failed readahead of block 2
+                await reader.read(stream, start, FUSE_READ)
+            assert reader.stats()["errors"]["Unavailable"] >= 1
+            clean.faults.clear()
+            assert await reader.read(stream, start, FUSE_READ) == clean.catalog.read(big.uri, start, FUSE_READ)
+
+    trio.run(main)

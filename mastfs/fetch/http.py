@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import httpx
 import trio
@@ -64,12 +64,17 @@ class HttpFetcher:
         policy, then raises Unavailable. Cancellation closes the connection and propagates.
         """
         blocks: list[bytes] = []
-        await self.fetch_blocks(uri, (start, end), blocks.append)
+
+        async def keep(block: bytes) -> None:
+            blocks.append(block)
+
+        await self.fetch_blocks(uri, (start, end), keep)
         return blocks[0]
 
-    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], None]) -> None:
+    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as
-        possible, calling ``deliver(block)`` for each, in order, as soon as it is complete.
+        possible, awaiting ``deliver(block)`` for each, in order, as soon as it is complete (the next
+        block is read after ``deliver`` returns, so it can apply backpressure).
 
         Errors as :meth:`fetch`. A retried failure resumes at the first block not yet delivered; the
         policy's attempts and deadline apply to each block. Raises ValueError on empty or unordered bounds.
@@ -82,7 +87,7 @@ class HttpFetcher:
                 what = f"download of {uri} [{bounds[run.position]}, {bounds[run.position + 1]})"
                 block = await self._policy.run(lambda: self._next_block(run), what=what)
                 run.position += 1
-                deliver(block)
+                await deliver(block)
         finally:
             await run.close()
 

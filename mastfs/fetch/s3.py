@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import boto3
@@ -58,12 +58,17 @@ class S3Fetcher:
         latest at botocore's read timeout) and its limiter slot stays taken until then.
         """
         blocks: list[bytes] = []
-        await self.fetch_blocks(key, (start, end), blocks.append)
+
+        async def keep(block: bytes) -> None:
+            blocks.append(block)
+
+        await self.fetch_blocks(key, (start, end), keep)
         return blocks[0]
 
-    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], None]) -> None:
+    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
-        only after failures), calling ``deliver(block)`` for each, in order, as soon as it is read.
+        only after failures), awaiting ``deliver(block)`` for each, in order, as soon as it is read (the
+        next block is read after ``deliver`` returns, so it can apply backpressure).
 
         One worker-thread hop per block. Errors as :meth:`fetch`; a retried failure resumes at the first
         block not yet delivered, and the policy's attempts and deadline apply to each block. Raises
@@ -78,7 +83,7 @@ class S3Fetcher:
                 what = f"s3://{self._bucket}/{key} [{bounds[run.position]}, {bounds[run.position + 1]})"
                 block = await self._policy.run(lambda: self._next_block(client, run), what=what)
                 run.position += 1
-                deliver(block)
+                await deliver(block)
         finally:
             if run.body is not None and not run.busy:
                 run.body.close()  # closes the socket at once; a busy (abandoned) thread closes its own
