@@ -645,15 +645,16 @@ class Tree:
             ref = self.refs[uri] = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
         return ref
 
-    async def read(self, handle: int, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    async def read(self, handle: int, offset: int, length: int) -> bytes | memoryview:
+        """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file), possibly as a
+        read-only view of a cached block (any buffer suits the FUSE adapter)."""
         open_file = self._handles.get(handle)
         if open_file is None:
             raise NotFound(f"no open file handle {handle}")
         if open_file.content is not None:
             return open_file.content[offset:offset + length]
         try:
-            return await self.reader.read(open_file.stream, offset, length)
+            return await self.reader.read_view(open_file.stream, offset, length)
         except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
             self.log_once(("refused", open_file.ref.uri), logging.WARNING, "%s: %s (%s)",
                           open_file.node.path_text, exc, exc.reason)
