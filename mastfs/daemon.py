@@ -98,6 +98,7 @@ class Services:
     archive: Any
     reader: Any
     cache: Any
+    client: Any
 
 
 @contextlib.asynccontextmanager
@@ -127,7 +128,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
                                   settings.transfers) as reader:
                 tree = Tree(archive, reader, settings, has_token=token is not None, product_ref=ProductRef,
                             cache_usage=cache.usage, cached_bytes=functools.partial(cached_bytes, cache))
-                yield Services(tree, archive, reader, cache)
+                yield Services(tree, archive, reader, cache, client)
         finally:
             await archive.aclose()
 
@@ -207,7 +208,8 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 return f"cannot use {mountpoint}: {exc.strerror}"
-            log.info("%s is the dead mount of a crashed daemon: unmounting it", mountpoint)
+            log.warning("%s is the dead mount of a crashed daemon (Transport endpoint is not connected): "
+                        "unmounting it", mountpoint)
             result = _fusermount("-u", "-z", mountpoint)
             if result.returncode != 0:
                 return f"{mountpoint} is a dead mount and fusermount3 -uz failed: {result.stderr.strip()}"
@@ -534,6 +536,7 @@ class ControlHandler:
             "cache": {"dir": self.settings.cache_dir, "used": used, "limit": limit,
                       "blocks": self.services.cache.entries},
             "reader": self.services.reader.stats(),
+            "mast": self.services.client.stats(),
         }
 
     async def prefetch(self, stream: trio.SocketStream, message: dict[str, Any]) -> None:

@@ -14,10 +14,11 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import trio
@@ -30,6 +31,7 @@ from ..retry import RetryPolicy
 from .models import (
     Identity,
     Observation,
+    Paging,
     Product,
     parse_count,
     parse_invoke_response,
@@ -43,6 +45,11 @@ log = logging.getLogger(__name__)
 OBSERVATION_PAGESIZE = 5000
 PRODUCT_PAGESIZE = 50000
 PATH_LOOKUP_BATCH = 50
+#: Most rows one query may return. The largest real answers (the products of a JWST mosaic with all its
+#: members, a wide cone in a crowded field) are tens of thousands of rows, about 3 KB of memory each once
+#: parsed; an answer claiming more (a million-row product list, a server paging forever) is refused with
+#: BadResponse after its first page, so memory and time stay bounded.
+MAX_ROWS = 100_000
 #: Polls of an EXECUTING query wait this long at first, doubling up to MAX_POLL_DELAY.
 FIRST_POLL_DELAY = 0.1
 MAX_POLL_DELAY = 2.0
@@ -68,6 +75,14 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         headers={"User-Agent": f"mastfs/{__version__}"},
         follow_redirects=True,
     )
+
+
+def _endpoint_name(url: str, mast_host: bool) -> str:
+    """A short, id-free name of the endpoint a URL addresses, for counters."""
+    if not mast_host:
+        return "resolver"
+    path = urlsplit(url).path.rstrip("/")
+    return path.rsplit("/", 1)[-1] or "root"
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -115,6 +130,13 @@ class MastClient:
         self._mast = settings.mast_url.rstrip("/")
         self.observation_pagesize = observation_pagesize
         self.product_pagesize = product_pagesize
+        self._requests: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Requests sent and failed tries, by endpoint (``invoke``, ``path_lookup``, ``file``, ``whoami``,
+        ``resolver``), since the client was made (for ``mastfs status``)."""
+        return {"requests": dict(self._requests), "errors": dict(self._errors)}
 
     # --- low level --------------------------------------------------------------------------------
 
@@ -131,16 +153,21 @@ class MastClient:
         headers = dict(kwargs.pop("headers", None) or {})
         if mast_host:
             headers.update(auth_headers(self._token_provider()))
+        endpoint = _endpoint_name(url, mast_host)
+        self._requests[endpoint] += 1
         try:
             response = await self._http.request(method, url, headers=headers, **kwargs)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
                 httpx.ProxyError, httpx.DecodingError) as exc:
+            self._errors[endpoint] += 1
             raise Retryable(f"{what}: {type(exc).__name__}: {exc}") from exc
         except httpx.HTTPError as exc:
+            self._errors[endpoint] += 1
             raise BadResponse(f"{what}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
         if status < 300:
             return response
+        self._errors[endpoint] += 1
         if status >= 500 or status in _RETRYABLE_STATUS:
             raise Retryable(f"{what}: HTTP {status}", retry_after=_retry_after(response))
         if status in (401, 403):
@@ -175,8 +202,8 @@ class MastClient:
 
     # --- invoke ----------------------------------------------------------------------------------
 
-    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict], int]:
-        """Rows and pagesFiltered of one page, re-sending the identical body while EXECUTING; the
+    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict], Paging]:
+        """Rows and paging of one page, re-sending the identical body while EXECUTING; the
         requests and polls of the page together take at most the deadline."""
         content = "request=" + quote(json.dumps(body))
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "text/plain"}
@@ -193,7 +220,7 @@ class MastClient:
                                                content=content, headers=headers)
             rows, paging, status, msg = parse_invoke_response(payload)
             if status == "COMPLETE":
-                return rows, paging.pages_filtered
+                return rows, paging
             if status == "ERROR":
                 if _is_auth_message(msg):
                     raise self._unauthorized(f"{what}: {msg}")
@@ -208,15 +235,24 @@ class MastClient:
         body (same cacheBreaker), each polled while EXECUTING. Each page is bounded by the deadline.
 
         Raises Unauthorized when MAST says the service needs a login, BadResponse on other service
-        errors or malformed answers, Unavailable when MAST cannot be reached in time.
+        errors or malformed answers and on answers of more than :data:`MAX_ROWS` rows (claimed or
+        delivered), Unavailable when MAST cannot be reached in time.
         """
         body: dict[str, Any] = {"service": service, "params": params, "format": "json",
                                 "pagesize": pagesize, "page": 1, "cacheBreaker": str(uuid.uuid4())}
-        rows, pages = await self._invoke_page(body, f"{service} page 1")
+        rows, paging = await self._invoke_page(body, f"{service} page 1")
+        pages = paging.pages_filtered
+        page_size = max(1, paging.page_size or pagesize)  # a page holds at least one row
+        claimed = max(paging.rows_filtered or 0, (pages - 1) * page_size, len(rows))
+        if claimed > MAX_ROWS:
+            raise BadResponse(f"{service}: the answer claims {claimed} rows in {pages} page(s), more than the "
+                              f"{MAX_ROWS} mastfs accepts from one query")
         for page in range(2, pages + 1):
             body["page"] = page
             page_rows, _ = await self._invoke_page(body, f"{service} page {page}/{pages}")
             rows.extend(page_rows)
+            if len(rows) > MAX_ROWS:
+                raise BadResponse(f"{service}: more than {MAX_ROWS} rows by page {page}/{pages}")
         log.debug("%s: %d rows in %d page(s)", service, len(rows), max(pages, 1))
         return rows
 
@@ -315,11 +351,15 @@ class MastClient:
 
     async def head(self, uri: str) -> int | None:
         """Content-Length of ``uri`` from ``HEAD /api/v0.1/Download/file``, None when the server omits
-        it. Raises Unauthorized (exclusive-access without a valid token), NotFound, Unavailable."""
+        it. Raises Unauthorized (exclusive-access without a valid token), NotFound, Unavailable, and
+        BadResponse for an HTML page where the file should be (a portal or maintenance page)."""
         what = f"HEAD {uri}"
         response = await self._policy.run(
             lambda: self._send("HEAD", f"{self._mast}/api/v0.1/Download/file", params={"uri": uri},
                                what=what), what=what)
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type == "text/html" and not uri.lower().endswith((".html", ".htm")):
+            raise BadResponse(f"{what}: answered an HTML page, not the file")
         length = response.headers.get("Content-Length")
         if length is None:
             return None
