@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -31,6 +30,16 @@ examples:
 """
 
 
+CACHE_OPTIONS = ("cache_dir", "cache_size", "min_free_space")
+"""The settings ``mastfs cache`` takes."""
+GENERIC_MOUNT_OPTIONS = frozenset({
+    "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail", "ro", "rw",
+    "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "strictatime",
+    "nodiratime", "sync", "async", "dirsync", "silent", "loud", "lazytime", "nolazytime",
+})
+"""Options of mount(8) and fstab that mean nothing to mastfs (it is always read-only, nosuid, nodev)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mastfs",
@@ -48,18 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (for systemd and debugging)")
     mount.add_argument("--debug", action="store_true", help="log everything (same as --log-level DEBUG)")
+    mount.add_argument("-o", dest="mount_options", metavar="OPTIONS", action="append", default=[],
+                       help="settings as comma-separated NAME=VALUE (or NAME for a yes/no setting), as in an "
+                       "fstab line: -o cache_size=50G,collection=JWST:HST,allow_other. Generic mount options "
+                       "(noauto, _netdev, nofail, x-systemd.*, ...) are ignored. Flags win over -o.")
     add_arguments(mount)
     mount.set_defaults(run=run_mount)
 
     umount = verbs.add_parser("umount", help="unmount a mastfs mount",
                               description="Unmount MOUNTPOINT cleanly, even while reads are in flight.")
-    umount.add_argument("mountpoint")
+    umount.add_argument("mountpoint", help="where mastfs is mounted")
     umount.set_defaults(run=run_umount)
 
     demo = verbs.add_parser("demo", help="start the bundled MAST twin and mount it (no internet needed)",
                             description="Start the MAST twin (an offline emulator of MAST's HTTP API and S3 "
                             "bucket) and mount it at MOUNTPOINT; Ctrl-C unmounts and stops both.")
-    demo.add_argument("mountpoint")
+    demo.add_argument("mountpoint", help="an empty directory")
     demo.add_argument("--scale", type=float, default=0.01,
                       help="file sizes relative to the real archive (default: 0.01)")
     demo.add_argument("--cache-dir", default=None, help="cache directory (default: a temporary one)")
@@ -69,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Show what a running mount is doing: transfers in flight with "
                               "progress, cache use against its limit, request and error counters, and the "
                               "source (S3 or HTTPS) of recent products. Without MOUNTPOINT: every mount.")
-    status.add_argument("mountpoint", nargs="?")
+    status.add_argument("mountpoint", nargs="?", help="a mastfs mount (or a path inside one)")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     status.set_defaults(run=run_status)
 
@@ -88,18 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = verbs.add_parser("refresh", help="forget cached metadata for a subtree",
                                description="Drop the cached MAST metadata at and below PATH so the next "
                                "listing asks MAST again (file bytes stay cached).")
-    refresh.add_argument("path")
+    refresh.add_argument("path", help="a directory or file inside a mount")
     refresh.set_defaults(run=run_refresh)
 
     cache = verbs.add_parser("cache", help="inspect, verify or clear the block cache",
                              description="stats: use against the limit; verify: check every block's checksum "
                              "and remove bad ones; clear: remove every cached block. verify and clear need "
-                             "the cache not to be in use by a mount.")
-    cache.add_argument("action", choices=("stats", "clear", "verify"))
-    add_arguments(cache)
+                             "the cache not to be in use by a mount (mastfs umount first).")
+    cache.add_argument("action", choices=("stats", "clear", "verify"), help="stats, clear or verify")
+    add_arguments(cache, only=CACHE_OPTIONS)
     cache.set_defaults(run=run_cache)
 
-    twin = verbs.add_parser("twin", help="the MAST twin (offline emulator of MAST for tests and demos)")
+    twin = verbs.add_parser("twin", help="the MAST twin (offline emulator of MAST for tests and demos)",
+                            description="The MAST twin: an offline emulator of MAST's HTTP API and S3 bucket "
+                            "with a generated catalog (program 2733 and more), for tests and demos.")
     twin_verbs = twin.add_subparsers(dest="twin_verb", metavar="COMMAND", required=True)
     serve = twin_verbs.add_parser("serve", help="serve the twin until SIGTERM/SIGINT",
                                   description="Serve MAST's HTTP API and an S3 bucket on loopback; prints ONE "
@@ -125,8 +140,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def parse_mount_options(texts: list[str]) -> dict[str, str]:
+    """``["cache_size=50G,allow_other,collection=JWST:HST"]`` -> ``{"cache_size": "50G", "allow_other": "yes",
+    "collections": "JWST,HST"}`` (values still text: :func:`load_settings` parses them). Generic mount options
+    are dropped; ``debug`` means log_level=DEBUG. Raises ValueError on an unknown name or a missing value."""
+    from .config import OPTIONS, parse_bool
+
+    by_name = {option.name: option for option in OPTIONS}
+    by_name["collection"] = by_name["collections"]
+    settings: dict[str, str] = {}
+    for text in texts:
+        for item in (part.strip() for part in text.split(",")):
+            if not item or item in GENERIC_MOUNT_OPTIONS or item.startswith(("x-", "comment=")):
+                continue
+            key, has_value, value = item.partition("=")
+            if key == "debug" and not has_value:
+                settings["log_level"] = "DEBUG"
+                continue
+            option = by_name.get(key.replace("-", "_"))
+            if option is None:
+                raise ValueError(f"unknown mount option {key!r} (see mastfs mount --help)")
+            if option.parse is parse_bool:
+                value = value if has_value else "yes"
+            elif not has_value:
+                raise ValueError(f"mount option {key} needs a value ({key}=...)")
+            settings[option.name] = value.replace(":", ",") if option.name == "collections" else value
+    return settings
+
+
 def _settings_from(args: argparse.Namespace):
     flags = vars(args).copy()
+    try:
+        for name, value in parse_mount_options(flags.pop("mount_options", [])).items():
+            if flags.get(name) is None:
+                flags[name] = value
+    except ValueError as exc:
+        raise SystemExit(f"mastfs: {exc}") from exc
     if getattr(args, "debug", False):
         flags["log_level"] = "DEBUG"
     try:
@@ -180,7 +229,9 @@ def run_twin_serve(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Start the twin in a child process, mount against it in the foreground, clean up both on exit."""
+    """Start the twin in a child process, mount against it in the foreground, clean up both on exit
+    (and the cache, unless ``--cache-dir`` named one)."""
+    temporary_cache = tempfile.TemporaryDirectory(prefix="mastfs-demo-cache-")
     twin = subprocess.Popen(
         [sys.executable, "-m", "mastfs", "twin", "serve", "--scale", str(args.scale)],
         stdout=subprocess.PIPE, text=True,
@@ -191,7 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
             print("mastfs demo: the twin did not start", file=sys.stderr)
             return 1
         urls = json.loads(line)
-        cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="mastfs-demo-cache-")
+        cache_dir = args.cache_dir or temporary_cache.name
         print(f"twin: {urls['mast_url']} (S3 {urls['s3_endpoint']}); cache {cache_dir}", file=sys.stderr)
         print(f"mounting at {args.mountpoint}; try: ls {args.mountpoint}/program/2733  (Ctrl-C stops)",
               file=sys.stderr)
@@ -207,5 +258,7 @@ def run_demo(args: argparse.Namespace) -> int:
             twin.wait(timeout=10)
         except subprocess.TimeoutExpired:
             twin.kill()
-        if os.environ.get("MASTFS_DEMO_KEEP_TWIN") is None and twin.stdout:
+            twin.wait()
+        if twin.stdout:
             twin.stdout.close()
+        temporary_cache.cleanup()

@@ -199,10 +199,13 @@ def config_path(env: Mapping[str, str] = os.environ) -> Path:
     return Path(base) / "mastfs" / "config.toml"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per option; defaults stay None so :func:`load_settings` sees what was given."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add one flag per option (or per option named in ``only``); defaults stay None so
+    :func:`load_settings` sees what was given."""
     group = parser.add_argument_group("settings (flag > MASTFS_* environment > config.toml > default)")
     for option in OPTIONS:
+        if only is not None and option.name not in only:
+            continue
         if option.parse is parse_bool:
             group.add_argument(option.cli_flag, dest=option.name, action="store_const", const=True,
                                default=None, help=f"{option.help} [env {option.env}]")

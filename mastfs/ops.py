@@ -10,7 +10,9 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .config import Settings
@@ -81,69 +83,79 @@ def status_command(mountpoint: str | None, as_json: bool, out: TextIO = sys.stdo
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The human-readable form of a daemon's status answer."""
+    """The human-readable form of a daemon's status answer (see :mod:`mastfs.daemon`)."""
     reader = status.get("reader", {})
     cache = status.get("cache", {})
     counters = reader.get("cache", {})
+    used, limit = cache.get("used", 0), cache.get("limit", 0)
     lines = [
         f"{status.get('mountpoint')}: mastfs {status.get('version')} on {status.get('mast_url')} "
         f"(source {status.get('source')})",
-        f"  cache     {human_bytes(cache.get('used', 0))} of {human_bytes(cache.get('limit', 0))} "
+        f"  cache     {human_bytes(used)} of {human_bytes(limit)} ({100 * used / limit if limit else 0:.1f}%) "
         f"in {cache.get('blocks', 0)} blocks at {cache.get('dir')}",
-        f"  blocks    {counters.get('hits', 0)} hits, {counters.get('misses', 0)} misses, "
-        f"{counters.get('corrupt_blocks', 0)} corrupt dropped",
+        f"  blocks    {counters.get('memory_hits', 0) + counters.get('disk_hits', 0)} hits "
+        f"({counters.get('memory_hits', 0)} from memory), {counters.get('misses', 0)} misses, "
+        f"{counters.get('readahead_blocks', 0)} read ahead, {counters.get('corrupt_blocks', 0)} corrupt dropped",
     ]
     fetched = reader.get("bytes_fetched", {})
     lines.append("  fetched   " + (", ".join(f"{human_bytes(n)} from {source}" for source, n in sorted(fetched.items()))
                                   or "nothing yet"))
-    requests = status.get("requests", {})
-    if requests:
-        lines.append("  requests  " + ", ".join(f"{name} {count}" for name, count in sorted(requests.items())))
+    lines.append(f"  requests  {counters.get('requests', 0)} for file bytes")
+    mast = status.get("mast", {})
+    if mast:
+        sent, failed = mast.get("requests", {}), mast.get("errors", {})
+        lines.append("  MAST API  " + (", ".join(f"{name} {count} ({failed.get(name, 0)} failed)"
+                                                 for name, count in sorted(sent.items())) or "no requests yet"))
     errors = reader.get("errors", {})
     lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
     in_flight = reader.get("in_flight", [])
     lines.append(f"  transfers {len(in_flight)} in flight")
     for transfer in in_flight:
-        total = transfer.get("size") or transfer.get("total") or 0
-        done = transfer.get("bytes_done", transfer.get("done", 0))
-        percent = f"{100 * done / total:5.1f}%" if total else "  ?  "
+        total = transfer.get("bytes_total") or 0
+        done = transfer.get("bytes_done", 0)
+        percent = f"{100 * done / total:5.1f}%" if total else "    ?"
         lines.append(f"    {percent} {human_bytes(done)} of {human_bytes(total)} via {transfer.get('source')} "
                      f"{transfer.get('uri')}")
     recent = reader.get("recent", [])
     if recent:
-        lines.append("  recent products")
+        lines.append("  recent products (newest first)")
         for entry in recent:
             lines.append(f"    {entry.get('source'):5} {entry.get('uri')}")
     return "\n".join(lines)
 
 
 class ProgressBar:
-    """A one-line progress display (files, bytes, rate, ETA) redrawn on a terminal, else printed sparsely."""
+    """A one-line progress display (percent, files, bytes, rate, ETA): redrawn in place on a terminal,
+    else printed as a new line every ``quiet_interval`` seconds."""
 
-    def __init__(self, stream: TextIO = sys.stderr, clock=time.monotonic) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, clock=time.monotonic, quiet_interval: float = 5.0) -> None:
         self.stream = stream
         self.clock = clock
         self.started = clock()
         self.tty = stream.isatty()
-        self.last_draw = 0.0
+        self.interval = 0.2 if self.tty else quiet_interval
+        self.last_draw: float | None = None
         self.files_total = self.files_done = 0
         self.bytes_total = self.bytes_done = 0
+        self.bytes_not_fetched = 0
+        """Bytes counted as done without a transfer (already cached, skipped or failed): not in the rate."""
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-6)
-        rate = self.bytes_done / elapsed
-        fraction = self.bytes_done / self.bytes_total if self.bytes_total else 1.0
-        eta = (self.bytes_total - self.bytes_done) / rate if rate > 0 else 0.0
+        rate = max(self.bytes_done - self.bytes_not_fetched, 0) / elapsed
+        fraction = min(self.bytes_done / self.bytes_total, 1.0) if self.bytes_total else 1.0
+        left = max(self.bytes_total - self.bytes_done, 0)
+        eta = _duration(left / rate) if rate > 0 else ("0:00:00" if not left else "-:--:--")
         width = 24
-        filled = int(width * min(fraction, 1.0))
+        filled = int(width * fraction)
         bar = "=" * filled + (">" if filled < width else "") + " " * max(width - filled - 1, 0)
         return (f"[{bar}] {fraction * 100:5.1f}%  {self.files_done}/{self.files_total} files  "
                 f"{human_bytes(self.bytes_done)} / {human_bytes(self.bytes_total)}  "
-                f"{human_bytes(rate)}/s  ETA {_duration(eta)}")
+                f"{human_bytes(rate)}/s  ETA {eta}")
 
     def draw(self, force: bool = False) -> None:
         now = self.clock()
-        if not force and now - self.last_draw < (0.2 if self.tty else 5.0):
+        if not force and self.last_draw is not None and now - self.last_draw < self.interval:
             return
         self.last_draw = now
         if self.tty:
@@ -159,42 +171,76 @@ class ProgressBar:
         self.stream.flush()
 
 
+@dataclass
+class _FileResult:
+    """One line of a prefetch manifest: the file's path on this machine, its size, ``done``, ``skipped``
+    or ``failed``, and why (empty for done)."""
+
+    path: str
+    size: int
+    status: str
+    reason: str
+
+
 def prefetch_command(paths: list[str], level: int | None, product_type: str | None, jobs: int | None,
                      out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr) -> int:
-    """Warm the cache for every product below ``paths``; print a manifest (done, skipped, failed and why).
+    """Warm the cache for every product below ``paths``, drawing a progress bar on ``progress_stream``;
+    then print a manifest to ``out``: one line per file (done, skipped or failed, and why) and a summary.
 
-    Rerunning after an interruption resumes: what is cached is skipped. Returns 1 if any file failed.
+    Rerunning after an interruption resumes: what is cached is skipped. Returns 0 when nothing failed,
+    1 if any file failed, 130 when interrupted (Ctrl-C; the manifest then lists what finished).
     """
     bar = ProgressBar(progress_stream)
-    summary = {"done": 0, "skipped": 0, "failed": 0, "bytes": 0}
-    failures: list[tuple[str, str]] = []
-    for path in paths:
-        mountpoint, inner = mount_of(path)
-        message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs}
-        base_done = bar.bytes_done
-        for event in _request(mountpoint, message, timeout=None):
-            kind = event.get("event")
-            if kind == "start":
-                bar.files_total += event.get("files", 0)
-                bar.bytes_total += event.get("bytes", 0)
-            elif kind == "progress":
-                bar.bytes_done = base_done + event.get("bytes_cached", 0)
-            elif kind == "file":
-                bar.files_done += 1
-                if event.get("status") == "failed":
-                    failures.append((mountpoint.rstrip("/") + event.get("path", ""), event.get("reason", "")))
-            elif kind == "summary":
-                for key in summary:
-                    summary[key] += event.get(key, 0)
-            elif event.get("ok") is False:
-                raise MastfsError(f"prefetch {path}: {event.get('error')}")
-            bar.draw()
+    fetched = 0
+    results: list[_FileResult] = []
+    try:
+        for path in paths:
+            mountpoint, inner = mount_of(path)
+            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs}
+            base_done = bar.bytes_done
+            finished_bytes = 0
+            for event in _request(mountpoint, message, timeout=None):
+                kind = event.get("event")
+                if kind == "start":
+                    bar.files_total += event.get("files", 0)
+                    bar.bytes_total += event.get("bytes", 0)
+                elif kind == "progress":
+                    bar.bytes_done = base_done + max(event.get("bytes_cached", 0), finished_bytes)
+                elif kind == "file":
+                    result = _FileResult(mountpoint.rstrip("/") + event.get("path", ""), event.get("size", 0),
+                                         event.get("status", "failed"), event.get("reason") or "")
+                    results.append(result)
+                    bar.files_done += 1
+                    finished_bytes += result.size
+                    bar.bytes_done = max(bar.bytes_done, base_done + finished_bytes)
+                    fetched += event.get("fetched") or 0
+                    bar.bytes_not_fetched += result.size - (event.get("fetched") or 0)
+                elif kind is None and event.get("ok") is False:
+                    raise MastfsError(f"prefetch {path}: {event.get('error')}")
+                bar.draw()
+    except KeyboardInterrupt:
+        bar.finish()
+        _print_manifest(results, fetched, bar, out)
+        print(f"prefetch: interrupted after {len(results)} of {bar.files_total} files; run the same command "
+              "again to resume (what is cached is skipped)", file=out)
+        return 130
     bar.finish()
-    print(f"prefetch: {summary['done']} done, {summary['skipped']} skipped (already cached or not readable), "
-          f"{summary['failed']} failed; {human_bytes(summary['bytes'])} fetched", file=out)
-    for path, reason in failures:
-        print(f"  FAILED {path}: {reason}", file=out)
-    return 1 if failures else 0
+    _print_manifest(results, fetched, bar, out)
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
+def _print_manifest(results: list[_FileResult], fetched: int, bar: ProgressBar, out: TextIO) -> None:
+    """One line per file, then ``prefetch: N files, SIZE: a done, b skipped (why), c failed; ...``."""
+    for result in results:
+        why = f"  ({result.reason})" if result.reason else ""
+        print(f"{result.status:8} {human_bytes(result.size):>10}  {result.path}{why}", file=out)
+    counts = Counter(result.status for result in results)
+    skipped_why = Counter(result.reason for result in results if result.status == "skipped")
+    skipped = f"{counts['skipped']} skipped" + (
+        " (" + ", ".join(f"{n} {reason}" for reason, n in skipped_why.most_common()) + ")" if skipped_why else "")
+    print(f"prefetch: {len(results)} files, {human_bytes(sum(r.size for r in results))}: {counts['done']} done, "
+          f"{skipped}, {counts['failed']} failed; {human_bytes(fetched)} fetched in "
+          f"{_duration(bar.clock() - bar.started)}", file=out)
 
 
 def refresh_command(path: str, out: TextIO = sys.stdout) -> int:
@@ -210,42 +256,66 @@ def refresh_command(path: str, out: TextIO = sys.stdout) -> int:
 def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> int:
     """``stats``, ``clear`` or ``verify`` the block cache in ``settings.cache_dir``.
 
-    ``clear`` and ``verify`` refuse while a daemon uses that cache directory (unmount first).
+    While a mount uses that cache directory, ``stats`` asks its daemon (opening the cache here would
+    disturb the daemon's unfinished writes) and ``clear`` and ``verify`` refuse (raise MastfsError:
+    unmount first). ``verify`` returns 1 when it found (and removed) corrupt blocks.
     """
     import trio
 
     from .blockcache import BlockCache
 
     blocks_dir = os.path.join(settings.cache_dir, "blocks")
-    users = [point for point in mastfs_mounts() if _daemon_cache_dir(point) == settings.cache_dir]
-    if action != "stats" and users:
-        raise MastfsError(f"the cache {settings.cache_dir} is in use by the mount at {', '.join(users)}; "
-                          "unmount it first")
+    users = {point: answer for point in mastfs_mounts()
+             if (answer := _daemon_status(point)) is not None
+             and os.path.realpath(str(answer["cache"].get("dir"))) == os.path.realpath(settings.cache_dir)}
+    if users and action != "stats":
+        raise MastfsError(f"cannot {action} the cache {settings.cache_dir}: it is in use by the mount at "
+                          f"{', '.join(users)}; unmount it first (mastfs umount MOUNTPOINT)")
+    if users:
+        point, answer = next(iter(users.items()))
+        cache = answer["cache"]
+        print(_cache_line(settings.cache_dir, cache["used"], cache["limit"], cache["blocks"]) +
+              f" (in use by the mount at {point})", file=out)
+        return 0
+    if not os.path.isdir(blocks_dir):
+        print(f"cache {settings.cache_dir}: empty (no blocks directory)", file=out)
+        return 0
 
     async def run() -> int:
         cache = BlockCache(blocks_dir, settings.cache_size, settings.min_free_space)
         await cache.open()
         if action == "stats":
             used, limit = cache.usage()
-            print(f"cache {settings.cache_dir}: {human_bytes(used)} of {human_bytes(limit)} "
-                  f"({100 * used / limit if limit else 0:.1f}%) in {cache.entries} blocks", file=out)
+            print(_cache_line(settings.cache_dir, used, limit, cache.entries), file=out)
         elif action == "clear":
             used, _ = cache.usage()
+            blocks = cache.entries
             await cache.clear()
-            print(f"cleared {human_bytes(used)} from {settings.cache_dir}", file=out)
+            print(f"cleared {human_bytes(used)} ({blocks} blocks) from {settings.cache_dir}", file=out)
         else:
             report = await cache.verify()
-            print(f"verified {report.blocks} blocks ({human_bytes(report.bytes)}): {report.corrupt} corrupt "
-                  f"removed, {report.stray_files} stray files removed", file=out)
+            print(f"verified {report.blocks} blocks ({human_bytes(report.bytes)}) in {settings.cache_dir}: "
+                  f"{report.corrupt} corrupt removed, {report.stray_files} unfinished writes removed", file=out)
+            for path in report.corrupt_paths:
+                print(f"  removed corrupt block {path}", file=out)
             return 1 if report.corrupt else 0
         return 0
 
-    return trio.run(run)
+    try:
+        return trio.run(run)
+    except OSError as exc:
+        raise MastfsError(f"cannot use the cache {settings.cache_dir}: {exc}") from exc
 
 
-def _daemon_cache_dir(mountpoint: str) -> str | None:
+def _cache_line(cache_dir: str, used: int, limit: int, blocks: int) -> str:
+    return (f"cache {cache_dir}: {human_bytes(used)} of {human_bytes(limit)} "
+            f"({100 * used / limit if limit else 0:.1f}%) in {blocks} blocks")
+
+
+def _daemon_status(mountpoint: str) -> dict[str, Any] | None:
+    """The status answer of the daemon serving ``mountpoint``, or None when none answers."""
     try:
         answer = list(_request(mountpoint, {"op": "status"}, timeout=5.0))[-1]
     except MastfsError:
         return None
-    return (answer.get("cache") or {}).get("dir")
+    return answer if answer.get("ok") and isinstance(answer.get("cache"), dict) else None
