@@ -457,3 +457,17 @@ def test_build_fits_keeps_full_shape_when_size_allows():
         assert hdus["SCI"].data.shape == (30, 40) and hdus["DQ"].data.shape == (30, 40)
         assert hdus["SCI"].header["CRVAL1"] == 10.0
         assert hdus["ASDF"].header["NAXIS1"] >= 5000
+
+
+def test_jpeg_previews_are_real_images_of_the_declared_size(tmp_path):
+    """File managers must be able to draw the twin's previews and thumbnails (ImageMagick decodes them)."""
+    catalog = Catalog(scale=0.001)
+    jpegs = sorted((p for p in catalog.products() if p.filename.endswith(".jpg")), key=lambda p: p.size)
+    for product in (jpegs[0], jpegs[len(jpegs) // 2], jpegs[-1]):
+        data = catalog.read(product.uri, 0, product.size)
+        assert len(data) == product.size
+        path = tmp_path / product.filename
+        path.write_bytes(data)
+        shown = subprocess.run(["identify", "-regard-warnings", "-format", "%m %wx%h", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+        assert shown == "JPEG 64x64"

@@ -12,7 +12,7 @@ Builders:
   declared size). Image shapes shrink, keeping their aspect ratio, when the declared size is smaller than
   the spec's full-size shape; `fits_min_size` / `fits_natural_size` tell the catalog which sizes are
   possible and what the real-world size is.
-- `build_jpeg(size, shift, comment)`: a JPEG-looking file (SOI, JFIF APP0, COM, pattern bytes, EOI).
+- `build_jpeg(size, shift, comment)`: a valid JPEG (a small real image padded with COM segments).
 - `build_text(content)`: literal bytes (asn.json, pool.csv, cat.ecsv produced by the helpers below).
 - `padded_json(obj, size)`, `pipe_table(...)`, `ecsv_catalog(...)`: parseable text of an exact size.
 
@@ -21,6 +21,7 @@ All output is a pure function of the arguments; the data pattern is a fixed seed
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import random
@@ -290,20 +291,39 @@ def build_fits(spec: FitsSpec, size: int, shift: int) -> GeneratedFile:
     return generated
 
 
+_JPEG_IMAGE = base64.b64decode(
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAA0JCgsKCA0LCgsODg0PEyAVExISEyccHhcgLikxMC4pLSwzOko+MzZGNywtQFdBRkxO"
+    "UlNSMj5aYVpQYEpRUk//2wBDAQ4ODhMREyYVFSZPNS01T09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT09PT09P"
+    "T09PT09PT0//wAARCABAAEADASIAAhEBAxEB/8QAGwAAAgMBAQEAAAAAAAAAAAAABAUBAwYAAgf/xAAeEAABBQEBAQEBAAAAAAAA"
+    "AAAAAQIDBDERIWESQf/EABkBAAMBAQEAAAAAAAAAAAAAAAADBAUBAv/EABgRAAMBAQAAAAAAAAAAAAAAAAABAxEC/9oADAMBAAIR"
+    "AxEAPwD56Sidw5E6oVBD0sbw8paUshV2lyVvgwhr/AltbzCfq+DVMTLW+FL4VaP3VvMBpa++BzfQcxKqc0gLnh53wFVOKUcvRbWF"
+    "kDf04bVosF9RMHVRuE9+sGTQVXg+BzK3mE1WIvBrDB1DJrXCzjjRQ+txMAp4N8NHPB+UwVWmInTsq6HfGGdsxaKZ2/lw/tN0TWk0"
+    "1YdaR0R1RcHVR2Gfgd+XDarLnoX50Js0lV6eDavMjUM1Xn5/Q+OzxNMismy3jvBtYmRyKJ7T09PUlnqaAWJ+99Oyk0Hfegdp2ia0"
+    "ujCzLopnd+nGtDnCKjK0XihUE/P6CEovMKHzopPB1DY+hTbXmmfZMrdLks/SfqGjVQdOteaCy2N9F62fpS+ZXBzDAdC6ebvfQVV6"
+    "pyr3SCjnnBben//Z"
+)
+"""A real 64x64 baseline JPEG (a swirled ring, made once with ImageMagick); previews are this image padded."""
+_COM_MAX_PAYLOAD = 65533
+
+
 def build_jpeg(size: int, shift: int, comment: str) -> GeneratedFile:
-    """A JPEG-looking file of exactly `size` bytes: SOI, JFIF APP0, COM(comment), pattern bytes, EOI."""
+    """A valid JPEG of exactly `size` bytes: a small real image whose extra bytes are pattern bytes in COM
+    (comment) segments, which decoders skip. Raises ValueError if `size` cannot hold the image."""
     note = comment.encode("ascii", "replace")[:200]
-    head = (
-        b"\xff\xd8"
-        + b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
-        + b"\xff\xfe"
-        + (len(note) + 2).to_bytes(2, "big")
-        + note
-    )
-    tail = b"\xff\xd9"
-    if size < len(head) + len(tail):
+    app0_end = 4 + int.from_bytes(_JPEG_IMAGE[4:6], "big")  # SOI, then the APP0 (JFIF) segment
+    head, body = _JPEG_IMAGE[:app0_end], _JPEG_IMAGE[app0_end:]
+    rest = size - len(head) - len(body) - 4 - len(note)
+    if rest < 0:
         raise ValueError(f"JPEG size {size} too small")
-    return GeneratedFile([head, size - len(head) - len(tail), tail], shift)
+    full, leftover = divmod(rest, _COM_MAX_PAYLOAD + 4)
+    if leftover < 5:  # too short for a segment of its own: lengthen the note instead
+        note, leftover = note + b" " * leftover, 0
+    segments: list[bytes | int] = [head, b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note]
+    segments += [b"\xff\xfe\xff\xff", _COM_MAX_PAYLOAD] * full
+    if leftover:
+        segments += [b"\xff\xfe" + (leftover - 2).to_bytes(2, "big"), leftover - 4]
+    segments.append(body)
+    return GeneratedFile(segments, shift)
 
 
 def build_text(content: bytes) -> GeneratedFile:
