@@ -3,7 +3,6 @@ single flight, persistence across instances. Time is a fake wall clock."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -12,6 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from asyncutil import trio_test
 
 from mastfs.archive import RELEASED_AGE_DAYS, STALE_RETRY_INTERVAL, Archive
 from mastfs.config import Settings
@@ -19,33 +19,8 @@ from mastfs.errors import NotFound, Unavailable
 from mastfs.mast.client import PATH_LOOKUP_BATCH, MastClient, make_http_client
 from mastfs.mast.models import Product
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 
 TTL_RECENT, TTL_RELEASED, TTL_NEGATIVE = 3600.0, 7 * 86400.0, 600.0
-
-
-@pytest.fixture(scope="module")
-def twin():
-    with Twin.start(scale=0.001) as running:
-        yield running
-
-
-@pytest.fixture
-def clean_twin(twin):
-    twin.faults.clear()
-    twin.reset_stats()
-    yield twin
-    twin.faults.clear()
-
-
-def trio_test(fn):
-    """Run an async test function under trio.run (pytest-trio is not a dependency)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return trio.run(functools.partial(fn, *args, **kwargs))
-
-    return wrapper
 
 
 class FakeClock:

@@ -14,23 +14,8 @@ from mastfs.fetch.http import LOGIN_HINT, REFUSED_HINT, HttpFetcher
 from mastfs.fetch.s3 import S3Fetcher
 from mastfs.retry import RetryPolicy
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, deadline=10.0)
-
-
-@pytest.fixture(scope="module")
-def twin():
-    with Twin.start(scale=0.001) as handle:
-        yield handle
-
-
-@pytest.fixture
-def clean(twin):
-    twin.faults.clear()
-    twin.reset_stats()
-    yield twin
-    twin.faults.clear()
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +51,10 @@ def test_random_ranges_match_the_catalog_over_http_and_s3(twin, big, data):
     assert s3_fetch(twin, big.s3_key, start, end) == expected
 
 
-def test_range_request_costs_only_the_range_on_the_wire(clean, big):
-    assert http_fetch(clean, big.uri, 0, 2880) == clean.catalog.read(big.uri, 0, 2880)
-    assert s3_fetch(clean, big.s3_key, 0, 2880) == clean.catalog.read(big.uri, 0, 2880)
-    endpoints = clean.stats()["endpoints"]
+def test_range_request_costs_only_the_range_on_the_wire(clean_twin, big):
+    assert http_fetch(clean_twin, big.uri, 0, 2880) == clean_twin.catalog.read(big.uri, 0, 2880)
+    assert s3_fetch(clean_twin, big.s3_key, 0, 2880) == clean_twin.catalog.read(big.uri, 0, 2880)
+    endpoints = clean_twin.stats()["endpoints"]
     assert endpoints["download"]["bytes_sent"] == 2880
     assert endpoints["s3:GetObject"]["bytes_sent"] == 2880
 
@@ -124,13 +109,13 @@ def test_missing_file_and_unsatisfiable_range(twin, big):
         s3_fetch(twin, big.s3_key, big.size + 10, big.size + 20)
 
 
-def test_ignored_range_keeps_only_the_window(clean, big):
+def test_ignored_range_keeps_only_the_window(clean_twin, big):
     start, end = 1_000_000, 1_000_000 + 70_000
-    expected = clean.catalog.read(big.uri, start, end - start)
-    clean.faults.add("download", "ignore_range", count=1)
-    clean.faults.add("s3", "ignore_range", count=1)
-    assert http_fetch(clean, big.uri, start, end) == expected
-    assert s3_fetch(clean, big.s3_key, start, end) == expected
+    expected = clean_twin.catalog.read(big.uri, start, end - start)
+    clean_twin.faults.add("download", "ignore_range", count=1)
+    clean_twin.faults.add("s3", "ignore_range", count=1)
+    assert http_fetch(clean_twin, big.uri, start, end) == expected
+    assert s3_fetch(clean_twin, big.s3_key, start, end) == expected
 
 
 def test_file_served_without_length_or_ranges(twin):
@@ -154,40 +139,40 @@ FAULTS = [
 
 @pytest.mark.parametrize("endpoint", ["download", "s3"])
 @pytest.mark.parametrize(("kind", "params"), FAULTS)
-def test_transient_faults_are_retried_to_the_exact_bytes(clean, big, endpoint, kind, params):
+def test_transient_faults_are_retried_to_the_exact_bytes(clean_twin, big, endpoint, kind, params):
     start, end = 65536, 65536 + 500_000
-    clean.faults.add(endpoint, kind, count=2, **params)
+    clean_twin.faults.add(endpoint, kind, count=2, **params)
     if endpoint == "download":
-        data = http_fetch(clean, big.uri, start, end)
+        data = http_fetch(clean_twin, big.uri, start, end)
     else:
-        data = s3_fetch(clean, big.s3_key, start, end)
-    assert data == clean.catalog.read(big.uri, start, end - start)
+        data = s3_fetch(clean_twin, big.s3_key, start, end)
+    assert data == clean_twin.catalog.read(big.uri, start, end - start)
     expected_hits = 1 if kind == "latency" else 2  # latency only delays: the first try succeeds
-    assert [fault["hits"] for fault in clean.faults.list()] == [expected_hits]
+    assert [fault["hits"] for fault in clean_twin.faults.list()] == [expected_hits]
 
 
-def test_reset_before_any_body_byte_is_retried(clean, big):
-    clean.faults.add("download", "reset", count=2)
-    assert http_fetch(clean, big.uri, 0, 100_000) == clean.catalog.read(big.uri, 0, 100_000)
+def test_reset_before_any_body_byte_is_retried(clean_twin, big):
+    clean_twin.faults.add("download", "reset", count=2)
+    assert http_fetch(clean_twin, big.uri, 0, 100_000) == clean_twin.catalog.read(big.uri, 0, 100_000)
 
 
 @pytest.mark.parametrize("endpoint", ["download", "s3"])
 @pytest.mark.parametrize(("kind", "params"), [("status", {"code": 503}), ("reset", {"after_bytes": 10}),
                                               ("truncate", {}),
                                               ("wrong_range", {})])
-def test_persistent_faults_end_in_unavailable(clean, big, endpoint, kind, params):
-    clean.faults.add(endpoint, kind, **params)
+def test_persistent_faults_end_in_unavailable(clean_twin, big, endpoint, kind, params):
+    clean_twin.faults.add(endpoint, kind, **params)
     policy = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, deadline=5.0)
     with pytest.raises(Unavailable):
         if endpoint == "download":
-            http_fetch(clean, big.uri, 0, 100_000, policy=policy)
+            http_fetch(clean_twin, big.uri, 0, 100_000, policy=policy)
         else:
-            s3_fetch(clean, big.s3_key, 0, 100_000, policy=policy)
+            s3_fetch(clean_twin, big.s3_key, 0, 100_000, policy=policy)
 
 
 @pytest.mark.parametrize("endpoint", ["download", "s3"])
-def test_a_stalled_server_is_abandoned_at_the_deadline(clean, big, endpoint):
-    clean.faults.add(endpoint, "stall")
+def test_a_stalled_server_is_abandoned_at_the_deadline(clean_twin, big, endpoint):
+    clean_twin.faults.add(endpoint, "stall")
     policy = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.02, deadline=1.0)
 
     async def main():
@@ -195,9 +180,9 @@ def test_a_stalled_server_is_abandoned_at_the_deadline(clean, big, endpoint):
             with pytest.raises(Unavailable):
                 if endpoint == "download":
                     async with httpx.AsyncClient(timeout=30) as client:
-                        await HttpFetcher(client, clean.mast_url, None, policy).fetch(big.uri, 0, 1000)
+                        await HttpFetcher(client, clean_twin.mast_url, None, policy).fetch(big.uri, 0, 1000)
                 else:
-                    fetcher = S3Fetcher(Settings.defaults(s3_endpoint=clean.s3_endpoint, deadline=60.0),
+                    fetcher = S3Fetcher(Settings.defaults(s3_endpoint=clean_twin.s3_endpoint, deadline=60.0),
                                         policy=policy)
                     await fetcher.fetch(big.s3_key, 0, 1000)
         assert not guard.cancelled_caught
@@ -205,13 +190,13 @@ def test_a_stalled_server_is_abandoned_at_the_deadline(clean, big, endpoint):
     trio.run(main)
 
 
-def test_a_stall_once_is_retried_after_the_client_timeout(clean, big):
-    clean.faults.add("download", "stall", count=1)
-    assert http_fetch(clean, big.uri, 0, 5000, timeout=0.5) == clean.catalog.read(big.uri, 0, 5000)
+def test_a_stall_once_is_retried_after_the_client_timeout(clean_twin, big):
+    clean_twin.faults.add("download", "stall", count=1)
+    assert http_fetch(clean_twin, big.uri, 0, 5000, timeout=0.5) == clean_twin.catalog.read(big.uri, 0, 5000)
 
 
-def test_unauthorized_fault_is_not_retried(clean, big):
-    clean.faults.add("download", "unauthorized", count=1)
+def test_unauthorized_fault_is_not_retried(clean_twin, big):
+    clean_twin.faults.add("download", "unauthorized", count=1)
     with pytest.raises(Unauthorized):
-        http_fetch(clean, big.uri, 0, 100, token="some-token")
-    assert clean.stats()["endpoints"]["download"]["requests"] == 1
+        http_fetch(clean_twin, big.uri, 0, 100, token="some-token")
+    assert clean_twin.stats()["endpoints"]["download"]["requests"] == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -11,14 +10,13 @@ from contextlib import asynccontextmanager
 import keyring
 import keyring.backend
 import pytest
-import trio
+from asyncutil import trio_test
 
 from mastfs import auth
 from mastfs.config import Settings
 from mastfs.errors import BadResponse, NotFound, Unauthorized, Unavailable
 from mastfs.mast.client import PATH_LOOKUP_BATCH, MastClient, make_http_client
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 
 PROGRAM_2733_OBS = {
     "jw02733-o001_t001_nircam_clear-f090w", "jw02733-o001_t001_nircam_clear-f187n",
@@ -27,30 +25,6 @@ PROGRAM_2733_OBS = {
     "jw02733-o002_t001_miri_f770w", "jw02733-o002_t001_miri_f1130w", "jw02733-o002_t001_miri_f1280w",
     "jw02733-o002_t001_miri_f1800w",
 }
-
-
-@pytest.fixture(scope="module")
-def twin():
-    with Twin.start(scale=0.001) as running:
-        yield running
-
-
-@pytest.fixture
-def clean_twin(twin):
-    twin.faults.clear()
-    twin.reset_stats()
-    yield twin
-    twin.faults.clear()
-
-
-def trio_test(fn):
-    """Run an async test function under trio.run (pytest-trio is not a dependency)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return trio.run(functools.partial(fn, *args, **kwargs))
-
-    return wrapper
 
 
 def twin_settings(twin, **changes) -> Settings:

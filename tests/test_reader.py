@@ -29,25 +29,10 @@ from mastfs.fetch.s3 import S3Fetcher
 from mastfs.reader import ByteReader
 from mastfs.retry import RetryPolicy
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 
 MiB = 1024 * 1024
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, deadline=10.0)
 FUSE_READ = 128 * 1024
-
-
-@pytest.fixture(scope="module")
-def twin():
-    with Twin.start(scale=0.001) as handle:
-        yield handle
-
-
-@pytest.fixture
-def clean(twin):
-    twin.faults.clear()
-    twin.reset_stats()
-    yield twin
-    twin.faults.clear()
 
 
 def ref_of(product, **changes) -> ProductRef:
@@ -130,66 +115,66 @@ def test_random_reads_match_the_catalog(twin, products, tmp_path_factory, data):
 
 
 @pytest.mark.parametrize("source", ["http", "s3"])
-def test_sequential_read_fetches_each_block_once_from_the_chosen_source(clean, big, tmp_path, source):
+def test_sequential_read_fetches_each_block_once_from_the_chosen_source(clean_twin, big, tmp_path, source):
     async def main():
-        async with open_reader(clean, tmp_path, source=source) as reader:
-            assert await read_all(reader, big) == clean.catalog.read(big.uri, 0, big.size)
+        async with open_reader(clean_twin, tmp_path, source=source) as reader:
+            assert await read_all(reader, big) == clean_twin.catalog.read(big.uri, 0, big.size)
             stats = reader.stats()
         assert stats["cache"]["readahead_blocks"] >= 1
         assert stats["bytes_fetched"][source] == big.size
 
     trio.run(main)
     other = "s3" if source == "http" else "http"
-    assert wire(clean) == {source: big.size, other: 0}
+    assert wire(clean_twin) == {source: big.size, other: 0}
 
 
-def test_header_read_costs_one_small_block(clean, big, tmp_path):
+def test_header_read_costs_one_small_block(clean_twin, big, tmp_path):
     async def main():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             stream = reader.open_stream(big)
-            assert await reader.read(stream, 0, 2880) == clean.catalog.read(big.uri, 0, 2880)
+            assert await reader.read(stream, 0, 2880) == clean_twin.catalog.read(big.uri, 0, 2880)
             # what the kernel's readahead adds for a small first read: more of the first block
             await reader.read(stream, 0, 16384)
             await reader.read(stream, 16384, 32768)
             await reader.read(stream, 2880, 2880)
 
     trio.run(main)
-    assert sum(wire(clean).values()) == HEADER_BLOCK_SIZE
+    assert sum(wire(clean_twin).values()) == HEADER_BLOCK_SIZE
 
 
-def test_auto_falls_back_to_https_when_not_in_the_cloud_and_remembers(clean, big, tmp_path):
+def test_auto_falls_back_to_https_when_not_in_the_cloud_and_remembers(clean_twin, big, tmp_path):
     ghost = ProductRef(big.uri, big.size, s3_key="jwst/public/no/such/object.fits")
-    http_only = clean.catalog.product(twin_catalog.HTTP_ONLY_URI)
+    http_only = clean_twin.catalog.product(twin_catalog.HTTP_ONLY_URI)
 
     async def main():
-        async with open_reader(clean, tmp_path) as reader:
-            assert await reader.read(reader.open_stream(ghost), 0, 2880) == clean.catalog.read(big.uri, 0, 2880)
-            assert await read_all(reader, ghost) == clean.catalog.read(big.uri, 0, big.size)
-            assert await read_all(reader, ref_of(http_only)) == clean.catalog.read(http_only.uri, 0, http_only.size)
+        async with open_reader(clean_twin, tmp_path) as reader:
+            assert await reader.read(reader.open_stream(ghost), 0, 2880) == clean_twin.catalog.read(big.uri, 0, 2880)
+            assert await read_all(reader, ghost) == clean_twin.catalog.read(big.uri, 0, big.size)
+            assert await read_all(reader, ref_of(http_only)) == clean_twin.catalog.read(http_only.uri, 0, http_only.size)
             assert reader.stats()["bytes_fetched"] == {"s3": 0, "http": big.size + http_only.size}
 
     trio.run(main)
-    assert requests(clean, "s3:GetObject") == 1  # after the first miss, blocks go straight to HTTPS
+    assert requests(clean_twin, "s3:GetObject") == 1  # after the first miss, blocks go straight to HTTPS
 
 
-def test_s3_only_source_reports_missing_products(clean, big, tmp_path):
+def test_s3_only_source_reports_missing_products(clean_twin, big, tmp_path):
     async def main():
-        async with open_reader(clean, tmp_path, source="s3") as reader:
+        async with open_reader(clean_twin, tmp_path, source="s3") as reader:
             for ref in (ProductRef(big.uri, big.size, s3_key="jwst/public/no/such/object.fits"),
                         ProductRef(big.uri, big.size)):
                 with pytest.raises(NotFound):
                     await reader.read(reader.open_stream(ref), 0, 100)
 
     trio.run(main)
-    assert wire(clean)["http"] == 0
+    assert wire(clean_twin)["http"] == 0
 
 
-def test_concurrent_readers_of_one_block_share_one_transfer(clean, big, tmp_path):
-    clean.faults.add("s3", "latency", seconds=0.3)
-    expected = clean.catalog.read(big.uri, HEADER_BLOCK_SIZE + 1000, 5000)
+def test_concurrent_readers_of_one_block_share_one_transfer(clean_twin, big, tmp_path):
+    clean_twin.faults.add("s3", "latency", seconds=0.3)
+    expected = clean_twin.catalog.read(big.uri, HEADER_BLOCK_SIZE + 1000, 5000)
 
     async def main():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             results = []
 
             async def one():
@@ -202,35 +187,35 @@ def test_concurrent_readers_of_one_block_share_one_transfer(clean, big, tmp_path
             assert results == [expected] * 12
 
     trio.run(main)
-    assert requests(clean, "s3:GetObject") == 1
+    assert requests(clean_twin, "s3:GetObject") == 1
     _, end = block_span(1, big.size)
-    assert wire(clean)["s3"] == end - HEADER_BLOCK_SIZE
+    assert wire(clean_twin)["s3"] == end - HEADER_BLOCK_SIZE
 
 
-def test_reopened_cache_serves_without_the_network(clean, big, tmp_path):
-    expected = clean.catalog.read(big.uri, 0, big.size)
+def test_reopened_cache_serves_without_the_network(clean_twin, big, tmp_path):
+    expected = clean_twin.catalog.read(big.uri, 0, big.size)
 
     async def fill():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             assert await read_all(reader, big) == expected
 
     async def reread():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             assert await read_all(reader, big) == expected
             assert await read_all(reader, big, chunk=1_000_003) == expected
             assert reader.stats()["cache"]["misses"] == 0
 
     trio.run(fill)
-    clean.reset_stats()
+    clean_twin.reset_stats()
     trio.run(reread)
-    assert wire(clean) == {"http": 0, "s3": 0}
+    assert wire(clean_twin) == {"http": 0, "s3": 0}
 
 
-def test_corrupt_block_on_disk_is_fetched_again(clean, big, tmp_path):
-    expected = clean.catalog.read(big.uri, 0, big.size)
+def test_corrupt_block_on_disk_is_fetched_again(clean_twin, big, tmp_path):
+    expected = clean_twin.catalog.read(big.uri, 0, big.size)
 
     async def fill():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             assert await read_all(reader, big) == expected
 
     trio.run(fill)
@@ -238,25 +223,25 @@ def test_corrupt_block_on_disk_is_fetched_again(clean, big, tmp_path):
     assert len(files) == block_count(big.size)
     small = min(files, key=os.path.getsize)  # block 0
     corrupt(small)
-    clean.reset_stats()
+    clean_twin.reset_stats()
 
     async def reread():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             assert await read_all(reader, big) == expected
             assert reader.stats()["cache"]["corrupt_blocks"] == 1
 
     trio.run(reread)
-    assert sum(wire(clean).values()) == HEADER_BLOCK_SIZE
+    assert sum(wire(clean_twin).values()) == HEADER_BLOCK_SIZE
 
 
-def test_eviction_keeps_the_cache_under_its_limit(clean, products, tmp_path):
+def test_eviction_keeps_the_cache_under_its_limit(clean_twin, products, tmp_path):
     limit = 6 * MiB
 
     async def main():
-        async with open_reader(clean, tmp_path, size_limit=limit) as reader:
+        async with open_reader(clean_twin, tmp_path, size_limit=limit) as reader:
             for product in products[:4]:
                 ref = ref_of(product)
-                assert await read_all(reader, ref) == clean.catalog.read(ref.uri, 0, ref.size)
+                assert await read_all(reader, ref) == clean_twin.catalog.read(ref.uri, 0, ref.size)
                 assert reader.stats()["cache"]["disk_bytes"] <= limit
 
     async def usage():
@@ -281,34 +266,34 @@ FAULTS = [
 
 @pytest.mark.parametrize("source", ["http", "s3"])
 @pytest.mark.parametrize(("kind", "params"), FAULTS)
-def test_faults_are_retried_and_nothing_bad_is_cached(clean, big, tmp_path, source, kind, params):
+def test_faults_are_retried_and_nothing_bad_is_cached(clean_twin, big, tmp_path, source, kind, params):
     endpoint = "download" if source == "http" else "s3"
-    clean.faults.add(endpoint, kind, count=2, **params)
-    expected = clean.catalog.read(big.uri, 0, big.size)
+    clean_twin.faults.add(endpoint, kind, count=2, **params)
+    expected = clean_twin.catalog.read(big.uri, 0, big.size)
 
     async def main():
-        async with open_reader(clean, tmp_path, source=source) as reader:
+        async with open_reader(clean_twin, tmp_path, source=source) as reader:
             assert await read_all(reader, big) == expected
 
     trio.run(main)
-    clean.faults.clear()
-    clean.reset_stats()
+    clean_twin.faults.clear()
+    clean_twin.reset_stats()
 
     async def reread():  # every block on disk is the right one: no byte on the wire
-        async with open_reader(clean, tmp_path, source=source) as reader:
+        async with open_reader(clean_twin, tmp_path, source=source) as reader:
             assert await read_all(reader, big, chunk=3 * MiB) == expected
 
     trio.run(reread)
-    assert sum(wire(clean).values()) == 0
+    assert sum(wire(clean_twin).values()) == 0
 
 
 @pytest.mark.parametrize("source", ["http", "s3"])
-def test_persistent_fault_is_unavailable_and_caches_nothing(clean, big, tmp_path, source):
-    clean.faults.add("download" if source == "http" else "s3", "truncate")
+def test_persistent_fault_is_unavailable_and_caches_nothing(clean_twin, big, tmp_path, source):
+    clean_twin.faults.add("download" if source == "http" else "s3", "truncate")
     policy = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, deadline=3.0)
 
     async def main():
-        async with open_reader(clean, tmp_path, source=source, policy=policy) as reader:
+        async with open_reader(clean_twin, tmp_path, source=source, policy=policy) as reader:
             stream = reader.open_stream(big)
             for offset in (0, HEADER_BLOCK_SIZE):
                 with pytest.raises(Unavailable):
@@ -329,22 +314,22 @@ def test_persistent_fault_is_unavailable_and_caches_nothing(clean, big, tmp_path
     assert 1 not in cached
     for index, data in cached.items():
         start, end = block_span(index, big.size)
-        assert data == clean.catalog.read(big.uri, start, end - start)
+        assert data == clean_twin.catalog.read(big.uri, start, end - start)
 
 
-def test_cancelled_read_returns_promptly_and_leaves_nothing_unverified(clean, big, tmp_path):
-    clean.faults.add("s3", "stall")
+def test_cancelled_read_returns_promptly_and_leaves_nothing_unverified(clean_twin, big, tmp_path):
+    clean_twin.faults.add("s3", "stall")
 
     async def main():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             stream = reader.open_stream(big)
             with trio.move_on_after(0.3) as scope:
                 await reader.read(stream, 0, 2880)
             assert scope.cancelled_caught
             in_flight = reader.stats()["in_flight"]
             assert [(entry["uri"], entry["source"]) for entry in in_flight] == [(big.uri, "s3")]
-            clean.faults.clear()  # the stalled transfer now fails and is retried
-            assert await reader.read(stream, 0, 2880) == clean.catalog.read(big.uri, 0, 2880)
+            clean_twin.faults.clear()  # the stalled transfer now fails and is retried
+            assert await reader.read(stream, 0, 2880) == clean_twin.catalog.read(big.uri, 0, 2880)
 
     trio.run(main)
 
@@ -366,25 +351,25 @@ def test_exclusive_product_needs_the_token(twin, tmp_path):
     trio.run(with_token)
 
 
-def test_prefetch_fills_and_verifies_the_whole_product(clean, big, tmp_path):
-    digest = hashlib.sha256(clean.catalog.read(big.uri, 0, big.size)).hexdigest()
+def test_prefetch_fills_and_verifies_the_whole_product(clean_twin, big, tmp_path):
+    digest = hashlib.sha256(clean_twin.catalog.read(big.uri, 0, big.size)).hexdigest()
     good = ProductRef(big.uri, big.size, sha256=digest, s3_key=big.s3_key)
     bad = ProductRef(big.uri, big.size, sha256="0" * 64, s3_key=big.s3_key)
     seen: list[int] = []
 
     async def header_only():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             await reader.read(reader.open_stream(good), 0, 100)
 
     async def main():
-        async with open_reader(clean, tmp_path) as reader:
+        async with open_reader(clean_twin, tmp_path) as reader:
             await reader.prefetch(good, seen.append)
             assert reader._cache.is_verified(good)
             with pytest.raises(IntegrityError):
                 await reader.prefetch(bad)
             assert not any(reader._cache.contains(bad, i) for i in range(block_count(bad.size)))
             with pytest.raises(MastfsError):
-                async with open_reader(clean, tmp_path / "tiny", size_limit=MiB) as small:
+                async with open_reader(clean_twin, tmp_path / "tiny", size_limit=MiB) as small:
                     await small.prefetch(good)
 
     trio.run(header_only)
@@ -405,21 +390,21 @@ def test_reads_past_the_end_and_empty_files(twin, big, tmp_path):
     trio.run(main)
 
 
-def test_failed_readahead_does_not_fail_the_current_read(clean, big, tmp_path):
+def test_failed_readahead_does_not_fail_the_current_read(clean_twin, big, tmp_path):
     policy = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02, deadline=3.0)
 
     async def main():
-        async with open_reader(clean, tmp_path, source="http", policy=policy) as reader:
+        async with open_reader(clean_twin, tmp_path, source="http", policy=policy) as reader:
             stream = reader.open_stream(big)
             await reader.read(stream, 0, FUSE_READ)  # blocks 0 and 1, no readahead yet
-            clean.faults.add("download", "status", code=503)
+            clean_twin.faults.add("download", "status", code=503)
             second = await reader.read(stream, FUSE_READ, FUSE_READ)  # starts readahead of block 2: fails
-            assert second == clean.catalog.read(big.uri, FUSE_READ, FUSE_READ)
+            assert second == clean_twin.catalog.read(big.uri, FUSE_READ, FUSE_READ)
             start, _ = block_span(2, big.size)
             with pytest.raises(Unavailable):  # joins (or repeats) the failed readahead of block 2
                 await reader.read(stream, start, FUSE_READ)
             assert reader.stats()["errors"]["Unavailable"] >= 1
-            clean.faults.clear()
-            assert await reader.read(stream, start, FUSE_READ) == clean.catalog.read(big.uri, start, FUSE_READ)
+            clean_twin.faults.clear()
+            assert await reader.read(stream, start, FUSE_READ) == clean_twin.catalog.read(big.uri, start, FUSE_READ)
 
     trio.run(main)
