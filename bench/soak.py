@@ -13,6 +13,7 @@ Prints the RSS samples and a summary, and appends one row to the soak table of d
 1 otherwise.
 
 Usage: .venv/bin/python bench/soak.py [--minutes 10] [--workers 4] [--scale 0.01] [--cache-size 256M]
+                                     [--skip KIND ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mastfs.mast.models import Product  # noqa: E402
 from mastfs.twin.catalog import BIG_PROGRAM, PROGRAM_2733, Catalog  # noqa: E402
 
 REPORT = REPO / "docs" / "reliability.md"
-SOAK_MARKER = "<!-- soak rows: bench/soak.py appends below -->"
+SOAK_MARKER = "<!-- soak rows: bench/soak.py appends one row per run at the end of this file -->"
 WHOLE_FILE_LIMIT = 20_000_000
 """Whole-file reads are of products up to this size (bigger ones get ranged reads)."""
 OPERATIONS = {"list": 30, "xattr": 10, "header": 20, "range": 20, "whole": 10, "cone": 5, "refresh": 5}
@@ -79,10 +80,11 @@ class Workload:
 class Soak:
     """Runs the workers and the RSS sampler against one mount."""
 
-    def __init__(self, mount: Mount, workload: Workload, minutes: float, workers: int,
-                 sample_seconds: float, seed: int) -> None:
+    def __init__(self, mount: Mount, workload: Workload, operations: dict[str, int], minutes: float,
+                 workers: int, sample_seconds: float, seed: int) -> None:
         self.mount = mount
         self.workload = workload
+        self.operations = operations
         self.until = time.monotonic() + minutes * 60
         self.workers = workers
         self.sample_seconds = sample_seconds
@@ -146,7 +148,7 @@ class Soak:
 
     def worker(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
-        kinds, weights = zip(*OPERATIONS.items(), strict=True)
+        kinds, weights = zip(*self.operations.items(), strict=True)
         while time.monotonic() < self.until:
             kind = rng.choices(kinds, weights)[0]
             try:
@@ -202,6 +204,7 @@ def summarise(soak: Soak, minutes: float, args: argparse.Namespace) -> dict:
         "scale": args.scale,
         "workers": args.workers,
         "cache_size": args.cache_size,
+        "skipped": args.skip,
         "operations": sum(soak.ops.values()),
         "by_kind": dict(soak.ops),
         "errors": sum(soak.errors.values()),
@@ -216,7 +219,8 @@ def summarise(soak: Soak, minutes: float, args: argparse.Namespace) -> dict:
 
 
 def append_row(summary: dict) -> None:
-    row = (f"| {summary['date']} | {summary['minutes']:g} | {summary['scale']:g} | {summary['workers']} | "
+    mix = "all" if not summary["skipped"] else "no " + ", ".join(summary["skipped"])
+    row = (f"| {summary['date']} | {summary['minutes']:g} | {mix} | {summary['scale']:g} | {summary['workers']} | "
            f"{summary['cache_size']} | {summary['operations']} | {summary['bytes_read_mb']} | {summary['errors']} | "
            f"{summary['wrong_reads']} | {summary['rss_after_warmup_mb']} | {summary['rss_end_mb']} | "
            f"{summary['rss_max_mb']} | {summary['rss_slope_second_half_mb_per_hour']:+g} |\n")
@@ -234,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-size", default="256M")
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--skip", action="append", default=[], choices=sorted(OPERATIONS),
+                        help="leave this kind of operation out of the mix (repeatable)")
     parser.add_argument("--no-write", action="store_true", help="do not append to docs/reliability.md")
     args = parser.parse_args(argv)
+    operations = {kind: weight for kind, weight in OPERATIONS.items() if kind not in args.skip}
     with tempfile.TemporaryDirectory(prefix="mastfs-soak-") as workdir:
         work = Path(workdir)
         print(f"soak: {args.minutes:g} min, {args.workers} workers, twin scale {args.scale:g}, "
@@ -245,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                 Mount(twin, work / "mnt", work / "cache", extra_args=("--cache-size", args.cache_size)) as mount:
             if mount.daemon is None:
                 raise BenchError("the daemon process was not found: RSS cannot be sampled")
-            soak = Soak(mount, Workload(catalog), args.minutes, args.workers, args.sample_seconds, args.seed)
+            soak = Soak(mount, Workload(catalog), operations, args.minutes, args.workers, args.sample_seconds,
+                        args.seed)
             soak.run()
             daemon_alive = mount.daemon.is_running()
         summary = summarise(soak, args.minutes, args)

@@ -317,6 +317,10 @@ def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> b
 MJD_UNIX_EPOCH = 40587.0
 
 
+UNIX_TIME_LIMIT = 2.0**33
+"""Unix times beyond +-2**33 s (year 2242) are nonsense from the archive; treated as unknown."""
+
+
 def mjd_to_unix(mjd: float | None) -> float | None:
     """Unix seconds for a Modified Julian Date (``(mjd - 40587) * 86400``); None for null or nonsense."""
     if mjd is None:
@@ -327,7 +331,8 @@ def mjd_to_unix(mjd: float | None) -> float | None:
         return None
     if math.isnan(value) or math.isinf(value):
         return None
-    return (value - MJD_UNIX_EPOCH) * 86400.0
+    unix = (value - MJD_UNIX_EPOCH) * 86400.0
+    return unix if -UNIX_TIME_LIMIT < unix < UNIX_TIME_LIMIT else None
 
 
 README_TEXT = """\
@@ -388,7 +393,7 @@ exist, and never cost a request to MAST.
 - Exclusive-access products (`dataRights` not PUBLIC) are listed but shown as mode 0000 and opening
   them fails with EACCES until a MAST token is configured (get one at
   https://auth.mast.stsci.edu/token, then set MAST_API_TOKEN or `token_file`); with a token they are
-  0444 and MAST decides.
+  0400 (the mounting user's only, even with `allow_other`) and MAST decides.
 - File size comes from the product row; a missing size is asked of MAST once (HEAD) and cached.
 - Modification time is the observation's `t_obs_release` (or `t_max` when null), converted from MJD.
   Files inside an observation directory carry the observation's time.

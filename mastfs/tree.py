@@ -389,7 +389,9 @@ class ProductFile(Node):
         return bool(self.product.is_exclusive)
 
     def mode(self, tree: Tree) -> int:
-        return stat.S_IFREG | (0o000 if self.exclusive and not tree.has_token else 0o444)
+        if self.exclusive:  # the token, and so the bytes it brings, are the mounting user's alone
+            return stat.S_IFREG | (0o400 if tree.has_token else 0o000)
+        return stat.S_IFREG | 0o444
 
     def mtime(self, tree: Tree) -> float:
         return self.observation_dir.mtime(tree)

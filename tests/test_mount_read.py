@@ -165,7 +165,7 @@ def exclusive_path(mount):
 def test_exclusive_product_is_readable_with_a_token(twin, clean_twin, tmp_path):
     with mounted(twin, tmp_path, env={"MAST_API_TOKEN": twin_catalog.VALID_TOKEN}) as live:
         path = exclusive_path(live)
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
         assert sha256_of(path) == twin.catalog.sha256(twin_catalog.EXCLUSIVE_URI)
         assert twin_catalog.VALID_TOKEN not in live.log_text()
 
@@ -173,7 +173,7 @@ def test_exclusive_product_is_readable_with_a_token(twin, clean_twin, tmp_path):
 def test_refused_token_is_eacces(twin, clean_twin, tmp_path):
     with mounted(twin, tmp_path, env={"MAST_API_TOKEN": twin_catalog.EXPIRED_TOKEN}) as live:
         path = exclusive_path(live)
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o444  # a token is configured: MAST decides
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o400  # a token is configured: MAST decides
         for _ in range(2):
             assert errno_of(sha256_of, path) == errno.EACCES
         lines = [line for line in live.log_text().splitlines() if "access refused" in line]

@@ -29,6 +29,9 @@ ID_COLUMNS = frozenset({"obsid", "obsID", "parent_obsid", "objID", "objID1", "pr
 INVOKE_STATUSES = frozenset({"COMPLETE", "EXECUTING", "ERROR"})
 
 _PUBLIC = "PUBLIC"
+#: Largest file size taken from a row: integers are exact in a float (the JSON number) up to 2**53, and
+#: no archive file comes near it (the largest MAST files are tens of GB).
+MAX_SIZE = 2**53
 
 # JWST file names (see MAST_API.md "JWST file names and levels").
 _JWST_LEVEL3_NAME = re.compile(r"^jw\d{5}-[a-z]\d+_")
@@ -44,8 +47,8 @@ _DATA_EXTENSIONS = (".fits", ".ecsv")
 
 def normalise_id(value: Any) -> str | None:
     """Return an identifier as text: ``2003738726`` and ``"2003738726"`` both give ``"2003738726"``;
-    integral floats lose their ``.0``; null and blank give None."""
-    if value is None or isinstance(value, bool):
+    integral floats lose their ``.0``; null, blank and non-scalar values (objects, lists) give None."""
+    if value is None or isinstance(value, (bool, Mapping, list)):
         return None
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -209,9 +212,10 @@ class Product:
 
     @property
     def size(self) -> int | None:
-        """Size in bytes, or None when MAST does not say (null, negative or nonsense)."""
+        """Size in bytes, or None when MAST does not say (null, negative, past :data:`MAX_SIZE` or
+        nonsense)."""
         size = _int(self.fields, "size")
-        return size if size is not None and size >= 0 else None
+        return size if size is not None and 0 <= size <= MAX_SIZE else None
 
     @property
     def product_type(self) -> str:

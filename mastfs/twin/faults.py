@@ -11,9 +11,11 @@ per object.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +33,10 @@ KINDS = (
     "executing",
     "unauthorized",
     "ignore_range",
+    "html_200",
+    "mutate_rows",
+    "endless_paging",
+    "crafted_names",
 )
 # Kinds that need a response body to act on (they change how the body is written).
 BODY_KINDS = frozenset({"reset", "truncate"})
@@ -38,6 +44,51 @@ BODY_KINDS = frozenset({"reset", "truncate"})
 RANGE_KINDS = frozenset({"wrong_range", "ignore_range"})
 # Kinds every request of an endpoint can suffer (answer replaced or delayed before any work is done).
 GENERIC_KINDS = frozenset({"latency", "status", "html_504", "stall", "unauthorized"})
+# Hostile-server kinds: the answer is built, then made hostile (see the functions at the end of this module).
+# html_200 hits every HTTP endpoint; the others rewrite JSON answers of the endpoints listed here.
+HOSTILE_KINDS = frozenset({"html_200", "mutate_rows", "endless_paging", "crafted_names"})
+KIND_ENDPOINTS: dict[str, frozenset[str]] = {
+    "executing": frozenset({"invoke"}),
+    "html_200": frozenset(set(ENDPOINTS) - {"s3"}),
+    "mutate_rows": frozenset({"invoke"}),
+    "endless_paging": frozenset({"invoke"}),
+    "crafted_names": frozenset({"invoke", "path_lookup"}),
+}
+MUTATE_MODES = ("mixed", "types", "missing")
+CRAFTED_FIELDS = ("productFilename", "dataURI", "obs_id")
+ENDLESS_PAGES = 1_000_000
+"""Pages an ``endless_paging`` answer claims by default."""
+REQUEST_LOG_SIZE = 1000
+"""Most recent requests kept by :class:`TwinStats` for ``GET /__twin__/requests``."""
+
+HTML_200_PAGE = (
+    b"<!DOCTYPE html>\r\n<html><head><title>MAST Portal</title></head>\r\n<body>\r\n"
+    b"<h1>Scheduled maintenance</h1>\r\n<p>The MAST services are down for maintenance and will be back "
+    b"shortly.</p>\r\n</body></html>\r\n"
+)
+"""What a captive portal or a maintenance front end answers with status 200 (kind ``html_200``)."""
+
+CRAFTED_NAMES: tuple[str, ...] = (
+    "../../x",
+    "a/b",
+    "",
+    ".",
+    "..",
+    "nul\0byte.fits",
+    "line\nbreak.fits",
+    "/etc/passwd",
+    "..\\..\\win.fits",
+    "../" * 20 + "escape.fits",
+    "x" * 300 + ".fits",
+    ".hidden.fits",
+    "-rf",
+    " leading-space.fits",
+    "rtl\u202egnp.fits",
+    "%2e%2e%2fenc.fits",
+    "semi;colon.fits",
+    "tab\tname.fits",
+)
+"""Hostile values the ``crafted_names`` kind writes into product names, dataURIs, obs_ids and S3 paths."""
 
 NGINX_504_PAGE = (
     b"<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
@@ -125,12 +176,17 @@ class FaultController:
             raise FaultError(f"unknown endpoint {endpoint!r}; known: {', '.join(ENDPOINTS)}")
         if kind not in KINDS:
             raise FaultError(f"unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
-        if kind == "executing" and endpoint != "invoke":
-            raise FaultError("fault kind 'executing' applies to endpoint 'invoke' only")
+        allowed = KIND_ENDPOINTS.get(kind)
+        if allowed is not None and endpoint not in allowed:
+            raise FaultError(f"fault kind {kind!r} applies to endpoint(s) {', '.join(sorted(allowed))} only")
+        if kind == "mutate_rows" and params.get("mode", "mixed") not in MUTATE_MODES:
+            raise FaultError(f"mutate_rows mode must be one of {', '.join(MUTATE_MODES)}")
+        if kind == "crafted_names" and params.get("field", "productFilename") not in CRAFTED_FIELDS:
+            raise FaultError(f"crafted_names field must be one of {', '.join(CRAFTED_FIELDS)}")
         if count is not None and (not isinstance(count, int) or count < 0):
             raise FaultError(f"count must be a non-negative integer or None, not {count!r}")
         for name, value in params.items():
-            if name in ("seconds", "code", "after_bytes", "polls", "retry_after", "shift") and not isinstance(
+            if name in ("seconds", "code", "after_bytes", "polls", "retry_after", "shift", "pages") and not isinstance(
                 value, (int, float)
             ):
                 raise FaultError(f"fault parameter {name} must be a number, not {value!r}")
@@ -248,6 +304,8 @@ class TwinStats:
         self._lock = threading.Lock()
         self._requests: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
+        self._log: deque[dict[str, object]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self._sequence = itertools.count(1)
 
     def count_request(self, keys: Iterable[str]) -> None:
         """Count one request against every key in ``keys`` (an endpoint and its refinement)."""
@@ -267,10 +325,22 @@ class TwinStats:
                 self._requests.setdefault(key, 0)
 
     def reset(self) -> None:
-        """Zero every counter."""
+        """Zero every counter and empty the request log."""
         with self._lock:
             self._requests.clear()
             self._bytes.clear()
+            self._log.clear()
+
+    def log_request(self, entry: Mapping[str, object]) -> None:
+        """Remember what one request asked for (``{"endpoint", ...}``, as decoded by the server), keeping
+        the last :data:`REQUEST_LOG_SIZE`; each entry gets a increasing ``seq`` number."""
+        with self._lock:
+            self._log.append({"seq": next(self._sequence), **entry})
+
+    def requests(self) -> list[dict[str, object]]:
+        """The logged requests, oldest first (copies): what ``GET /__twin__/requests`` returns."""
+        with self._lock:
+            return copy.deepcopy(list(self._log))
 
     def snapshot(self) -> dict[str, object]:
         """The counters in the documented JSON shape (a fresh dict the caller may keep)."""
@@ -285,3 +355,115 @@ class TwinStats:
             "total_requests": sum(value["requests"] for value in plain),
             "total_bytes_sent": sum(value["bytes_sent"] for value in plain),
         }
+
+
+# ---- hostile answers ---------------------------------------------------------------------------------------
+# Pure functions turning a correct JSON answer into the hostile one a fault asks for. They never modify
+# their argument.
+
+
+_ID_FIELDS = ("obsid", "obsID", "parent_obsid")
+
+
+def _ids_as_objects(row: dict) -> None:
+    row.update({name: {"$numberLong": str(row[name])} for name in _ID_FIELDS if name in row})
+
+
+def _numbers_as_text(row: dict) -> None:
+    row.update({name: str(row[name]) for name in ("size", "calib_level", "t_obs_release", "s_ra") if name in row})
+
+
+def _nonsense_values(row: dict) -> None:
+    row.update({name: value for name, value in (("size", "12 MB"), ("calib_level", "three"), ("s_dec", [1, 2]))
+                if name in row})
+
+
+def _absurd_numbers(row: dict) -> None:
+    row.update({name: value for name, value in (("size", 2**70), ("t_obs_release", 1e308), ("s_ra", "NaN"))
+                if name in row})
+
+
+def _booleans(row: dict) -> None:
+    row.update({name: True for name in ("size", "calib_level", "productFilename", "obs_id") if name in row})
+
+
+def _drop(*names: str):
+    def drop(row: dict) -> None:
+        for name in names:
+            row.pop(name, None)
+
+    return drop
+
+
+def _nulls_but_identity(row: dict) -> None:
+    row.update({name: None for name in row if name not in ("obs_id", "obsid", "dataURI")})
+
+
+_TYPE_MUTATIONS = (_ids_as_objects, _numbers_as_text, _nonsense_values, _absurd_numbers, _booleans)
+_MISSING_MUTATIONS = (
+    _drop("obs_id", "dataURI"),
+    _drop("obsid", "size", "productFilename"),
+    _drop("calib_level", "productType", "dataRights", "t_obs_release"),
+    _nulls_but_identity,
+)
+_MUTATIONS = {"types": _TYPE_MUTATIONS, "missing": _MISSING_MUTATIONS,
+              "mixed": _TYPE_MUTATIONS + _MISSING_MUTATIONS}
+
+
+def _mutated_row(row: dict, index: int, mode: str) -> dict:
+    """Row ``index`` of an answer made hostile: wrong types (ids as objects, sizes and levels as text,
+    absurd sizes, booleans) and/or missing or null fields, cycling through the mutations of ``mode`` so
+    every one occurs in any answer of a few rows."""
+    row = dict(row)
+    mutations = _MUTATIONS[mode]
+    mutations[index % len(mutations)](row)
+    return row
+
+
+def mutate_rows(payload: dict, mode: str = "mixed") -> dict:
+    """``payload`` (an invoke answer) with every data row mutated by :func:`_mutated_row`; the ``fields``
+    list keeps declaring the original types (as a confused server would)."""
+    hostile = dict(payload)
+    data = payload.get("data")
+    if isinstance(data, list):
+        hostile["data"] = [_mutated_row(row, index, mode) if isinstance(row, dict) else row
+                           for index, row in enumerate(data)]
+    return hostile
+
+
+def endless_paging(payload: dict, pages: int = ENDLESS_PAGES) -> dict:
+    """``payload`` (one COMPLETE page) claiming ``pages`` pages of ``pageSize`` rows each."""
+    hostile = dict(payload)
+    paging = dict(payload.get("paging") or {})
+    page_size = int(paging.get("pageSize") or max(1, len(payload.get("data") or ())))
+    paging.update(pagesFiltered=pages, rowsFiltered=pages * page_size, rowsTotal=pages * page_size)
+    hostile["paging"] = paging
+    return hostile
+
+
+def crafted_rows(payload: dict, field_name: str = "productFilename") -> dict:
+    """``payload`` (an invoke answer) whose first rows carry :data:`CRAFTED_NAMES` in ``field_name``
+    (productFilename, dataURI or obs_id; a dataURI keeps its ``mast:`` prefix on half of them)."""
+    hostile = dict(payload)
+    data = payload.get("data")
+    if not isinstance(data, list):
+        return hostile
+    rows = []
+    for index, row in enumerate(data):
+        if isinstance(row, dict) and index < len(CRAFTED_NAMES) and field_name in row:
+            row = dict(row)
+            name = CRAFTED_NAMES[index]
+            row[field_name] = f"mast:JWST/product/{name}" if field_name == "dataURI" and index % 2 else name
+        rows.append(row)
+    hostile["data"] = rows
+    return hostile
+
+
+def crafted_paths(answer: dict) -> dict:
+    """A path_lookup answer whose found entries point at hostile S3 paths (``/../../x`` ...)."""
+    hostile = {}
+    for index, (uri, entry) in enumerate(answer.items()):
+        if isinstance(entry, dict) and entry.get("path"):
+            entry = dict(entry, path="/" + CRAFTED_NAMES[index % len(CRAFTED_NAMES)])
+        hostile[uri] = entry
+    return hostile

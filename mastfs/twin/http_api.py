@@ -9,7 +9,7 @@ Served (wire formats as in /work/shared/reference/MAST_API.md):
 * ``HEAD``/``GET /api/v0.1/Download/file?uri=``: single byte ranges, 416, 401 for exclusive data.
 * ``GET``/``POST /api/v0.1/path_lookup/?uri=..&uri=..``; ``GET /whoami``; ``GET /Santa-war/query``.
 * admin (not counted): ``/__twin__/faults``, ``/__twin__/stats``, ``/__twin__/stats/reset``,
-  ``/__twin__/sha256?uri=``.
+  ``/__twin__/sha256?uri=``, ``/__twin__/requests`` (what the last requests asked for, decoded).
 
 Product bodies are streamed from ``Catalog.read`` in 1 MiB pieces, never materialised whole. Every
 request consults the :class:`~mastfs.twin.faults.FaultController` and is counted in
@@ -37,13 +37,19 @@ from urllib.parse import parse_qs, urlsplit
 from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog
 from mastfs.twin.faults import (
     BODY_KINDS,
+    ENDLESS_PAGES,
     GENERIC_KINDS,
+    HTML_200_PAGE,
     NGINX_504_PAGE,
     RANGE_KINDS,
     Fault,
     FaultController,
     FaultError,
     TwinStats,
+    crafted_paths,
+    crafted_rows,
+    endless_paging,
+    mutate_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -420,6 +426,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             self._invoke()
         elif path == COLUMNS_CONFIG_PATH and method == "POST":
             colconfig_id = self._form().get("colConfigId", [""])[0]
+            self._log_request("columnsconfig", colConfigId=colconfig_id)
             self._serve(
                 "columnsconfig",
                 colconfig_id,
@@ -429,18 +436,26 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         elif path == DOWNLOAD_PATH and method in ("GET", "HEAD"):
             uri = self.query.get("uri", [""])[0]
             ranged = method == "GET" and "Range" in self.headers
+            self._log_request("download", uri=uri, range=self.headers.get("Range"))
             self._serve(
                 "download", uri, ["download"], lambda fault: self._download(uri, fault), ranged=ranged
             )
         elif path in PATH_LOOKUP_PATHS and method in ("GET", "POST"):
             uris = self.query.get("uri", []) + self._form().get("uri", [])
+            self._log_request("path_lookup", uris=uris)
             self._serve(
-                "path_lookup", "\n".join(uris), ["path_lookup"], lambda fault: self._path_lookup(uris)
+                "path_lookup",
+                "\n".join(uris),
+                ["path_lookup"],
+                lambda fault: self._path_lookup(uris, fault),
+                extra_kinds=("crafted_names",),
             )
         elif path == WHOAMI_PATH and method == "GET":
+            self._log_request("whoami")
             self._serve("whoami", self.path, ["whoami"], lambda fault: self._whoami())
         elif path == RESOLVER_PATH and method == "GET":
             names = self.query.get("name", [])
+            self._log_request("resolver", names=names)
             self._serve("resolver", "\n".join(names), ["resolver"], lambda fault: self._resolve(names))
         else:
             known = path in (INVOKE_PATH, COLUMNS_CONFIG_PATH, DOWNLOAD_PATH, WHOAMI_PATH, RESOLVER_PATH)
@@ -448,6 +463,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 self._write(html_reply(405, "Method Not Allowed"), stat_keys=())
             else:
                 self._write(html_reply(404, "Not Found"), stat_keys=())
+
+    def _log_request(self, endpoint: str, **details: object) -> None:
+        """Record what this request asked for, as the twin decoded it (``GET /__twin__/requests``); never
+        the credentials it carried."""
+        self.server.stats.log_request({"endpoint": endpoint, "method": self.command, **details})
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -478,7 +498,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
     ) -> None:
         """Count the request, apply the faults that hit it, build the reply and write it."""
         self.server.stats.count_request(stat_keys)
-        kinds = set(GENERIC_KINDS) | set(extra_kinds)
+        kinds = set(GENERIC_KINDS) | {"html_200"} | set(extra_kinds)
         if self.command != "HEAD":
             kinds |= BODY_KINDS
         if ranged:
@@ -516,6 +536,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             return reply
         if fault.kind == "html_504":
             return Reply(504, [("Content-Type", "text/html")], NGINX_504_PAGE)
+        if fault.kind == "html_200":
+            return Reply(200, [("Content-Type", "text/html; charset=utf-8")], HTML_200_PAGE)
         if fault.kind == "unauthorized":
             return html_reply(401, "Unauthorized", "The token is expired or invalid.")
         return None
@@ -616,6 +638,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         if route == "stats/reset" and method == "POST":
             stats.reset()
             return json_reply(stats.snapshot())
+        if route == "requests" and method == "GET":
+            return json_reply({"requests": stats.requests()})
         if route == "sha256" and method == "GET":
             uri = self.query.get("uri", [""])[0]
             product = self.server.catalog.product(uri)
@@ -641,6 +665,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             return
         service = str(request.get("service", ""))
         stat_keys = ["invoke", f"invoke:{service}"]
+        self._log_request("invoke", service=service, params=request.get("params"), page=request.get("page"),
+                          pagesize=request.get("pagesize"))
         polls_left = self.server.faults.executing_polls_left(raw_request)
         if polls_left:
             self.server.stats.count_request(stat_keys)
@@ -655,9 +681,17 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "executing":
                 self.server.faults.start_executing(raw_request, int(fault.number("polls", 1)))
                 return self._executing_reply(request)
+            if fault is not None and fault.kind in ("mutate_rows", "endless_paging", "crafted_names"):
+                return self._hostile_invoke_reply(request, fault)
             return self._invoke_reply(request)
 
-        self._serve("invoke", service, stat_keys, build, extra_kinds=("executing",))
+        self._serve(
+            "invoke",
+            service,
+            stat_keys,
+            build,
+            extra_kinds=("executing", "mutate_rows", "endless_paging", "crafted_names"),
+        )
 
     def _executing_reply(self, request: dict) -> Reply:
         return json_reply(
@@ -682,6 +716,28 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             return json_reply(self._run_service(request))
         except InvokeError as exc:
             return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
+
+    def _hostile_invoke_reply(self, request: dict, fault: Fault) -> Reply:
+        """The answer to ``request`` rewritten as the hostile fault asks: rows with wrong types or missing
+        fields (``mutate_rows``, param ``mode``), paging claiming ``pages`` pages whose pages past the
+        real end repeat the real ones (``endless_paging``), hostile names (``crafted_names``, param
+        ``field``). Service errors stay errors."""
+        try:
+            payload = self._run_service(request)
+            if fault.kind == "endless_paging":
+                real_pages = int((payload.get("paging") or {}).get("pagesFiltered") or 0)
+                page = int((payload.get("paging") or {}).get("page") or 1)
+                if real_pages and page > real_pages:
+                    payload = self._run_service({**request, "page": (page - 1) % real_pages + 1})
+                    payload["paging"]["page"] = page
+                payload = endless_paging(payload, int(fault.number("pages", ENDLESS_PAGES)))
+            elif fault.kind == "mutate_rows":
+                payload = mutate_rows(payload, str(fault.params.get("mode", "mixed")))
+            else:
+                payload = crafted_rows(payload, str(fault.params.get("field", "productFilename")))
+        except InvokeError as exc:
+            return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
+        return json_reply(payload)
 
     def _run_service(self, request: dict) -> dict:
         service = request.get("service")
@@ -823,15 +879,19 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
         return Reply(206, headers, stream=(uri, start, end - start + 1))
 
-    def _path_lookup(self, uris: list[str]) -> Reply:
+    def _path_lookup(self, uris: list[str], fault: Fault | None = None) -> Reply:
+        """The S3 path of each uri (404 entries for unknown or HTTP-only ones); hostile paths under the
+        ``crafted_names`` fault."""
         catalog = self.server.catalog
-        answer = {}
+        answer: dict[str, dict] = {}
         for uri in uris:
             product = catalog.product(uri)
             if product is not None and product.s3_key:
                 answer[uri] = {"status_code": 200, "path": "/" + product.s3_key}
             else:
                 answer[uri] = {"status_code": 404, "path": None}
+        if fault is not None and fault.kind == "crafted_names":
+            answer = crafted_paths(answer)
         return json_reply(answer)
 
     def _whoami(self) -> Reply:
