@@ -22,9 +22,6 @@ import json
 import logging
 import math
 import re
-import socket
-import struct
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog
+from mastfs.twin.connections import ResetRegistry, TrackedConnections
 from mastfs.twin.faults import (
     BODY_KINDS,
     ENDLESS_PAGES,
@@ -302,7 +300,7 @@ def parse_position(text: object) -> tuple[float, float, float]:
     return ra, dec, radius
 
 
-class MastHttpServer(ThreadingHTTPServer):
+class MastHttpServer(TrackedConnections, ThreadingHTTPServer):
     """The twin's HTTP server. Daemon threads; one per connection (keep-alive)."""
 
     daemon_threads = True
@@ -323,49 +321,8 @@ class MastHttpServer(ThreadingHTTPServer):
         self.observation_columns: set[str] = set()
         for row in self.observations:
             self.observation_columns.update(row)
-        self._connections_lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._reset_sockets: set[socket.socket] = set()
+        self.track_connections(ResetRegistry())
         super().__init__(address, MastRequestHandler)
-
-    def process_request(self, request, client_address):
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def mark_for_reset(self, request: socket.socket) -> None:
-        """Close ``request`` with an RST (SO_LINGER 0) instead of an orderly FIN when it is shut down."""
-        with self._connections_lock:
-            self._reset_sockets.add(request)
-
-    def shutdown_request(self, request):
-        with self._connections_lock:
-            self._connections.discard(request)
-            reset = request in self._reset_sockets
-            self._reset_sockets.discard(request)
-        if reset:
-            abort_socket(request)
-            return
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Shut down every open client connection (used when the twin stops)."""
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-def abort_socket(sock: socket.socket) -> None:
-    """Close ``sock`` so that the peer sees a connection reset (RST), not an orderly close."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 def request_token(headers) -> str | None:
@@ -518,7 +475,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             if terminal.kind == "stall":
                 self.server.faults.stall()
                 self.close_connection = True
-                self.server.mark_for_reset(self.connection)
+                self.server.resets.mark(self.connection)
                 return
         self._write(build(terminal), stat_keys, terminal)
 
@@ -587,7 +544,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind in BODY_KINDS:
                 self.close_connection = True
                 if fault.kind == "reset":
-                    self.server.mark_for_reset(self.connection)
+                    self.server.resets.mark(self.connection)
                 return
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")

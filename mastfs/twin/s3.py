@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from moto.s3.models import FakeBucket, FakeKey, get_canned_acl, s3_backends
 from werkzeug.serving import ThreadedWSGIServer
 
 from mastfs.twin.catalog import Catalog, TwinProduct
+from mastfs.twin.connections import ResetRegistry, TrackedConnections
 from mastfs.twin.faults import (
     BODY_KINDS,
     GENERIC_KINDS,
@@ -47,7 +47,7 @@ from mastfs.twin.faults import (
     FaultController,
     TwinStats,
 )
-from mastfs.twin.http_api import CHUNK_SIZE, abort_socket, mismatched_range, parse_single_range
+from mastfs.twin.http_api import CHUNK_SIZE, mismatched_range, parse_single_range
 
 logger = logging.getLogger(__name__)
 
@@ -158,30 +158,6 @@ def operation_name(method: str, key: str, query: dict[str, list[str]]) -> str:
     if method == "HEAD":
         return "HeadObject"
     return f"{method.title()}Object"
-
-
-class ResetRegistry:
-    """Sockets to close with an RST instead of an orderly FIN once their request is done."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-
-    def mark(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(sock)
-
-    def is_marked(self, sock: socket.socket) -> bool:
-        with self._lock:
-            return sock in self._sockets
-
-    def pop(self, sock: socket.socket) -> bool:
-        """True (and forgotten) when ``sock`` was marked."""
-        with self._lock:
-            if sock in self._sockets:
-                self._sockets.discard(sock)
-                return True
-            return False
 
 
 class S3Gateway:
@@ -462,37 +438,12 @@ class TwinS3RequestHandler(MotoRequestHandler):
         logger.debug("twin s3 %s: " + message, self.address_string(), *args)
 
 
-class S3Server(ThreadedWSGIServer):
+class S3Server(TrackedConnections, ThreadedWSGIServer):
     """werkzeug's threaded WSGI server running an :class:`S3Gateway`; closes marked sockets with RST."""
 
     def __init__(self, host: str, port: int, gateway: S3Gateway, resets: ResetRegistry) -> None:
-        self.resets = resets
-        self._connections_lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
+        self.track_connections(resets)
         super().__init__(host, port, gateway, handler=TwinS3RequestHandler)
 
     def log(self, type: str, message: str, *args: object) -> None:
         logger.debug("twin s3 server %s: " + message, type, *args)
-
-    def process_request(self, request, client_address):
-        with self._connections_lock:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._connections_lock:
-            self._connections.discard(request)
-        if self.resets.pop(request):
-            abort_socket(request)
-            return
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Shut down every open client connection (used when the twin stops)."""
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass

@@ -18,9 +18,10 @@ import urllib.request
 from types import TracebackType
 
 from mastfs.twin.catalog import Catalog
+from mastfs.twin.connections import ResetRegistry
 from mastfs.twin.faults import FaultController, TwinStats
 from mastfs.twin.http_api import MastHttpServer
-from mastfs.twin.s3 import ADMIN_PING_PATH, BUCKET, ResetRegistry, S3Gateway, S3Server
+from mastfs.twin.s3 import ADMIN_PING_PATH, BUCKET, S3Gateway, S3Server
 
 logger = logging.getLogger(__name__)
 
