@@ -386,8 +386,9 @@ def bench_cold(ctx: Context) -> tuple[Section, Path | None]:
     section.notes.append("values are `median (min-max)` of the runs. *open* includes what mastfs asks MAST "
                          "when a file is opened (e.g. the product's S3 key).")
     section.notes.append("context row (no goal): a download that writes the object to a local file after "
-                         "dropping the page cache fills the page cache as mastfs's block cache does; mount "
-                         f"`--source s3` / that download: {spread(to_download, '{:.2f}')}.")
+                         "dropping the page cache fills the page cache with the file once, as a read through "
+                         "the mount does (the mounted file's pages; mastfs writes its block files with "
+                         f"O_DIRECT); mount `--source s3` / that download: {spread(to_download, '{:.2f}')}.")
     return section, kept_cache
 
 

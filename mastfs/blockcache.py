@@ -11,7 +11,10 @@ missing or corrupt block is a miss (deleted), never served.
 
 Writes go to a temporary file in ``<dir>/tmp`` (same filesystem) and are renamed into place, so a crash
 mid-write leaves at most a temporary file, removed by :meth:`BlockCache.open`. Blocks are not fsynced: the
-per-block checksum makes a block torn by a power loss a miss.
+per-block checksum makes a block torn by a power loss a miss. Block files are written and read with
+``O_DIRECT`` where the filesystem allows it (through reused, page-aligned buffers), so storing or loading a
+block neither fills the page cache with fresh pages nor pays the kernel's copy into them (the biggest CPU
+cost of a cold read otherwise); on a filesystem that refuses direct I/O, the page cache is used.
 
 Concurrency: every method is called from the trio thread; the in-memory index (LRU order, sizes, verified
 products) is only mutated there. File work runs in worker threads under the cache's own limiter, one thread
@@ -20,11 +23,15 @@ hop per block. One process per cache directory at a time.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import mmap
 import os
+import queue
 import shutil
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -51,6 +58,11 @@ HEADER_SIZE = 64
 _HEADER_PAD = HEADER_SIZE - _HEADER.size
 _VERIFIED_MARKER = "verified"
 _THREADS = 4
+_DIRECT_TRANSFERS = 2
+"""Most block files written or read with ``O_DIRECT`` at once (each needs a block-sized aligned buffer)."""
+_DIRECT_ALIGN = 4096
+"""Alignment of ``O_DIRECT`` writes (memory address, file offset and length): a page, which covers every
+logical block size in use."""
 T = TypeVar("T")
 
 
@@ -121,12 +133,14 @@ BlockKey = tuple[str, int]
 class BlockCache:
     """Blocks of product versions on disk, bounded by ``size_limit`` bytes and keeping ``min_free`` bytes
     free on the filesystem, least recently used first out, persistent across instances on one directory.
+    ``direct_io`` writes and reads block files with ``O_DIRECT`` while the filesystem accepts it (False:
+    always through the page cache).
 
     Call :meth:`open` once before anything else (it creates the directory, removes temporary files left by
     a crash and loads the index). No I/O happens in the constructor.
     """
 
-    def __init__(self, directory: str, size_limit: int, min_free: int) -> None:
+    def __init__(self, directory: str, size_limit: int, min_free: int, *, direct_io: bool = True) -> None:
         self.directory = os.path.abspath(directory)
         self.size_limit = size_limit
         self.min_free = min_free
@@ -139,6 +153,7 @@ class BlockCache:
         self._bytes_used = 0
         self._free_estimate: int | None = None
         self._opened = False
+        self._files = _BlockFiles(direct_io)
         self.corrupt_blocks = 0
 
     # ----------------------------------------------------------------- public API
@@ -159,6 +174,11 @@ class BlockCache:
         self._free_estimate = free
         self._opened = True
         log.debug("block cache %s: %d blocks, %d bytes", self.directory, len(self._lru), self._bytes_used)
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether block files are written and read with ``O_DIRECT`` (False once the filesystem refused it)."""
+        return self._files.direct
 
     @property
     def entries(self) -> int:
@@ -424,12 +444,7 @@ class BlockCache:
             return False, free
         header = _pack_header(index, data, raw_vk)
         tmp = os.path.join(self._tmp_dir, uuid.uuid4().hex)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, [header, data])
-            _stamp(fd)
-        finally:
-            os.close(fd)
+        self._files.write(tmp, header, data)
         try:
             try:
                 os.rename(tmp, path)
@@ -441,17 +456,11 @@ class BlockCache:
             raise
         return True, free - HEADER_SIZE - len(data)
 
-    @staticmethod
-    def _read_sync(path: str, raw_vk: bytes, index: int, length: int) -> bytes | None:
+    def _read_sync(self, path: str, raw_vk: bytes, index: int, length: int) -> bytes | None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            header, data = self._files.read(path, length + 1)  # one byte more reveals a too-long file
         except FileNotFoundError:
             return None
-        try:
-            header = os.pread(fd, HEADER_SIZE, 0)
-            data = os.pread(fd, length + 1, HEADER_SIZE)  # one byte more reveals a too-long file
-        finally:
-            os.close(fd)
         if len(data) != length or not _header_ok(header, raw_vk, index, data):
             _unlink_all([path])
             return None
@@ -510,6 +519,112 @@ def _header_ok(header: bytes, raw_vk: bytes, index: int, data: bytes) -> bool:
 def _free_bytes(directory: str) -> int:
     stat = os.statvfs(directory)
     return stat.f_bavail * stat.f_frsize
+
+
+class _BlockFiles:
+    """Writes and reads whole block files, with ``O_DIRECT`` when ``direct`` and while the filesystem
+    accepts it (else through the page cache).
+
+    Thread-safe: each direct transfer borrows a page-aligned scratch buffer, kept for reuse; at most
+    ``_DIRECT_TRANSFERS`` run at once, so there are at most that many buffers, each as big as the largest
+    block file handled so far.
+    """
+
+    def __init__(self, direct: bool) -> None:
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._buffers: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(_DIRECT_TRANSFERS)
+
+    def write(self, path: str, header: bytes, data: bytes) -> None:
+        """Create ``path`` (exclusively, mode 0600) holding ``header`` then ``data``, with its modification
+        time set to now. Raises OSError; a partial file may be left behind (the caller removes it)."""
+        if self.direct:
+            try:
+                with self._slots:
+                    self._write_direct(path, header, data)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._refused()
+                _unlink_all([path])
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, [header, data])
+            _stamp(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, path: str, most: int) -> tuple[bytes, bytes]:
+        """``(header, data)`` of the block file ``path``: its first HEADER_SIZE bytes (fewer if it is
+        shorter) and up to ``most`` bytes after them. Raises FileNotFoundError or another OSError."""
+        if self.direct:
+            try:
+                with self._slots:
+                    return self._read_direct(path, most)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._refused()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, HEADER_SIZE, 0), os.pread(fd, most, HEADER_SIZE)
+        finally:
+            os.close(fd)
+
+    def _refused(self) -> None:
+        if self.direct:
+            log.info("the cache filesystem refuses direct I/O; using the page cache for block files")
+        self.direct = False
+
+    def _write_direct(self, path: str, header: bytes, data: bytes) -> None:
+        length = len(header) + len(data)
+        padded = _aligned(length)
+        buffer = self._borrow(padded)
+        try:
+            buffer[:len(header)] = header
+            buffer[len(header):length] = data
+            buffer[length:padded] = bytes(padded - length)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+            try:
+                written = os.write(fd, memoryview(buffer)[:padded])
+                if written != padded:  # only a full disk cuts a direct write short
+                    raise OSError(errno.ENOSPC, f"short write of a block file ({written} of {padded} bytes)")
+                if padded != length:
+                    os.ftruncate(fd, length)
+                _stamp(fd)
+            finally:
+                os.close(fd)
+        finally:
+            self._buffers.put(buffer)
+
+    def _read_direct(self, path: str, most: int) -> tuple[bytes, bytes]:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            padded = _aligned(HEADER_SIZE + most)
+            buffer = self._borrow(padded)
+            try:
+                got = os.preadv(fd, [memoryview(buffer)[:padded]], 0)  # a short read ends at the file's end
+                return buffer[:min(got, HEADER_SIZE)], buffer[HEADER_SIZE:min(got, HEADER_SIZE + most)]
+            finally:
+                self._buffers.put(buffer)
+        finally:
+            os.close(fd)
+
+    def _borrow(self, size: int) -> mmap.mmap:
+        try:
+            buffer = self._buffers.get_nowait()
+        except queue.Empty:
+            return mmap.mmap(-1, size)
+        if len(buffer) < size:
+            buffer.close()
+            return mmap.mmap(-1, size)
+        return buffer
+
+
+def _aligned(length: int) -> int:
+    """``length`` rounded up to the direct I/O alignment."""
+    return -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
 
 
 def _write_all(fd: int, buffers: list[bytes]) -> None:

@@ -15,15 +15,17 @@ and doubles at every block boundary, up to ``max_readahead`` blocks; it is refil
 ``run_blocks`` blocks whenever less than half a window is scheduled ahead. A stream's first read and
 reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the wire.
 Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
-no reader that did not ask for the block.
+no reader that did not ask for the block. A sequential stream demotes the blocks it has left behind to
+the cold end of the memory LRU, so they leave before the blocks read ahead of it (which arrived earlier
+but are still to be read).
 
-Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes; at most ``UNSTORED_BLOCKS``
-fetched blocks wait for the disk (runs pause before fetching more), and each of the at most ``transfers``
-runs assembles one block at a time.
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (more than the readahead
+window); at most ``UNSTORED_BLOCKS`` fetched blocks wait for the disk (runs pause before fetching more),
+and each of the at most ``transfers`` runs assembles one block at a time.
 
-Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache and owns the background
-nursery; leaving the block lets fetched blocks reach the disk (at most ``STORE_GRACE`` seconds), then
-cancels the remaining work (waiting readers get Unavailable).
+Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache, owns the background nursery
+and builds the S3 client in it; leaving the block lets fetched blocks reach the disk (at most
+``STORE_GRACE`` seconds), then cancels the remaining work (waiting readers get Unavailable).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ from .fetch.s3 import S3Fetcher
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 48 * 1024 * 1024
-"""Default byte cap of the in-memory LRU of recent blocks."""
-MAX_READAHEAD_BLOCKS = 8
-"""Default largest readahead window, in blocks (8 x 4 MiB = 32 MiB ahead of the reader)."""
+MEMORY_LIMIT = 32 * 1024 * 1024
+"""Default byte cap of the in-memory LRU of recent blocks: the readahead window plus two blocks."""
+MAX_READAHEAD_BLOCKS = 6
+"""Default largest readahead window, in blocks (6 x 4 MiB = 24 MiB ahead of the reader)."""
 RUN_BLOCKS = 4
 """Default most blocks fetched by one ranged request (4 x 4 MiB = 16 MiB)."""
-UNSTORED_BLOCKS = 8
+UNSTORED_BLOCKS = 4
 """Most fetched blocks waiting for the disk; runs pause before fetching more (bounded memory)."""
 SEQUENTIAL_SLACK = 1024 * 1024
 """A read starting this close to where the stream's previous reads ended still counts as sequential."""
@@ -155,6 +157,8 @@ class ByteReader:
         await self._cache.open()
         self._nursery_manager = trio.open_nursery()
         self._nursery = await self._nursery_manager.__aenter__()
+        if self._s3 is not None and self._source != "http":
+            self._nursery.start_soon(self._s3.prepare)  # the first S3 read need not wait for boto3
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -495,6 +499,12 @@ class ByteReader:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
 
+    def _demote(self, key: BlockKey) -> None:
+        """Make a block a sequential stream has left behind the first to leave the memory LRU, so the
+        blocks read ahead of the stream (older in the LRU, but not yet read) stay."""
+        if key in self._memory:
+            self._memory.move_to_end(key, last=False)
+
     def _forget_memory(self, version_key: str) -> None:
         for key in [key for key in self._memory if key[0] == version_key]:
             self._memory_bytes -= len(self._memory.pop(key))
@@ -520,14 +530,18 @@ class ByteReader:
     # ------------------------------------------------------------------ sequential detection
 
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
-        """Update the stream's sequential state; when a sequential read (not the stream's first) past
-        block 0 finds less than half a window scheduled ahead, schedule up to a window of readahead."""
+        """Update the stream's sequential state; a sequential read (not the stream's first) demotes the
+        block before the one it starts in (see :meth:`_demote`) and, past block 0, when it finds less than
+        half a window scheduled ahead, schedules up to a window of readahead."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
             stream.window = 0
             return
         stream.next_offset = max(stream.next_offset, end)
+        first = block_index(offset)
+        if first > 0:
+            self._demote((stream.ref.version_key, first - 1))
         if last == 0 or self._max_readahead == 0:
             return
         if last > stream.last_block or stream.window == 0:

@@ -134,6 +134,27 @@ def test_store_load_and_reopen(tmp_path):
     assert all("a.fits" not in path for path in block_files(tmp_path))
 
 
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_block_files_hold_exactly_header_and_data_with_or_without_direct_io(tmp_path, direct_io):
+    content = product_bytes(HEADER_BLOCK_SIZE + BLOCK_SIZE + 4093)  # aligned blocks and an odd tail
+    ref = ProductRef("mast:TEST/direct.fits", len(content))
+
+    async def main():
+        cache = BlockCache(str(tmp_path), 100 * MiB, 0, direct_io=direct_io)
+        await cache.open()
+        for index in range(block_count(ref.size)):
+            assert await cache.store(ref, index, block_of(content, index))
+        if not direct_io:
+            assert not cache.direct_io
+        for index in range(3):
+            assert await cache.load(ref, index) == block_of(content, index)
+
+    trio.run(main)
+    sizes = sorted(os.path.getsize(path) for path in block_files(tmp_path))
+    assert sizes == sorted(HEADER_SIZE + len(block_of(content, index)) for index in range(3))
+    assert os.listdir(tmp_path / "tmp") == []
+
+
 def test_store_rejects_wrong_length(tmp_path):
     ref = ProductRef("mast:TEST/b.fits", 5000)
 

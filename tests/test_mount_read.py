@@ -128,6 +128,29 @@ def test_header_read_costs_at_most_64_kib(mount, clean_twin):
     assert 0 < file_bytes <= 64 * 1024
 
 
+def file_bytes_sent(stats):
+    """Bytes of archive files the twin sent (S3 GetObject and HTTPS downloads)."""
+    return sum(stats["endpoints"].get(key, {}).get("bytes_sent", 0) for key in ("s3:GetObject", "download"))
+
+
+def test_getheader_of_a_real_size_mosaic_costs_at_most_64_kib(tmp_path):
+    """astropy reads a primary header 4 KiB at a time; the kernel's readahead must not pull in the
+    block after the first one (1 MiB of read-ahead did: 4 MiB more on the wire)."""
+    from astropy.io import fits
+
+    from mastfs.twin.server import Twin
+
+    uri = twin_catalog.BENCH_1GIB_URI
+    with Twin.start(scale=1.0) as real_size, mounted(real_size, tmp_path) as live:
+        path = path_of(live, uri, OBS)
+        assert os.stat(path).st_size >= 2**30
+        real_size.reset_stats()
+        header = fits.getheader(path)
+        time.sleep(0.5)  # readahead, if any, runs in the background
+        assert header["SIMPLE"] is True and header["TELESCOP"] == "JWST"
+        assert 0 < file_bytes_sent(real_size.stats()) <= 64 * 1024
+
+
 def test_one_product_under_several_observations_is_fetched_once(mount, clean_twin):
     first = path_of(mount, SHARED_URI, "jw02733-o001_t001_nircam_clear-f090w")
     second = path_of(mount, SHARED_URI, "jw02733-o001_t001_nircam_clear-f187n")

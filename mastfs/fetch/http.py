@@ -18,6 +18,7 @@ import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import httpcore
 import httpx
 import trio
 
@@ -36,6 +37,14 @@ REFUSED_HINT = (
     "https://auth.mast.stsci.edu/token"
 )
 _CLOSE_TIMEOUT = 2.0
+RECEIVE_SIZE = 1024 * 1024
+"""Bytes httpcore asks the socket for at once. Its default, 64 KiB, costs a round of h11 parsing and a
+Python-level chunk per 64 KiB: receiving a 1 GiB file from the twin took a third less CPU (and ran 1.5x
+as fast) with 1 MiB."""
+
+# httpcore has no per-client option for this; it is a class attribute read on every receive. Raising it
+# for the whole process also serves MAST API answers, which only gain from it.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECEIVE_SIZE
 
 
 class HttpFetcher:
