@@ -9,6 +9,7 @@ exception that escaped (a traceback) or the daemon did not exit cleanly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -68,7 +69,11 @@ def _is_mounted(path: str) -> bool:
 def start_mount(twin, mountpoint: Path, cache_dir: Path, log_path: Path, env: dict | None = None,
                 **settings) -> Mount:
     """Start the daemon and wait (bounded) until the mount is live; fails the test otherwise."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a dead mount left by a crashed daemon: `mastfs mount` recovers it
+        if exc.errno != errno.ENOTCONN:
+            raise
     command = [
         sys.executable, "-m", "mastfs", "mount", "--foreground", str(mountpoint),
         "--mast-url", twin.mast_url, "--resolver-url", twin.resolver_url, "--s3-endpoint", twin.s3_endpoint,
