@@ -81,18 +81,24 @@ def bounded(operation: Callable[[], Any], limit: float = SLACK_LIMIT) -> Outcome
     return Outcome(value, None, time.monotonic() - started)
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+
+
 def abort_fuse_connection(mount_path: str) -> bool:
     """Abort the FUSE connection of the mount at ``mount_path`` (``/sys/fs/fuse/connections/N/abort``):
     every request waiting on the daemon fails at once, so a test that found a deadlock can clean up.
     Returns whether a connection was aborted."""
     with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        devices = [line.split()[2] for line in handle if line.split()[4] == mount_path]
+        lines = handle.read().splitlines()
+    devices = [line.split()[2] for line in lines if line.split()[4] == mount_path]
+    if not any(line.split()[4] == FUSECTL for line in lines):  # not mounted on every machine
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], check=False, capture_output=True)
     aborted = False
     for device in devices:
         major, minor = device.split(":")
         if major == "0":
             try:
-                with open(f"/sys/fs/fuse/connections/{minor}/abort", "w", encoding="ascii") as abort:
+                with open(f"{FUSECTL}/{minor}/abort", "w", encoding="ascii") as abort:
                     abort.write("1")
                 aborted = True
             except OSError:
