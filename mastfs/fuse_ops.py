@@ -160,8 +160,10 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def opendir(self, inode: int, ctx: Any) -> int:
-        """Snapshot the listing once per open, so readdir continuations page through one consistent list."""
-        entries = await self.tree.listdir(inode)
+        """Snapshot the listing once per open, so readdir continuations page through one consistent list;
+        ``.`` and ``..`` come first, as on a local disk."""
+        entries = [(name, await self.tree.lookup(inode, name)) for name in (".", "..")]
+        entries += await self.tree.listdir(inode)
         handle = self._next_dir_handle
         self._next_dir_handle += 1
         self._dir_handles[handle] = entries

@@ -75,6 +75,16 @@ def test_observation_directory_groups_products(mount, twin):
     assert "jw02733-o002_t001_miri_f1130w_i2d.fits" in os.listdir(mount.join("program", PROGRAM, OBS, "level3"))
 
 
+def test_listings_show_dot_and_dotdot_like_a_local_disk(mount):
+    level3 = mount.join("program", PROGRAM, OBS, "level3")
+    shown = subprocess.run(["ls", "-a1", level3], capture_output=True, text=True, check=True).stdout.split()
+    assert shown[:2] == [".", ".."]
+    assert sorted(shown[2:]) == sorted(os.listdir(level3))
+    assert os.stat(os.path.join(level3, "..")).st_ino == os.stat(mount.join("program", PROGRAM, OBS)).st_ino
+    root = subprocess.run(["ls", "-a1", mount.path], capture_output=True, text=True, check=True).stdout.split()
+    assert root == [".", "..", "README.txt", "cone", "obs", "program", "target"]
+
+
 def test_obs_target_and_cone_directories(mount):
     direct = mount.join("obs", OBS)
     assert "level3" in os.listdir(direct)
