@@ -24,6 +24,7 @@ import trio
 
 from ..errors import BadResponse, NotFound, Retryable, Unauthorized
 from ..retry import RetryPolicy
+from . import fetch_one_range
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,7 @@ class HttpFetcher:
         once; retries 5xx, 429, timeouts, resets, short bodies and wrong Content-Range answers under the
         policy, then raises Unavailable. Cancellation closes the connection and propagates.
         """
-        blocks: list[bytes] = []
-
-        async def keep(block: bytes) -> None:
-            blocks.append(block)
-
-        await self.fetch_blocks(uri, (start, end), keep)
-        return blocks[0]
+        return await fetch_one_range(self.fetch_blocks, uri, start, end)
 
     async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as

@@ -23,6 +23,7 @@ from botocore.config import Config
 from ..config import Settings
 from ..errors import BadResponse, NotFound, Retryable
 from ..retry import RetryPolicy
+from . import fetch_one_range
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,7 @@ class S3Fetcher:
         Unavailable. On cancellation the worker thread is abandoned (its result discarded; it ends at the
         latest at botocore's read timeout) and its limiter slot stays taken until then.
         """
-        blocks: list[bytes] = []
-
-        async def keep(block: bytes) -> None:
-            blocks.append(block)
-
-        await self.fetch_blocks(key, (start, end), keep)
-        return blocks[0]
+        return await fetch_one_range(self.fetch_blocks, key, start, end)
 
     async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
