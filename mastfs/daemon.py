@@ -268,7 +268,8 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
         operations = fuse_ops.Operations(services.tree)
         options = fuse_ops.mount_options(settings.allow_other)
         # Computed before mounting: realpath stats the mountpoint, which once mounted is served by this
-        # very thread (a self-deadlock). Likewise nothing below may touch the mount outside a thread.
+        # very thread (a self-deadlock). Likewise this process never touches its own mount: a thread of
+        # it waiting on the mount could not be killed (not even by SIGKILL) once the main loop is gone.
         control_path = control_socket_path(mountpoint)
         try:
             fuse_ops.init(operations, mountpoint, options)
@@ -288,10 +289,12 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
                 nursery.start_soon(serve_fuse)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
-                # A stat through the kernel proves the mount answers (served by serve_fuse above).
+                # A statfs through the kernel, from another process, proves the mount answers (served by
+                # serve_fuse above).
                 with trio.move_on_after(MOUNT_WAIT) as waited:
-                    await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-                if waited.cancelled_caught:
+                    probe = await trio.run_process(["stat", "--file-system", "--", mountpoint], check=False,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if waited.cancelled_caught or probe.returncode != 0:
                     log.error("the mount at %s did not answer within %gs; giving up", mountpoint, MOUNT_WAIT)
                     stop.request()
                     return 1
