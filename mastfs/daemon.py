@@ -287,6 +287,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(serve_fuse)
+                nursery.start_soon(operations.interrupts.run)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
                 # A statfs through the kernel, from another process, proves the mount answers (served by

@@ -72,6 +72,12 @@ class NoSuchAttribute(MastfsError):
     errno = errno.ENODATA
 
 
+class Interrupted(MastfsError):
+    """The process waiting on a request received a signal; the wait ends (the work behind it may go on)."""
+
+    errno = errno.EINTR
+
+
 class Retryable(MastfsError):
     """A transient failure the retry policy may try again; ``retry_after`` is the server's hint in seconds."""
 

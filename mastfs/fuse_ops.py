@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -21,12 +22,24 @@ import pyfuse3
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
-from .errors import InvalidName, MastfsError, NotFound, NotPermitted, ReadOnly, Unauthorized, errno_for
+from .errors import (
+    Interrupted,
+    InvalidName,
+    MastfsError,
+    NotFound,
+    NotPermitted,
+    ReadOnly,
+    Unauthorized,
+    errno_for,
+)
+from .interrupts import InterruptWatch
 from .tree import Attributes, Tree
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+RETRIED_READ_WINDOW = 1.0
+"""Seconds after a failed read during which the kernel's own retry on the same handle fails at once."""
 ENTRY_TIMEOUT = 60.0
 """Seconds the kernel may reuse a name lookup or attributes without asking again."""
 NEGATIVE_TIMEOUT = 10.0
@@ -62,7 +75,8 @@ def boundary(handler: F) -> F:
             if all(isinstance(leaf, MastfsError) for leaf in leaves):
                 first = leaves[0]
                 code = errno_for(first)
-                if isinstance(first, NotFound | NotPermitted | ReadOnly | Unauthorized) or code == errno.ENODATA:
+                if isinstance(first, NotFound | NotPermitted | ReadOnly | Unauthorized | Interrupted) or (
+                        code == errno.ENODATA):
                     log.debug("%s %s: %s", handler.__name__, self.where(handler.__name__, args), first)
                 else:
                     log.warning("%s %s failed (%s): %s", handler.__name__, self.where(handler.__name__, args),
@@ -73,6 +87,11 @@ def boundary(handler: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _pid(ctx: Any) -> int:
+    """The requesting thread's pid from a request context (0 when unknown)."""
+    return getattr(ctx, "pid", 0) or 0
 
 
 def _decode(name: bytes) -> str:
@@ -119,6 +138,10 @@ class Operations(pyfuse3.Operations):
     def __init__(self, tree: Tree) -> None:
         super().__init__()
         self.tree = tree
+        self.interrupts = InterruptWatch()
+        """Ends the waits of requesters interrupted by a signal (run ``interrupts.run()`` beside serving)."""
+        self._openers: dict[int, int] = {}
+        self._failed_reads: dict[int, tuple[float, MastfsError]] = {}
         self._dir_handles: dict[int, list[tuple[str, Attributes]]] = {}
         self._next_dir_handle = 1
 
@@ -141,7 +164,8 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         try:
-            return entry_attributes(await self.tree.lookup(parent_inode, _decode(name)))
+            attributes = await self.interrupts.call(_pid(ctx), lambda: self.tree.lookup(parent_inode, _decode(name)))
+            return entry_attributes(attributes)
         except NotFound as exc:
             if errno_for(exc) != errno.ENOENT:  # ENAMETOOLONG
                 raise
@@ -162,8 +186,12 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         """Snapshot the listing once per open, so readdir continuations page through one consistent list;
         ``.`` and ``..`` come first, as on a local disk."""
-        entries = [(name, await self.tree.lookup(inode, name)) for name in (".", "..")]
-        entries += await self.tree.listdir(inode)
+
+        async def listing() -> list[tuple[str, Attributes]]:
+            dots = [(name, await self.tree.lookup(inode, name)) for name in (".", "..")]
+            return dots + await self.tree.listdir(inode)
+
+        entries = await self.interrupts.call(_pid(ctx), listing)
         handle = self._next_dir_handle
         self._next_dir_handle += 1
         self._dir_handles[handle] = entries
@@ -189,15 +217,31 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise ReadOnly("mastfs is read-only")
-        handle = await self.tree.open(inode)
+        handle = await self.interrupts.call(_pid(ctx), lambda: self.tree.open(inode))
+        self._openers[handle] = _pid(ctx)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        return await self.tree.read(fh, off, size)
+        """Reads carry no requester, so the process that opened ``fh`` stands for it (interruptions).
+
+        When a page-cache read fails, the kernel at once asks again for the page the reader needs, as a
+        new request on the same handle; that request fails at once with the same error (once, within
+        RETRIED_READ_WINDOW), so a read(2) ends within one deadline, not two."""
+        failed = self._failed_reads.pop(fh, None)
+        if failed is not None and time.monotonic() - failed[0] < RETRIED_READ_WINDOW:
+            raise failed[1]
+        try:
+            return await self.interrupts.call(self._openers.get(fh, 0), lambda: self.tree.read(fh, off, size))
+        except MastfsError as exc:
+            if errno_for(exc) == errno.EIO:
+                self._failed_reads[fh] = (time.monotonic(), exc)
+            raise
 
     @boundary
     async def release(self, fh: int) -> None:
+        self._openers.pop(fh, None)
+        self._failed_reads.pop(fh, None)
         self.tree.release(fh)
 
     @boundary
