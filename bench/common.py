@@ -172,13 +172,17 @@ class TwinProcess:
         assert self.process is not None
         return self.process.pid
 
-    def _admin(self, path: str, method: str = "GET") -> bytes:
-        request = urllib.request.Request(self.info["mast_url"] + path, method=method)
+    def _admin(self, path: str, method: str = "GET", body: bytes | None = None) -> bytes:
+        request = urllib.request.Request(self.info["mast_url"] + path, method=method, data=body)
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 
     def stats(self) -> dict:
         return json.loads(self._admin("/__twin__/stats"))
+
+    def set_link(self, link: dict[str, float]) -> None:
+        """Pace product bodies like ``link`` ({first_byte_ms, stream_mb_s}; zeros: loopback)."""
+        self._admin("/__twin__/link", method="PUT", body=json.dumps(link).encode())
 
     def reset_stats(self) -> None:
         self._admin("/__twin__/stats/reset", method="POST")

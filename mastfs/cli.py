@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--s3-port", type=int, default=0, help="S3 port (0: pick a free one)")
     serve.add_argument("--scale", type=float, default=1.0,
                        help="file sizes relative to the real archive (default: 1.0)")
+    serve.add_argument("--first-byte-ms", type=float, default=0.0, metavar="MS",
+                       help="latency before the first byte of every product body (default: 0, loopback)")
+    serve.add_argument("--stream-mb-s", type=float, default=0.0, metavar="MB_S",
+                       help="bandwidth of each product body's connection in MB/s (default: 0, unlimited); "
+                       "S3 gives about 90 per connection")
     serve.set_defaults(run=run_twin_serve)
     return parser
 
@@ -221,10 +226,16 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def run_twin_serve(args: argparse.Namespace) -> int:
+    from .twin.link import Link
     from .twin.server import serve
 
     logging.basicConfig(level=logging.WARNING)
-    serve(host=args.host, port=args.port, s3_port=args.s3_port, scale=args.scale)
+    try:
+        link = Link(args.first_byte_ms, args.stream_mb_s)
+    except ValueError as exc:
+        print(f"mastfs twin serve: {exc}", file=sys.stderr)
+        return 2
+    serve(host=args.host, port=args.port, s3_port=args.s3_port, scale=args.scale, link=link)
     return 0
 
 

@@ -46,12 +46,13 @@ from .fetch.s3 import S3Fetcher
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 32 * 1024 * 1024
+MEMORY_LIMIT = 40 * 1024 * 1024
 """Default byte cap of the in-memory LRU of recent blocks: the readahead window plus two blocks."""
-MAX_READAHEAD_BLOCKS = 6
-"""Default largest readahead window, in blocks (6 x 4 MiB = 24 MiB ahead of the reader)."""
-RUN_BLOCKS = 4
-"""Default most blocks fetched by one ranged request (4 x 4 MiB = 16 MiB)."""
+MAX_READAHEAD_BLOCKS = 8
+"""Default largest readahead window, in blocks (8 x 4 MiB = 32 MiB ahead of the reader: four runs in flight)."""
+RUN_BLOCKS = 2
+"""Default most blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends for
+parallel GETs: parallel runs beat the bandwidth of one connection)."""
 UNSTORED_BLOCKS = 4
 """Most fetched blocks waiting for the disk; runs pause before fetching more (bounded memory)."""
 SEQUENTIAL_SLACK = 1024 * 1024

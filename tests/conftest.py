@@ -19,8 +19,11 @@ def twin():
 
 @pytest.fixture
 def clean_twin(twin):
-    """The session twin with no faults and zeroed counters, restored to no faults afterwards."""
+    """The session twin with no faults, a loopback link and zeroed counters, restored to no faults and
+    a loopback link afterwards."""
     twin.faults.clear()
+    twin.link.set(0, 0)
     twin.reset_stats()
     yield twin
     twin.faults.clear()
+    twin.link.set(0, 0)

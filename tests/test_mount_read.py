@@ -77,6 +77,18 @@ def test_s3_product_matches_the_twin(mount, clean_twin):
     assert eventually_cached(path) == os.stat(path).st_size
 
 
+def test_reads_over_a_slow_link_are_right_and_fetched_once(mount, clean_twin):
+    """Over a link like S3's (latency and per-connection bandwidth), a sequential read gets exact bytes,
+    each fetched once: the header block, then the rest in range requests (readahead)."""
+    product = max((p for p in clean_twin.catalog.products() if p.s3_key and not p.exclusive
+                   and p.program == "2733" and p.filename.endswith("_i2d.fits")), key=lambda p: p.size)
+    path = mount.join("program", PROGRAM, product.filename.rsplit("_", 1)[0], "level3", product.filename)
+    clean_twin.link.set(first_byte_ms=20, stream_mb_s=20)
+    assert sha256_of(path) == clean_twin.catalog.sha256(product.uri)
+    sent = clean_twin.stats()["endpoints"]["s3:GetObject"]
+    assert sent["requests"] >= 2 and sent["bytes_sent"] == product.size
+
+
 def eventually_cached(path, wait=10.0):
     """``user.mastfs.cached_bytes`` of ``path`` once it reaches the file's size, or after ``wait``
     seconds (blocks are stored in the background just after they are served)."""

@@ -29,7 +29,7 @@ import hashlib
 import logging
 import math
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -37,6 +37,9 @@ from mastfs.twin import fitsgen
 from mastfs.twin.fitsgen import FitsSpec, GeneratedFile, ImageExt
 
 logger = logging.getLogger(__name__)
+
+PIECE_SIZE = 1 << 20
+"""Default size of the pieces :meth:`Catalog.pieces` streams a product body in (1 MiB)."""
 
 PROGRAM_2733 = "2733"
 OBS_2733_MIRI_F1130W = "jw02733-o002_t001_miri_f1130w"
@@ -414,6 +417,17 @@ class Catalog:
         Raises KeyError for an unknown uri, ValueError for a negative offset or length.
         """
         return self._generated(uri).read(offset, length)
+
+    def pieces(self, uri: str, offset: int, length: int, piece_size: int = PIECE_SIZE) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of the product (clipped to its size) in pieces of at most
+        ``piece_size`` bytes, each read when asked for. Raises KeyError for an unknown uri."""
+        position, end = offset, offset + length
+        while position < end:
+            data = self.read(uri, position, min(piece_size, end - position))
+            if not data:
+                return
+            yield bytes(data)
+            position += len(data)
 
     def sha256(self, uri: str) -> str:
         """Hex SHA-256 of the product's bytes, computed by streaming `read`; memoised.

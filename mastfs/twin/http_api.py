@@ -49,6 +49,7 @@ from mastfs.twin.faults import (
     endless_paging,
     mutate_rows,
 )
+from mastfs.twin.link import Link
 
 logger = logging.getLogger(__name__)
 
@@ -313,10 +314,12 @@ class MastHttpServer(TrackedConnections, ThreadingHTTPServer):
         catalog: Catalog,
         faults: FaultController,
         stats: TwinStats,
+        link: Link | None = None,
     ) -> None:
         self.catalog = catalog
         self.faults = faults
         self.stats = stats
+        self.link = link if link is not None else Link()
         self.observations: list[dict] = catalog.observation_rows()
         self.observation_columns: set[str] = set()
         for row in self.observations:
@@ -368,6 +371,9 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         self._dispatch()
 
     def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
         self._dispatch()
 
     # ---- routing -------------------------------------------------------------------------------------
@@ -562,13 +568,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 yield view[start : start + CHUNK_SIZE]
             return
         uri, offset, _ = reply.stream
-        position, end = offset, offset + limit
-        while position < end:
-            data = self.server.catalog.read(uri, position, min(CHUNK_SIZE, end - position))
-            if not data:
-                break
-            yield data
-            position += len(data)
+        yield from self.server.link.pace(self.server.catalog.pieces(uri, offset, limit, CHUNK_SIZE))
 
     # ---- admin -----------------------------------------------------------------------------------------
 
@@ -597,6 +597,16 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         if route == "stats/reset" and method == "POST":
             stats.reset()
             return json_reply(stats.snapshot())
+        if route == "link":
+            if method == "PUT":
+                try:
+                    spec = json.loads(self.body or b"null")
+                    self.server.link.set(spec.get("first_byte_ms", 0), spec.get("stream_mb_s", 0))
+                except (AttributeError, TypeError, ValueError) as exc:
+                    return json_reply({"error": f"a link is {{first_byte_ms, stream_mb_s}} >= 0: {exc}"},
+                                      status=400)
+            if method in ("GET", "PUT"):
+                return json_reply(self.server.link.to_json())
         if route == "requests" and method == "GET":
             return json_reply({"requests": stats.requests()})
         if route == "sha256" and method == "GET":

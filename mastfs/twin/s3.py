@@ -48,6 +48,7 @@ from mastfs.twin.faults import (
     TwinStats,
 )
 from mastfs.twin.http_api import CHUNK_SIZE, mismatched_range, parse_single_range
+from mastfs.twin.link import Link
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +170,13 @@ class S3Gateway:
         faults: FaultController,
         stats: TwinStats,
         resets: ResetRegistry,
+        link: Link | None = None,
     ) -> None:
         self.catalog = catalog
         self.faults = faults
         self.stats = stats
         self.resets = resets
+        self.link = link if link is not None else Link()
         self.owner = uuid.uuid4().hex
         self.account_id = f"{next(_account_numbers) % 10**12:012d}"
         self.moto_app = create_backend_app("s3")
@@ -374,14 +377,8 @@ class S3Gateway:
         return None
 
     def _stream(self, uri: str, offset: int, length: int) -> Iterator[bytes]:
-        """Catalog bytes [offset, offset+length) in pieces of at most CHUNK_SIZE."""
-        position, end = offset, offset + length
-        while position < end:
-            data = self.catalog.read(uri, position, min(CHUNK_SIZE, end - position))
-            if not data:
-                return
-            yield bytes(data)
-            position += len(data)
+        """Catalog bytes [offset, offset+length) in pieces of at most CHUNK_SIZE, paced by the link."""
+        return self.link.pace(self.catalog.pieces(uri, offset, length, CHUNK_SIZE))
 
     def _counted(
         self,

@@ -21,6 +21,7 @@ from mastfs.twin.catalog import Catalog
 from mastfs.twin.connections import ResetRegistry
 from mastfs.twin.faults import FaultController, TwinStats
 from mastfs.twin.http_api import MastHttpServer
+from mastfs.twin.link import Link
 from mastfs.twin.s3 import ADMIN_PING_PATH, BUCKET, S3Gateway, S3Server
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class Twin:
 
     Attributes: ``mast_url`` ("http://127.0.0.1:P"), ``resolver_url`` (mast_url + "/Santa-war/query"),
     ``s3_endpoint`` ("http://127.0.0.1:Q"), ``bucket`` ("stpubdata"), ``catalog`` (the Catalog served),
-    ``faults`` (the FaultController).
+    ``faults`` (the FaultController), ``link`` (the :class:`~mastfs.twin.link.Link` product bodies are
+    paced by; loopback unless set).
     """
 
     def __init__(
@@ -44,9 +46,11 @@ class Twin:
         gateway: S3Gateway,
         faults: FaultController,
         stats: TwinStats,
+        link: Link,
     ) -> None:
         self.catalog = catalog
         self.faults = faults
+        self.link = link
         self._stats = stats
         self._http_server = http_server
         self._s3_server = s3_server
@@ -61,9 +65,11 @@ class Twin:
         self._stopped = False
 
     @classmethod
-    def start(cls, host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float = 1.0) -> Twin:
+    def start(cls, host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float = 1.0,
+              link: Link | None = None) -> Twin:
         """Build the catalog at ``scale``, start the HTTP server on ``port`` and the S3 server on
-        ``s3_port`` (0 = any free port) in background threads, and return once both answer.
+        ``s3_port`` (0 = any free port) in background threads, and return once both answer. ``link``
+        paces product bodies (default: loopback, no pacing).
 
         Raises OSError when a port cannot be bound, TimeoutError when a server does not come up.
         """
@@ -71,14 +77,15 @@ class Twin:
         faults = FaultController()
         stats = TwinStats()
         resets = ResetRegistry()
-        http_server = MastHttpServer((host, port), catalog, faults, stats)
+        link = link if link is not None else Link()
+        http_server = MastHttpServer((host, port), catalog, faults, stats, link)
         try:
-            gateway = S3Gateway(catalog, faults, stats, resets)
+            gateway = S3Gateway(catalog, faults, stats, resets, link)
             s3_server = S3Server(host, s3_port, gateway, resets)
         except BaseException:
             http_server.server_close()
             raise
-        twin = cls(catalog, http_server, s3_server, gateway, faults, stats)
+        twin = cls(catalog, http_server, s3_server, gateway, faults, stats, link)
         for name, server in (("twin-http", http_server), ("twin-s3", s3_server)):
             thread = threading.Thread(
                 target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True
@@ -151,7 +158,8 @@ class Twin:
         self.stop()
 
 
-def serve(host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float = 1.0) -> None:
+def serve(host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float = 1.0,
+          link: Link | None = None) -> None:
     """Run a twin in the foreground: print one JSON line (:meth:`Twin.info`) to stdout, then serve
     until SIGTERM or SIGINT, then stop cleanly and return (the CLI exits 0)."""
     stop_requested = threading.Event()
@@ -162,7 +170,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with Twin.start(host=host, port=port, s3_port=s3_port, scale=scale) as twin:
+        with Twin.start(host=host, port=port, s3_port=s3_port, scale=scale, link=link) as twin:
             sys.stdout.write(json.dumps(twin.info()) + "\n")
             sys.stdout.flush()
             while not stop_requested.wait(0.5):
