@@ -255,16 +255,54 @@ def test_stalled_server_ls_and_read_are_eio_within_the_deadline(mounts, twin, fr
     assert mount.process.poll() is None
 
 
-READER = """
+INTERRUPTED = """
 import ctypes, os, signal, sys
 signal.signal(signal.SIGINT, lambda *_: None)  # a program that handles SIGINT and goes on
-libc = ctypes.CDLL(None, use_errno=True)  # read(2) itself: Python's own reads retry after EINTR
-fd = os.open(sys.argv[1], os.O_RDONLY)
-buffer = ctypes.create_string_buffer(1 << 20)
-print("ready", flush=True)
-count = libc.read(fd, buffer, len(buffer))
-print("read" if count >= 0 else f"error {ctypes.get_errno()}", flush=True)
+libc = ctypes.CDLL(None, use_errno=True)  # the system calls themselves: Python's own retry after EINTR
+libc.open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+if sys.argv[1] == "read":
+    fd = os.open(sys.argv[2], os.O_RDONLY)
+    buffer = ctypes.create_string_buffer(1 << 20)
+    print("ready", flush=True)
+    result = libc.read(fd, buffer, len(buffer))
+else:  # open a directory: the listing is made then (FUSE opendir)
+    print("ready", flush=True)
+    result = libc.open(os.fsencode(sys.argv[2]), os.O_RDONLY | os.O_DIRECTORY)
+print("done" if result >= 0 else f"error {ctypes.get_errno()}", flush=True)
 """
+
+
+def interrupt_while_waiting(operation: str, path: str) -> tuple[str, float]:
+    """Run ``operation`` ("read" or "opendir") of ``path`` in a program that handles SIGINT, send it
+    SIGINT once it waits, and return what it printed and how long after the signal it ended."""
+    program = subprocess.Popen([sys.executable, "-c", INTERRUPTED, operation, path],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert program.stdout.readline() == "ready\n"
+        time.sleep(0.5)  # the request now waits on the stalled server
+        assert program.poll() is None
+        sent = time.monotonic()
+        program.send_signal(signal.SIGINT)
+        output, _ = program.communicate(timeout=SLACK_LIMIT)
+        return output, time.monotonic() - sent
+    finally:
+        if program.poll() is None:
+            program.kill()
+            program.wait()
+
+
+def test_a_listing_interrupted_by_a_signal_returns_promptly(mounts, twin, fresh):
+    mount = mounts.live["auto"]
+    obs_id = next(fresh)
+    twin.faults.add("invoke", "stall")
+    try:
+        output, returned_after = interrupt_while_waiting("opendir", mount.join("obs", obs_id))
+    finally:
+        twin.faults.clear()
+    assert output.split() == ["error", str(errno.EINTR)], output
+    assert returned_after < DEADLINE, f"the interrupted listing took {returned_after:.1f}s"
+    assert mount.process.poll() is None
+    assert sorted(os.listdir(mount.join("obs", obs_id)))  # the same listing works afterwards
 
 
 def test_a_reader_interrupted_by_a_signal_returns_promptly(mounts, twin, fresh):
@@ -275,21 +313,10 @@ def test_a_reader_interrupted_by_a_signal_returns_promptly(mounts, twin, fresh):
     case = Case(twin, mount, obs_id)
     case.prepare("s3_bytes")
     twin.faults.add("s3", "stall")
-    reader = subprocess.Popen([sys.executable, "-c", READER, mount.join(case.rel_path(case.uri))],
-                              stdout=subprocess.PIPE, text=True)
     try:
-        assert reader.stdout.readline() == "ready\n"
-        time.sleep(0.5)  # the read is now waiting on the stalled server
-        assert reader.poll() is None
-        sent = time.monotonic()
-        reader.send_signal(signal.SIGINT)
-        output, _ = reader.communicate(timeout=SLACK_LIMIT)
-        returned_after = time.monotonic() - sent
+        output, returned_after = interrupt_while_waiting("read", mount.join(case.rel_path(case.uri)))
     finally:
         twin.faults.clear()
-        if reader.poll() is None:
-            reader.kill()
-            reader.wait()
     assert output.split() == ["error", str(errno.EINTR)], output
     # EINTR comes from the daemon noticing the signal, not from the deadline (EIO, after 3 s or more).
     assert returned_after < DEADLINE, f"the interrupted reader took {returned_after:.1f}s"
