@@ -453,6 +453,30 @@ def control_socket_path(mountpoint: str) -> str:
     return os.path.join(_control_dirs()[0], f"{digest}.sock")
 
 
+def remove_stale_sockets(directory: str) -> list[str]:
+    """Remove the control sockets in ``directory`` that no daemon listens on any more (a killed daemon
+    leaves its socket behind); returns their paths. Sockets that answer, or whose state is unclear, stay."""
+    removed = []
+    for entry in os.scandir(directory):
+        if not entry.name.endswith(".sock") or not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            probe.connect(entry.path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:  # busy (EAGAIN), gone meanwhile, ...: leave it
+            pass
+        finally:
+            probe.close()
+    if removed:
+        log.info("removed %d control socket(s) of daemons that are gone", len(removed))
+    return removed
+
+
 def _private_dir(path: str) -> None:
     """Create ``path`` mode 0700, refusing one that is a symlink or someone else's."""
     os.makedirs(path, mode=0o700, exist_ok=True)
@@ -500,6 +524,7 @@ async def _serve_control(path: str, settings: Settings, mountpoint: str, service
     listener_socket = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _private_dir(os.path.dirname(path))
+        await trio.to_thread.run_sync(remove_stale_sockets, os.path.dirname(path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         old_umask = os.umask(0o177)  # the socket is created mode 0600

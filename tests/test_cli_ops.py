@@ -515,3 +515,20 @@ def test_fstab_mount_helper(twin, tmp_path):
                          text=True, timeout=60, env=env)
     assert bad.returncode != 0 and "unknown mount option 'cache_sise'" in bad.stderr
     assert not _is_mounted(str(mountpoint))
+
+
+def test_stale_control_sockets_are_removed_and_live_ones_kept(tmp_path):
+    from mastfs.daemon import remove_stale_sockets
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "dead.sock"))
+    stale.close()  # a killed daemon's socket: the file stays, nobody listens
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen(1)
+    (tmp_path / "notes.sock").write_text("not a socket")
+    try:
+        assert remove_stale_sockets(str(tmp_path)) == [str(tmp_path / "dead.sock")]
+    finally:
+        live.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["live.sock", "notes.sock"]
