@@ -8,8 +8,9 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 ``"end": true``:
 
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
-  (dir, used, limit, blocks) and ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
-  source, hits and misses, errors by type).
+  (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
+  source, hits and misses, errors by type), ``mast`` (API requests and failures) and ``interrupted``
+  (requests whose wait ended because a signal interrupted the requester).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
 - ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
@@ -608,6 +609,7 @@ class ControlHandler:
                       "blocks": self.services.cache.entries},
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
+            "interrupted": self.operations.interrupts.interrupted,
         }
 
     async def prefetch(self, stream: trio.SocketStream, message: dict[str, Any]) -> None:

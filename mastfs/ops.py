@@ -108,6 +108,7 @@ def format_status(status: dict[str, Any]) -> str:
                                                  for name, count in sorted(sent.items())) or "no requests yet"))
     errors = reader.get("errors", {})
     lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
+    lines.append(f"  signals   {status.get('interrupted', 0)} waits ended early by a signal to the requester")
     in_flight = reader.get("in_flight", [])
     lines.append(f"  transfers {len(in_flight)} in flight")
     for transfer in in_flight:

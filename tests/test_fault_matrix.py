@@ -318,6 +318,9 @@ def test_a_reader_interrupted_by_a_signal_returns_promptly(mounts, twin, fresh):
     finally:
         twin.faults.clear()
     assert output.split() == ["error", str(errno.EINTR)], output
+    status = subprocess.run([sys.executable, "-m", "mastfs", "status", "--json", mount.path],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(status.stdout)["interrupted"] >= 1, status.stdout + status.stderr
     # EINTR comes from the daemon noticing the signal, not from the deadline (EIO, after 3 s or more).
     assert returned_after < DEADLINE, f"the interrupted reader took {returned_after:.1f}s"
     STALL_FIGURES.update(signal_to_return_seconds=round(returned_after, 2))
