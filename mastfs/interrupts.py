@@ -30,17 +30,18 @@ _SIGNAL_FIELDS = (b"SigPnd", b"ShdPnd", b"SigBlk")
 def signal_pending(pid: int) -> bool:
     """Whether thread ``pid`` or its process has a signal pending that the thread does not block.
 
-    False when the process is gone or its status cannot be read. Reads procfs only (no blocking I/O)."""
+    False when the process is gone or its status cannot be read or parsed. Reads procfs only (no
+    blocking I/O); never raises."""
     try:
         with open(f"/proc/{pid}/status", "rb") as status:
             text = status.read()
-    except OSError:
+        masks = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(b":")
+            if key in _SIGNAL_FIELDS:
+                masks[key] = int(value.strip(), 16)
+    except (OSError, ValueError):
         return False
-    masks = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(b":")
-        if key in _SIGNAL_FIELDS:
-            masks[key] = int(value.strip(), 16)
     if len(masks) != len(_SIGNAL_FIELDS):
         return False
     return bool((masks[b"SigPnd"] | masks[b"ShdPnd"]) & ~masks[b"SigBlk"])
