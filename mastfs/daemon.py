@@ -610,6 +610,7 @@ class ControlHandler:
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
             "interrupted": self.operations.interrupts.interrupted,
+            "tree": self.services.tree.stats(),
         }
 
     async def prefetch(self, stream: trio.SocketStream, message: dict[str, Any]) -> None:

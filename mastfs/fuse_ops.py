@@ -89,6 +89,9 @@ def boundary(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_DOTS = (".", "..")
+
+
 def _pid(ctx: Any) -> int:
     """The requesting thread's pid from a request context (0 when unknown)."""
     return getattr(ctx, "pid", 0) or 0
@@ -178,7 +181,9 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def forget(self, inode_list: Any) -> None:
-        """Inodes are kept for the mount's life (numbers are stable per path), so nothing to do."""
+        """The kernel dropped references; nodes it no longer knows leave memory (numbers stay per path)."""
+        for inode, count in inode_list:
+            self.tree.forget(inode, count)
 
     # ------------------------------------------------------------------------------- directories
 
@@ -188,8 +193,7 @@ class Operations(pyfuse3.Operations):
         ``.`` and ``..`` come first, as on a local disk."""
 
         async def listing() -> list[tuple[str, Attributes]]:
-            dots = [(name, await self.tree.lookup(inode, name)) for name in (".", "..")]
-            return dots + await self.tree.listdir(inode)
+            return await self.tree.dot_entries(inode) + await self.tree.listdir(inode)
 
         entries = await self.interrupts.call(_pid(ctx), listing)
         handle = self._next_dir_handle
@@ -206,10 +210,13 @@ class Operations(pyfuse3.Operations):
             name, attributes = entries[index]
             if not pyfuse3.readdir_reply(token, name.encode("utf-8"), entry_attributes(attributes), index + 1):
                 break
+            if name not in _DOTS:  # the kernel takes a reference to each entry but . and ..
+                self.tree.remember(attributes.ino)
 
     @boundary
     async def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        entries = self._dir_handles.pop(fh, None) or []
+        self.tree.drop_unreferenced([attributes.ino for name, attributes in entries if name not in _DOTS])
 
     # ------------------------------------------------------------------------------------- files
 

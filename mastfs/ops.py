@@ -109,6 +109,9 @@ def format_status(status: dict[str, Any]) -> str:
     errors = reader.get("errors", {})
     lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
     lines.append(f"  signals   {status.get('interrupted', 0)} waits ended early by a signal to the requester")
+    tree = status.get("tree", {})
+    lines.append(f"  metadata  {tree.get('nodes', 0)} inodes in memory ({tree.get('kernel_inodes', 0)} known to the "
+                 f"kernel), {tree.get('memos', 0)} listings memoised")
     in_flight = reader.get("in_flight", [])
     lines.append(f"  transfers {len(in_flight)} in flight")
     for transfer in in_flight:

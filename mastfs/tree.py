@@ -5,10 +5,14 @@ Knows nothing of FUSE: :mod:`mastfs.fuse_ops` adapts these calls to pyfuse3. The
 bytes come from the ByteReader.
 
 Contract:
-- Inode numbers are stable per path for the life of the mount: a path is given a number the first time
-  it is seen and keeps it; numbers are never reused. ``/obs/X`` and ``/program/P/X`` are different
-  directories (the kernel must never see one directory under two names) but their files share one
-  :class:`ProductRef`, hence one cache identity.
+- Inode numbers are stable per path: a path's number is a 63-bit hash of it (the same in every mount),
+  probed past the live node of another path in the (never yet seen) case of a collision. ``/obs/X``
+  and ``/program/P/X`` are different directories (the kernel must never see one directory under two
+  names) but their files share one :class:`ProductRef`, hence one cache identity.
+- Memory follows the kernel: the adapter reports every entry it hands out (:meth:`Tree.remember`) and
+  every FUSE forget (:meth:`Tree.forget`); a node the kernel no longer knows is dropped (the last
+  :data:`FORGOTTEN_KEPT` stay findable, in case the kernel asks again), and expired memos are swept,
+  so listing a million files does not keep a million nodes once the kernel lets them go.
 - Directory contents are memoised for :data:`MEMO_TTL` seconds (trio clock) so that a 3,000-file
   ``ls -l`` costs one Archive call, not one per lookup; the Archive decides when MAST is asked again.
 - Every method raises only :mod:`mastfs.errors` types: NotFound/InvalidName for names that do not
@@ -19,10 +23,12 @@ Contract:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,6 +43,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROOT_INODE = 1
+FORGOTTEN_KEPT = 4096
+"""How many nodes the kernel forgot stay findable by inode number (a safety margin, not a cache)."""
+MEMO_SWEEP_EVERY = 256
+"""Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
 """Seconds a directory's contents are reused before the Archive is asked again (the kernel caches
 entries and attributes for as long)."""
@@ -466,9 +476,11 @@ class Tree:
         self.make_ref = product_ref
         self._cache_usage = cache_usage
         self.cached_bytes = cached_bytes
-        self._inos: dict[tuple[str, ...], int] = {(): ROOT_INODE}
         self._nodes: dict[int, Node] = {ROOT_INODE: RootDir(ROOT_INODE, ())}
+        self._lookups: dict[int, int] = {}
+        self._forgotten: OrderedDict[int, Node] = OrderedDict()
         self._memos: dict[tuple[str, ...], _Memo] = {}
+        self._memos_added = 0
         self._flights: dict[tuple[str, ...], _Flight] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next_handle = 1
@@ -477,28 +489,78 @@ class Tree:
     # ---------------------------------------------------------------------------- inodes and memos
 
     def intern(self, cls: Callable[..., Node], path: tuple[str, ...], *args: Any) -> Node:
-        """The node for ``path``: the existing one when it shows the same thing, else a fresh one with
-        the same inode number (a path's number never changes)."""
-        ino = self._inos.get(path)
-        if ino is None:
-            ino = self._inos[path] = len(self._inos) + 1
+        """The node for ``path``: the one the kernel knows when it shows the same thing, else a fresh
+        one with the same inode number (a path's number never changes). Only handing a node to the
+        kernel (:meth:`lookup`, :meth:`listdir`) registers it under its number."""
+        ino = self._ino_of(path)
         fresh = cls(ino, path, *args)
-        existing = self._nodes.get(ino)
+        existing = self._nodes.get(ino) or self._forgotten.get(ino)
         if existing is not None and existing.same_as(fresh):
             return existing
-        self._nodes[ino] = fresh
         return fresh
 
+    def _ino_of(self, path: tuple[str, ...]) -> int:
+        if not path:
+            return ROOT_INODE
+        text = "/".join(path).encode("utf-8", "surrogateescape")
+        while True:
+            ino = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+            holder = self._nodes.get(ino) or self._forgotten.get(ino)
+            if ino > ROOT_INODE and (holder is None or holder.path == path):
+                return ino
+            text += b"\0"  # taken by another path (or the root's number): probe on
+
     def existing(self, path: tuple[str, ...]) -> Node | None:
-        ino = self._inos.get(path)
-        return None if ino is None else self._nodes.get(ino)
+        node = self._nodes.get(self._ino_of(path))
+        return node if node is not None and node.path == path else None
 
     def node(self, ino: int) -> Node:
-        """The node of inode ``ino``. Raises NotFound for numbers never handed out."""
+        """The node of inode ``ino`` (one the kernel forgot lately is taken back). Raises NotFound for
+        numbers not handed out or forgotten long ago."""
         node = self._nodes.get(ino)
         if node is None:
-            raise NotFound(f"no inode {ino}")
+            node = self._forgotten.pop(ino, None)
+            if node is None:
+                raise NotFound(f"no inode {ino}")
+            self._nodes[ino] = node
         return node
+
+    def _hand_out(self, node: Node) -> None:
+        """Register ``node`` under its number: the kernel is about to know it."""
+        self._nodes[node.ino] = node
+        self._forgotten.pop(node.ino, None)
+
+    def remember(self, ino: int) -> None:
+        """The kernel took one more reference to ``ino`` (a readdirplus entry of :meth:`listdir`;
+        :meth:`lookup` counts itself): its node stays until as many are forgotten."""
+        if ino != ROOT_INODE:
+            self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def drop_unreferenced(self, inos: list[int]) -> None:
+        """Let go of listed nodes the kernel holds no reference to (entries of a listing never handed
+        out, or forgotten since)."""
+        for ino in inos:
+            if ino != ROOT_INODE and ino not in self._lookups:
+                self._nodes.pop(ino, None)
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` references to ``ino``; at none left, its node goes (to the
+        small set of recently forgotten ones)."""
+        left = self._lookups.get(ino, 0) - count
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        node = self._nodes.pop(ino, None) if ino != ROOT_INODE else None
+        if node is not None:
+            self._forgotten[ino] = node
+            while len(self._forgotten) > FORGOTTEN_KEPT:
+                self._forgotten.popitem(last=False)
+
+    def stats(self) -> dict[str, int]:
+        """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos."""
+        return {"nodes": len(self._nodes), "kernel_inodes": len(self._lookups), "memos": len(self._memos),
+                "forgotten_kept": len(self._forgotten)}
 
     async def memoised(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
         """The memoised value for ``key`` while fresh (MEMO_TTL), else the result of ``await load()``.
@@ -524,6 +586,9 @@ class Tree:
             flight.value = await load()
             flight.loaded = True
             self._memos[key] = _Memo(flight.value, trio.current_time() + MEMO_TTL)
+            self._memos_added += 1
+            if self._memos_added % MEMO_SWEEP_EVERY == 0:
+                self._sweep_memos()
             return flight.value
         except Exception as exc:
             flight.error = exc
@@ -531,6 +596,11 @@ class Tree:
         finally:
             del self._flights[key]
             flight.done.set()
+
+    def _sweep_memos(self) -> None:
+        now = trio.current_time()
+        for key in [key for key, memo in self._memos.items() if memo.expires <= now]:
+            del self._memos[key]
 
     def forget_memos(self, prefix: tuple[str, ...]) -> int:
         """Drop memoised contents at and below ``prefix``; returns how many were dropped."""
@@ -548,17 +618,27 @@ class Tree:
     # ------------------------------------------------------------------------------ namespace ops
 
     async def lookup(self, parent_ino: int, name: str) -> Attributes:
-        """Attributes of ``name`` in directory ``parent_ino`` (``.`` and ``..`` included)."""
-        return await self.attributes(await self.child(parent_ino, name))
+        """Attributes of ``name`` in directory ``parent_ino`` (``.`` and ``..`` included), for the
+        kernel's LOOKUP: the node is handed out and the reference counted (see :meth:`forget`)."""
+        node = await self._child(self.node(parent_ino), name)
+        attributes = await self.attributes(node)
+        self._hand_out(node)
+        self.remember(node.ino)
+        return attributes
 
-    async def child(self, parent_ino: int, name: str) -> Node:
-        parent = self.node(parent_ino)
+    async def dot_entries(self, ino: int) -> list[tuple[str, Attributes]]:
+        """``.`` and ``..`` of directory ``ino`` for a listing (not counted: the kernel takes no
+        reference to them from a readdirplus)."""
+        directory = self.node(ino)
+        return [(name, await self.attributes(await self._child(directory, name))) for name in (".", "..")]
+
+    async def _child(self, parent: Node, name: str) -> Node:
         if not isinstance(parent, DirNode):
             raise NotFound(f"{parent.path_text} is not a directory")
         if name == ".":
             return parent
         if name == "..":
-            return self.existing(parent.path[:-1]) or self._nodes[ROOT_INODE]
+            return self.existing(parent.path[:-1]) or await self.resolve_path("/".join(parent.path[:-1]))
         return await parent.child(self, name)
 
     async def getattr(self, ino: int) -> Attributes:
@@ -583,7 +663,10 @@ class Tree:
         unresolved = [n for n in entries.values() if isinstance(n, ProductFile) and n.resolved_size is None]
         if unresolved:
             await self._resolve_sizes(unresolved)
-        return [(name, await self.attributes(child)) for name, child in entries.items()]
+        listed = [(name, await self.attributes(child)) for name, child in entries.items()]
+        for child in entries.values():  # registered now, counted as readdir hands each out (remember)
+            self._hand_out(child)
+        return listed
 
     async def _resolve_sizes(self, files: list[ProductFile]) -> None:
         limiter = trio.CapacityLimiter(SIZE_RESOLVERS)
@@ -600,7 +683,7 @@ class Tree:
         """The node at an absolute path inside the mount (``/program/2733``)."""
         node = self._nodes[ROOT_INODE]
         for part in (p for p in path.split("/") if p):
-            node = await self.child(node.ino, part)
+            node = await self._child(node, part)
         return node
 
     # ----------------------------------------------------------------------------------- file I/O
@@ -699,15 +782,14 @@ class Tree:
         block = 4096
         total = max(limit, used)
         return FsStats(block_size=block, blocks=total // block, blocks_free=(total - used) // block,
-                       files=len(self._inos))
+                       files=len(self._nodes))
 
     async def refresh(self, path: str) -> list[int]:
         """Drop cached metadata at and below ``path`` (the Archive's, the memos, the product refs) so
         it is asked of MAST again. Returns the inode numbers whose kernel caches should be invalidated.
         """
         node = await self.resolve_path(path)
-        below = [self._nodes[ino] for p, ino in self._inos.items()
-                 if p[: len(node.path)] == node.path and ino in self._nodes]
+        below = [n for n in self._nodes.values() if n.path[: len(node.path)] == node.path]
         if isinstance(node, RootDir):
             await self.archive.forget_all()
         else:

@@ -178,6 +178,9 @@ def test_status_shows_cache_transfers_counters_and_sources(mount, clean_twin):
     assert re.search(r"requests +[1-9]\d* for file bytes", text)
     assert "errors    none" in text
     assert "signals   0 waits ended early by a signal to the requester" in text
+    assert re.search(r"metadata  [1-9]\d* inodes in memory \([1-9]\d* known to the kernel\), \d+ listings memoised",
+                     text)
+    assert answer["tree"]["kernel_inodes"] >= 2  # at least level2 and the file read
     assert "transfers 1 in flight" in text
     assert re.search(r"%.* of [\d.]+ KiB via s3 " + re.escape(second_uri), text)
     assert re.search(r"s3 +" + re.escape(first_uri), text)

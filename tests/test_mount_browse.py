@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -366,3 +367,31 @@ def test_systemd_notify_ready_only_once_live_then_stopping(twin, tmp_path):
             assert notify.recv(1024) == b"READY=1"
             assert os.path.ismount(live.path)
         assert notify.recv(1024) == b"STOPPING=1"
+
+
+def test_daemon_memory_follows_the_kernel_and_numbers_survive_forgetting(mount, clean_twin):
+    """After `ls -l` the daemon holds a node per file; when the kernel evicts its inodes (drop_caches)
+    and sends FORGETs, the nodes go; listing again gives every file the number it had."""
+    level1 = mount.join("program", PROGRAM, OBS, "level1")
+    before = {name: os.stat(os.path.join(level1, name)).st_ino for name in os.listdir(level1)}
+    assert len(before) >= 20
+    [status] = mount.control({"op": "status"})
+    assert status["tree"]["kernel_inodes"] >= len(before)
+
+    give_up = time.monotonic() + 20
+    while True:
+        with open("/proc/sys/vm/drop_caches", "w") as drop:  # dentries and inodes: the kernel forgets
+            drop.write("2")
+        [status] = mount.control({"op": "status"})
+        if status["tree"]["nodes"] < len(before) // 2 or time.monotonic() > give_up:
+            break
+        time.sleep(0.2)
+    assert status["tree"]["nodes"] < len(before) // 2, status["tree"]
+    assert status["tree"]["kernel_inodes"] < len(before) // 2, status["tree"]
+
+    after = {name: os.stat(os.path.join(level1, name)).st_ino for name in os.listdir(level1)}
+    assert after == before
+    name = sorted(before)[0]
+    uri = os.getxattr(os.path.join(level1, name), "user.mastfs.uri").decode()
+    with open(os.path.join(level1, name), "rb") as handle:
+        assert hashlib.sha256(handle.read()).hexdigest() == clean_twin.catalog.sha256(uri)

@@ -34,7 +34,11 @@ def run_with_tree(twin, tmp_path, body, token=None, **changes):
 
 
 async def ino_of(tree, path):
-    return (await tree.resolve_path(path)).ino
+    """The inode of ``path`` found as the kernel finds it: one LOOKUP per component from the root."""
+    ino = ROOT_INODE
+    for part in (p for p in path.split("/") if p):
+        ino = (await tree.lookup(ino, part)).ino
+    return ino
 
 
 def requests(twin, key=None):
@@ -193,3 +197,45 @@ def test_walk_products_lists_every_file_of_a_directory(clean_twin, tmp_path):
         assert len(found) == 80 and all(path.endswith(".fits") for path in found)
 
     run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_forgotten_nodes_leave_memory_and_keep_their_numbers(clean_twin, tmp_path):
+    """Nodes live while the kernel references them (lookups and readdirplus entries, each counted);
+    forgetting them frees them, and the same path gets the same number again."""
+
+    async def body(tree):
+        program = await ino_of(tree, f"/program/{PROGRAM}")
+        obs = (await tree.lookup(program, OBS)).ino
+        level3 = (await tree.lookup(obs, "level3")).ino
+        listed = await tree.listdir(level3)
+        assert tree.stats()["nodes"] >= len(listed) + 3
+        for _, attributes in listed[:2]:
+            tree.remember(attributes.ino)  # readdir handed out two entries; the listing then ends
+        tree.drop_unreferenced([attributes.ino for _, attributes in listed])
+        assert tree.stats()["kernel_inodes"] == 6  # /program, its 2733, obs, level3 and the two entries
+        kept = {attributes.ino for _, attributes in listed[:2]}
+        assert {ino for ino in kept if (await tree.getattr(ino)).ino == ino} == kept
+        before = tree.stats()["nodes"]
+        for ino in (*kept, level3):
+            tree.forget(ino, 1)
+        assert tree.stats()["nodes"] == before - 3
+        assert tree.stats()["kernel_inodes"] == 3
+        # A number the kernel forgot a moment ago still answers (a safety margin) ...
+        assert (await tree.getattr(level3)).is_dir
+        # ... and a path looked up again gets its old number.
+        assert (await tree.lookup(obs, "level3")).ino == level3
+        name = listed[0][0]
+        assert (await tree.lookup(level3, name)).ino == listed[0][1].ino
+        assert tree.stats()["kernel_inodes"] == 5
+        tree.forget(obs, 1)
+        assert tree.stats()["kernel_inodes"] == 4
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_inode_numbers_are_the_same_in_every_mount(clean_twin, tmp_path):
+    async def body(tree):
+        return await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level3")
+
+    first = run_with_tree(clean_twin, tmp_path, body)
+    assert run_with_tree(clean_twin, tmp_path, body) == first > ROOT_INODE
