@@ -216,7 +216,7 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def releasedir(self, fh: int) -> None:
         entries = self._dir_handles.pop(fh, None) or []
-        self.tree.drop_unreferenced([attributes.ino for name, attributes in entries if name not in _DOTS])
+        self.tree.release_listing([attributes.ino for name, attributes in entries if name not in _DOTS])
 
     # ------------------------------------------------------------------------------------- files
 

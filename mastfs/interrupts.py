@@ -1,12 +1,12 @@
 """End the waits of processes that a signal interrupted, as FUSE_INTERRUPT would.
 
 When a signal interrupts a process blocked in a FUSE request, the kernel sends FUSE_INTERRUPT and waits
-for the daemon to answer (EINTR, say); pyfuse3 does not deliver FUSE_INTERRUPT, so without help the
-process would wait until the request's deadline. While it waits in the kernel, its signal stays pending,
-visible in ``/proc/<pid>/status`` (``SigPnd``, ``ShdPnd``, masked by ``SigBlk``). :class:`InterruptWatch`
-looks there, every ``interval`` seconds, for each request that has waited at least that long, and ends the
-waits of interrupted requesters with :class:`~mastfs.errors.Interrupted` (EINTR). Fast requests never
-reach a check. Fatal signals need none of this: the kernel ends those requests itself.
+for the daemon to answer (EINTR, say), even for SIGKILL once the request was handed over; pyfuse3 does
+not deliver FUSE_INTERRUPT, so without help the process would wait until the request's deadline. While
+it waits in the kernel, its signal stays pending, visible in ``/proc/<pid>/status`` (``SigPnd``,
+``ShdPnd``, masked by ``SigBlk``). :class:`InterruptWatch` looks there, every ``interval`` seconds, for
+each request that has waited at least that long, and ends the waits of interrupted requesters with
+:class:`~mastfs.errors.Interrupted` (EINTR). Fast requests never reach a check.
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ Contract:
   probed past the live node of another path in the (never yet seen) case of a collision. ``/obs/X``
   and ``/program/P/X`` are different directories (the kernel must never see one directory under two
   names) but their files share one :class:`ProductRef`, hence one cache identity.
-- Memory follows the kernel: the adapter reports every entry it hands out (:meth:`Tree.remember`) and
-  every FUSE forget (:meth:`Tree.forget`); a node the kernel no longer knows is dropped (the last
-  :data:`FORGOTTEN_KEPT` stay findable, in case the kernel asks again), and expired memos are swept,
-  so listing a million files does not keep a million nodes once the kernel lets them go.
+- Memory follows the kernel: the adapter reports every entry it hands out (:meth:`Tree.remember`),
+  every FUSE forget (:meth:`Tree.forget`) and every closed listing (:meth:`Tree.release_listing`); a
+  node neither the kernel nor an open listing holds is dropped (the last :data:`FORGOTTEN_KEPT` stay
+  findable, in case the kernel asks again), and expired memos are swept, so listing a million files
+  does not keep a million nodes once the kernel lets them go.
 - Directory contents are memoised for :data:`MEMO_TTL` seconds (trio clock) so that a 3,000-file
   ``ls -l`` costs one Archive call, not one per lookup; the Archive decides when MAST is asked again.
 - Every method raises only :mod:`mastfs.errors` types: NotFound/InvalidName for names that do not
@@ -478,6 +479,7 @@ class Tree:
         self.cached_bytes = cached_bytes
         self._nodes: dict[int, Node] = {ROOT_INODE: RootDir(ROOT_INODE, ())}
         self._lookups: dict[int, int] = {}
+        self._listed: dict[int, int] = {}
         self._forgotten: OrderedDict[int, Node] = OrderedDict()
         self._memos: dict[tuple[str, ...], _Memo] = {}
         self._memos_added = 0
@@ -536,22 +538,33 @@ class Tree:
         if ino != ROOT_INODE:
             self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
-    def drop_unreferenced(self, inos: list[int]) -> None:
-        """Let go of listed nodes the kernel holds no reference to (entries of a listing never handed
-        out, or forgotten since)."""
+    def release_listing(self, inos: list[int]) -> None:
+        """A listing of :meth:`listdir` is done (closed): its entries the kernel holds no reference to,
+        and no other open listing holds, leave memory."""
         for ino in inos:
-            if ino != ROOT_INODE and ino not in self._lookups:
-                self._nodes.pop(ino, None)
+            left = self._listed.get(ino, 0) - 1
+            if left > 0:
+                self._listed[ino] = left
+            else:
+                self._listed.pop(ino, None)
+                self._let_go(ino)
 
     def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped ``count`` references to ``ino``; at none left, its node goes (to the
-        small set of recently forgotten ones)."""
+        """The kernel dropped ``count`` references to ``ino``; at none left (and in no open listing),
+        its node goes."""
         left = self._lookups.get(ino, 0) - count
         if left > 0:
             self._lookups[ino] = left
+        else:
+            self._lookups.pop(ino, None)
+            self._let_go(ino)
+
+    def _let_go(self, ino: int) -> None:
+        """Drop the node of ``ino`` unless the kernel or an open listing still holds it; the last
+        FORGOTTEN_KEPT dropped stay findable."""
+        if ino == ROOT_INODE or ino in self._lookups or ino in self._listed:
             return
-        self._lookups.pop(ino, None)
-        node = self._nodes.pop(ino, None) if ino != ROOT_INODE else None
+        node = self._nodes.pop(ino, None)
         if node is not None:
             self._forgotten[ino] = node
             while len(self._forgotten) > FORGOTTEN_KEPT:
@@ -559,8 +572,8 @@ class Tree:
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos."""
-        return {"nodes": len(self._nodes), "kernel_inodes": len(self._lookups), "memos": len(self._memos),
-                "forgotten_kept": len(self._forgotten)}
+        return {"nodes": len(self._nodes), "kernel_inodes": len(self._lookups), "listed": len(self._listed),
+                "memos": len(self._memos), "forgotten_kept": len(self._forgotten)}
 
     async def memoised(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
         """The memoised value for ``key`` while fresh (MEMO_TTL), else the result of ``await load()``.
@@ -651,7 +664,8 @@ class Tree:
         )
 
     async def listdir(self, ino: int) -> list[tuple[str, Attributes]]:
-        """Every entry of directory ``ino`` with its attributes (for readdirplus), in display order.
+        """Every entry of directory ``ino`` with its attributes (for readdirplus), in display order. The
+        entries' nodes stay until :meth:`release_listing` with their numbers (or the kernel's forget).
 
         Sizes missing from product rows are resolved concurrently (at most :data:`SIZE_RESOLVERS` at a
         time), each once.
@@ -664,8 +678,9 @@ class Tree:
         if unresolved:
             await self._resolve_sizes(unresolved)
         listed = [(name, await self.attributes(child)) for name, child in entries.items()]
-        for child in entries.values():  # registered now, counted as readdir hands each out (remember)
+        for child in entries.values():  # held until release_listing; counted as readdir hands each out
             self._hand_out(child)
+            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
         return listed
 
     async def _resolve_sizes(self, files: list[ProductFile]) -> None:

@@ -211,7 +211,7 @@ def test_forgotten_nodes_leave_memory_and_keep_their_numbers(clean_twin, tmp_pat
         assert tree.stats()["nodes"] >= len(listed) + 3
         for _, attributes in listed[:2]:
             tree.remember(attributes.ino)  # readdir handed out two entries; the listing then ends
-        tree.drop_unreferenced([attributes.ino for _, attributes in listed])
+        tree.release_listing([attributes.ino for _, attributes in listed])
         assert tree.stats()["kernel_inodes"] == 6  # /program, its 2733, obs, level3 and the two entries
         kept = {attributes.ino for _, attributes in listed[:2]}
         assert {ino for ino in kept if (await tree.getattr(ino)).ino == ino} == kept
@@ -229,6 +229,25 @@ def test_forgotten_nodes_leave_memory_and_keep_their_numbers(clean_twin, tmp_pat
         assert tree.stats()["kernel_inodes"] == 5
         tree.forget(obs, 1)
         assert tree.stats()["kernel_inodes"] == 4
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_an_open_listing_keeps_its_entries_while_another_closes(clean_twin, tmp_path):
+    """Two listings of one directory: closing the first must not drop nodes the second hands out later."""
+
+    async def body(tree):
+        level3 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level3")
+        first = await tree.listdir(level3)
+        second = await tree.listdir(level3)
+        tree.release_listing([attributes.ino for _, attributes in first])
+        for _, attributes in second:  # handed out after the first listing closed
+            tree.remember(attributes.ino)
+        for _, attributes in second:
+            assert (await tree.getattr(attributes.ino)).ino == attributes.ino
+        tree.release_listing([attributes.ino for _, attributes in second])
+        assert tree.stats()["listed"] == 0
+        assert tree.stats()["kernel_inodes"] == len(second) + 4  # and /program, 2733, the obs, level3
 
     run_with_tree(clean_twin, tmp_path, body)
 
