@@ -46,6 +46,9 @@ T = TypeVar("T")
 ROOT_INODE = 1
 FORGOTTEN_KEPT = 4096
 """How many nodes the kernel forgot stay findable by inode number (a safety margin, not a cache)."""
+REFS_KEPT = 10_000
+"""How many products' ProductRefs (cache identity, S3 key) are kept; one made again on a later open has
+the same identity, so its cached blocks are found."""
 MEMO_SWEEP_EVERY = 256
 """Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
@@ -473,7 +476,8 @@ class Tree:
         self.mount_time = time.time()
         self.readme = namespace.README_TEXT.encode()
         self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
-        self.refs: dict[str, Any] = {}
+        self.refs: OrderedDict[str, Any] = OrderedDict()
+        """dataURI -> ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
         self.make_ref = product_ref
         self._cache_usage = cache_usage
         self.cached_bytes = cached_bytes
@@ -735,6 +739,7 @@ class Tree:
         uri = node.product.data_uri
         ref = self.refs.get(uri)
         if ref is not None:
+            self.refs.move_to_end(uri)
             return ref
         s3_key = None
         if self.settings.source != "http":
@@ -743,6 +748,8 @@ class Tree:
         ref = self.refs.get(uri)  # another task may have made it meanwhile
         if ref is None:
             ref = self.refs[uri] = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
+            while len(self.refs) > REFS_KEPT:  # a ref made again later has the same cache identity
+                self.refs.popitem(last=False)
         return ref
 
     async def read(self, handle: int, offset: int, length: int) -> bytes | memoryview:

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from mastfs import daemon, namespace
+from mastfs import tree as tree_module
 from mastfs.config import Settings
 from mastfs.errors import InvalidName, NameTooLong, NoSuchAttribute, NotFound, Unauthorized, errno_for
 from mastfs.tree import ROOT_INODE
@@ -78,6 +79,30 @@ def test_one_product_ref_per_data_uri(clean_twin, tmp_path):
         assert data == clean_twin.catalog.read(SHARED_URI, 0, 100)
         for handle in handles:
             tree.release(handle)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_product_refs_are_bounded_and_made_again_alike(clean_twin, tmp_path, monkeypatch):
+    """Only the REFS_KEPT most recently opened products keep a ProductRef; a product opened again after
+    its ref left gets an equal one (same cache identity), and its bytes read the same."""
+    monkeypatch.setattr(tree_module, "REFS_KEPT", 3)
+
+    async def body(tree):
+        level2 = f"/program/{PROGRAM}/{OBS}/level2"
+        level2_ino = await ino_of(tree, level2)
+        names = [name for name, _ in await tree.listdir(level2_ino)][:5]
+        versions = {}
+        for name in names:
+            handle = await tree.open(await ino_of(tree, f"{level2}/{name}"))
+            versions[name] = tree._handles[handle].ref.version_key
+            tree.release(handle)
+        assert len(tree.refs) == 3 and names[0] not in {ref.uri.rsplit("/", 1)[-1] for ref in tree.refs.values()}
+        handle = await tree.open(await ino_of(tree, f"{level2}/{names[0]}"))
+        ref = tree._handles[handle].ref
+        assert ref.version_key == versions[names[0]] and len(tree.refs) == 3
+        assert await tree.read(handle, 0, 100) == clean_twin.catalog.read(ref.uri, 0, 100)
+        tree.release(handle)
 
     run_with_tree(clean_twin, tmp_path, body)
 
