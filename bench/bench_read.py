@@ -61,7 +61,7 @@ COLD_GOAL_RATIO = 1.0
 WARM_GOAL_RATIO = 0.8
 S3_LIKE_LINK = twin_link.S3_LIKE
 """The link the cold-read goal is measured over (see mastfs/twin/link.py)."""
-LOOPBACK_LINK = {"first_byte_ms": 0.0, "stream_mb_s": 0.0}
+LOOPBACK_LINK = twin_link.Link().to_json()
 RSS_GOAL_BYTES = 200 * 1000 * 1000
 RSS_FLAT_TOLERANCE = 0.10
 SETTLE_SECONDS = 1.0

@@ -224,8 +224,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise ReadOnly("mastfs is read-only")
-        handle = await self.interrupts.call(_pid(ctx), lambda: self.tree.open(inode))
-        self._openers[handle] = _pid(ctx)
+        opener = _pid(ctx)
+        handle = await self.interrupts.call(opener, lambda: self.tree.open(inode))
+        self._openers[handle] = opener
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @boundary

@@ -525,10 +525,10 @@ class Tree:
         numbers not handed out or forgotten long ago."""
         node = self._nodes.get(ino)
         if node is None:
-            node = self._forgotten.pop(ino, None)
+            node = self._forgotten.get(ino)
             if node is None:
                 raise NotFound(f"no inode {ino}")
-            self._nodes[ino] = node
+            self._hand_out(node)
         return node
 
     def _hand_out(self, node: Node) -> None:
@@ -546,26 +546,21 @@ class Tree:
         """A listing of :meth:`listdir` is done (closed): its entries the kernel holds no reference to,
         and no other open listing holds, leave memory."""
         for ino in inos:
-            left = self._listed.get(ino, 0) - 1
-            if left > 0:
-                self._listed[ino] = left
-            else:
-                self._listed.pop(ino, None)
-                self._let_go(ino)
+            self._let_go(self._listed, ino, 1)
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references to ``ino``; at none left (and in no open listing),
         its node goes."""
-        left = self._lookups.get(ino, 0) - count
-        if left > 0:
-            self._lookups[ino] = left
-        else:
-            self._lookups.pop(ino, None)
-            self._let_go(ino)
+        self._let_go(self._lookups, ino, count)
 
-    def _let_go(self, ino: int) -> None:
-        """Drop the node of ``ino`` unless the kernel or an open listing still holds it; the last
-        FORGOTTEN_KEPT dropped stay findable."""
+    def _let_go(self, holds: dict[int, int], ino: int, count: int) -> None:
+        """Take ``count`` holds of one kind off ``ino``; with no hold of any kind left, its node goes (the
+        last FORGOTTEN_KEPT gone stay findable)."""
+        left = holds.get(ino, 0) - count
+        if left > 0:
+            holds[ino] = left
+            return
+        holds.pop(ino, None)
         if ino == ROOT_INODE or ino in self._lookups or ino in self._listed:
             return
         node = self._nodes.pop(ino, None)
