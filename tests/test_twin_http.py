@@ -59,7 +59,7 @@ def test_filtered_by_program_returns_its_observations_with_real_field_types(clie
         page=1,
     )
     assert body["status"] == "COMPLETE"
-    assert body["paging"]["rowsFiltered"] == 11 == len(body["data"])
+    assert body["paging"]["rowsFiltered"] == 12 == len(body["data"])  # 11 executed + 1 planned
     assert {row["proposal_id"] for row in body["data"]} == {"2733"}
     types = {field["name"]: field["type"] for field in body["fields"]}
     assert types["s_ra"] == "float" and types["calib_level"] == "int" and types["obs_id"] == "string"
@@ -69,11 +69,11 @@ def test_filtered_by_program_returns_its_observations_with_real_field_types(clie
 def test_paging_splits_rows_into_pages_that_add_up(client):
     params = {"columns": "*", "filters": [{"paramName": "proposal_id", "values": ["2733"]}]}
     pages = [invoke(client, "Mast.Caom.Filtered", params, pagesize=4, page=page) for page in (1, 2, 3, 4)]
-    assert [page["paging"]["rows"] for page in pages] == [4, 4, 3, 0]
+    assert [page["paging"]["rows"] for page in pages] == [4, 4, 4, 0]
     assert all(page["paging"]["pagesFiltered"] == 3 for page in pages)
-    assert all(page["paging"]["rowsFiltered"] == 11 and page["paging"]["pageSize"] == 4 for page in pages)
+    assert all(page["paging"]["rowsFiltered"] == 12 and page["paging"]["pageSize"] == 4 for page in pages)
     obs_ids = [row["obs_id"] for page in pages for row in page["data"]]
-    assert len(obs_ids) == len(set(obs_ids)) == 11
+    assert len(obs_ids) == len(set(obs_ids)) == 12
 
 
 def test_count_big_answers_one_row(client):
@@ -82,7 +82,7 @@ def test_count_big_answers_one_row(client):
         "Mast.Caom.Filtered",
         {"columns": "COUNT_BIG(*)", "filters": [{"paramName": "proposal_id", "values": ["2733"]}]},
     )
-    assert body["data"] == [{"Column1": 11}]
+    assert body["data"] == [{"Column1": 12}]
 
 
 def test_separator_filter_matches_one_part_of_a_multi_valued_column(client, clean_twin):
@@ -337,7 +337,7 @@ def test_status_fault_bursts_then_recovers(client, clean_twin):
     first, second, third = (client.post("/api/v0/invoke", data=form) for _ in range(3))
     assert first.status_code == second.status_code == 503
     assert first.headers["retry-after"] == "2"
-    assert third.status_code == 200 and third.json()["data"] == [{"Column1": 11}]
+    assert third.status_code == 200 and third.json()["data"] == [{"Column1": 12}]
 
 
 def test_html_504_fault_sends_the_nginx_page(client, clean_twin):
@@ -477,3 +477,56 @@ def test_info_has_exactly_the_promised_keys(clean_twin):
     info = clean_twin.info()
     assert set(info) == {"mast_url", "resolver_url", "s3_endpoint", "bucket"}
     assert info["resolver_url"] == info["mast_url"] + "/Santa-war/query" and info["bucket"] == "stpubdata"
+
+
+# ---- issue 10: the 300,000-product observation, planned observations -----------------------------------
+
+
+def test_mosaic_products_page_lazily_and_add_up(client, clean_twin):
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    params = {"obsid": twin_catalog.MOSAIC_OBSID}
+    first = invoke(client, "Mast.Caom.Products", params, pagesize=20_000, page=1)
+    last_page = first["paging"]["pagesFiltered"]
+    last = invoke(client, "Mast.Caom.Products", params, pagesize=20_000, page=last_page)
+    assert first["paging"]["rowsFiltered"] == len(rows) >= 300_000
+    assert last_page == -(-len(rows) // 20_000)
+    assert len(first["data"]) == 20_000 and len(last["data"]) == len(rows) - 20_000 * (last_page - 1)
+    assert first["data"][:3] == rows[:3] and last["data"][-1] == rows[len(rows) - 1]
+    assert [field["name"] for field in first["fields"]] == [name for name, _ in twin_catalog.PRODUCT_COLUMNS]
+    both = invoke(client, "Mast.Caom.Products", {"obsid": f"{twin_catalog.MOSAIC_OBSID},87600001"},
+                  pagesize=10, page=-(-len(rows) // 10))
+    assert both["paging"]["rowsFiltered"] == len(rows) + len(clean_twin.catalog.product_rows("87600001"))
+    assert both["data"][-1]["parent_obsid"] == "87600001"
+
+
+def test_mosaic_program_filters_and_counts(client):
+    filters = [{"paramName": "proposal_id", "values": [twin_catalog.MOSAIC_PROGRAM]}]
+    body = invoke(client, "Mast.Caom.Filtered", {"columns": "*", "filters": filters})
+    assert {(row["obs_id"], row["calib_level"]) for row in body["data"]} == {
+        (twin_catalog.MOSAIC_OBS_ID, 3), (twin_catalog.PLANNED_MOSAIC_OBS_ID, -1)}
+    count = invoke(client, "Mast.Caom.Filtered", {"columns": "COUNT_BIG(*)", "filters": filters})
+    assert count["data"] == [{"Column1": 2}]
+
+
+def test_mosaic_products_download_and_path_lookup(client, clean_twin):
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    chosen = [rows[index] for index in (7, 80, 150_000, len(rows) - 1)]
+    answer = client.get("/api/v0.1/path_lookup/", params={"uri": [row["dataURI"] for row in chosen]}).json()
+    for row in chosen:
+        product = clean_twin.catalog.product(row["dataURI"])
+        expected = {"status_code": 200, "path": "/" + product.s3_key} if product.s3_key else \
+            {"status_code": 404, "path": None}
+        assert answer[row["dataURI"]] == expected
+    response = client.get(download_url(chosen[2]["dataURI"]), headers={"Range": "bytes=0-2879"})
+    assert response.status_code == 206 and response.content == clean_twin.catalog.read(chosen[2]["dataURI"], 0, 2880)
+
+
+def test_planned_observations_appear_in_program_and_cone_answers(client):
+    params = {"columns": "*", "filters": [{"paramName": "proposal_id", "values": [twin_catalog.PROGRAM_2733]}]}
+    planned = [row for row in invoke(client, "Mast.Caom.Filtered", params)["data"] if row["calib_level"] == -1]
+    assert [row["obs_id"] for row in planned] == [twin_catalog.PLANNED_2733_OBS_ID]
+    assert planned[0]["t_obs_release"] == twin_catalog.PLANNED_RELEASE_MJD
+    cone = invoke(client, "Mast.Caom.Cone", {"ra": NGC3132[0], "dec": NGC3132[1], "radius": 0.05})
+    assert twin_catalog.PLANNED_2733_OBS_ID in {row["obs_id"] for row in cone["data"]}
+    products = invoke(client, "Mast.Caom.Products", {"obsid": planned[0]["obsid"]})
+    assert products["status"] == "COMPLETE" and products["paging"]["rowsFiltered"] == 0 and products["data"] == []

@@ -23,7 +23,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -31,7 +32,7 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog
+from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog, ProductRows
 from mastfs.twin.connections import ResetRegistry, TrackedConnections
 from mastfs.twin.faults import (
     BODY_KINDS,
@@ -73,6 +74,9 @@ COUNT_COLUMN = "COUNT_BIG(*)"
 # MAST's declared field types (string, float, int, boolean, ...); columns not listed get a type inferred
 # from their first non-null value.
 FIELD_TYPES = {**dict(OBSERVATION_COLUMNS), **dict(PRODUCT_COLUMNS), "distance": "float", "objID1": "string"}
+PRODUCT_FIELDS = [{"name": name, "type": declared} for name, declared in PRODUCT_COLUMNS]
+STREAM_BATCH_ROWS = 500
+"""Rows JSON-encoded per piece of a streamed invoke answer."""
 
 CONTENT_TYPES = {
     ".fits": "application/fits",
@@ -106,6 +110,7 @@ class Reply:
     body: bytes = b""
     stream: tuple[str, int, int] | None = None
     length_known: bool = True
+    pieces: Iterable[bytes] | None = None  # a body generated while it is sent (length unknown)
 
     @property
     def body_length(self) -> int:
@@ -117,6 +122,44 @@ def json_reply(payload: object, status: int = 200) -> Reply:
     """A JSON reply (UTF-8, compact)."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     return Reply(status, [("Content-Type", "application/json; charset=utf-8")], body)
+
+
+def invoke_reply(payload: dict) -> Reply:
+    """An invoke answer: in memory when ``payload["data"]`` is a list, else (rows generated on demand)
+    streamed chunked, :data:`STREAM_BATCH_ROWS` rows JSON-encoded at a time, so a page of any size costs
+    O(batch) memory."""
+    rows = payload.get("data")
+    if isinstance(rows, list) or rows is None:
+        return json_reply(payload)
+    head = {name: value for name, value in payload.items() if name != "data"}
+
+    def pieces() -> Iterator[bytes]:
+        yield json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"data":['
+        for start in range(0, len(rows), STREAM_BATCH_ROWS):
+            batch = ",".join(json.dumps(row, separators=(",", ":")) for row in rows[start : start + STREAM_BATCH_ROWS])
+            yield (b"," if start else b"") + batch.encode()
+        yield b"]}"
+
+    return Reply(200, [("Content-Type", "application/json; charset=utf-8")], length_known=False, pieces=pieces())
+
+
+def chained_rows(sources: list[Sequence[dict]]) -> Sequence[dict]:
+    """The rows of ``sources`` one after the other: the list itself for one list, else a lazy view."""
+    if len(sources) == 1:
+        return sources[0]
+    if all(isinstance(source, list) for source in sources):
+        return [row for source in sources for row in source]
+    ends = []
+    total = 0
+    for source in sources:
+        total += len(source)
+        ends.append(total)
+
+    def row_at(index: int) -> dict:
+        which = bisect_right(ends, index)
+        return sources[which][index - (ends[which - 1] if which else 0)]
+
+    return ProductRows(total, row_at)
 
 
 def html_reply(status: int, title: str, detail: str = "") -> Reply:
@@ -561,7 +604,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _body_pieces(self, reply: Reply, limit: int) -> Iterator[memoryview | bytes]:
-        """The first ``limit`` body bytes of ``reply`` in pieces of at most CHUNK_SIZE."""
+        """The first ``limit`` body bytes of ``reply`` in pieces of at most CHUNK_SIZE (a generated body
+        whole, as generated)."""
+        if reply.pieces is not None:
+            yield from reply.pieces
+            return
         if reply.stream is None:
             view = memoryview(reply.body)[:limit]
             for start in range(0, len(view), CHUNK_SIZE):
@@ -652,7 +699,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 return self._executing_reply(request)
             if fault is not None and fault.kind in ("mutate_rows", "endless_paging", "crafted_names"):
                 return self._hostile_invoke_reply(request, fault)
-            return self._invoke_reply(request)
+            return self._invoke_reply(request, in_memory=fault is not None and fault.kind in BODY_KINDS)
 
         self._serve(
             "invoke",
@@ -680,9 +727,13 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             }
         )
 
-    def _invoke_reply(self, request: dict) -> Reply:
+    def _invoke_reply(self, request: dict, in_memory: bool = False) -> Reply:
+        """The service's answer (streamed when its rows are generated on demand, unless ``in_memory``)."""
         try:
-            return json_reply(self._run_service(request))
+            payload = self._run_service(request)
+            if in_memory and "data" in payload:
+                payload["data"] = list(payload["data"])
+            return invoke_reply(payload)
         except InvokeError as exc:
             return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
 
@@ -693,6 +744,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         ``field``). Service errors stay errors."""
         try:
             payload = self._run_service(request)
+            if "data" in payload:
+                payload["data"] = list(payload["data"])
             if fault.kind == "endless_paging":
                 real_pages = int((payload.get("paging") or {}).get("pagesFiltered") or 0)
                 page = int((payload.get("paging") or {}).get("page") or 1)
@@ -706,7 +759,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 payload = crafted_rows(payload, str(fault.params.get("field", "productFilename")))
         except InvokeError as exc:
             return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
-        return json_reply(payload)
+        return invoke_reply(payload)
 
     def _run_service(self, request: dict) -> dict:
         service = request.get("service")
@@ -726,11 +779,9 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             obsids = params.get("obsid")
             if obsids is None or str(obsids).strip() == "":
                 raise InvokeError("Mast.Caom.Products needs params.obsid.")
-            rows: list[dict] = []
-            for obsid in str(obsids).split(","):
-                if obsid.strip():
-                    rows.extend(self.server.catalog.product_rows(obsid.strip()))
-            return self._table(request, rows, fields_for(rows))
+            sources = [self.server.catalog.product_rows(obsid.strip())
+                       for obsid in str(obsids).split(",") if obsid.strip()]
+            return self._table(request, chained_rows(sources), PRODUCT_FIELDS)
         if service in (FILTERED, FILTERED_POSITION):
             filters = params.get("filters", [])
             if not isinstance(filters, list):
@@ -783,8 +834,9 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             request, projected, [{"name": name, "type": field_type(name, rows)} for name in wanted]
         )
 
-    def _table(self, request: dict, rows: list[dict], fields: list[dict]) -> dict:
-        """A COMPLETE response holding page ``request.page`` of ``rows`` (``pagesize`` rows a page)."""
+    def _table(self, request: dict, rows: Sequence[dict], fields: list[dict]) -> dict:
+        """A COMPLETE response holding page ``request.page`` of ``rows`` (``pagesize`` rows a page); its
+        ``data`` is a list when ``rows`` is, else a lazy view generating the page's rows when sent."""
         total = len(rows)
         try:
             page = int(request.get("page") or 1)
@@ -794,7 +846,10 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         if page < 1 or page_size < 1:
             raise InvokeError("page and pagesize must be positive.")
         start = (page - 1) * page_size
-        data = rows[start : start + page_size]
+        if isinstance(rows, list):
+            data: Sequence[dict] = rows[start : start + page_size]
+        else:
+            data = ProductRows(max(0, min(page_size, total - start)), lambda index: rows[start + index])
         return {
             "status": "COMPLETE",
             "msg": "",
