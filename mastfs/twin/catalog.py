@@ -132,6 +132,7 @@ PRODUCT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("filters", "string"),
 )
 """Mast.Caom.Products columns in MAST's order, with their declared types."""
+_PRODUCT_NAMES = tuple(name for name, _ in PRODUCT_COLUMNS)
 
 _MJD_EPOCH = datetime(1858, 11, 17, tzinfo=timezone.utc)
 _MIN_TEXT_SIZE = 4096
@@ -330,6 +331,7 @@ def _polygon(ra: float, dec: float, half_width_deg: float) -> str:
 # FITS layouts (extensions per product kind) and their full-size shapes
 # ---------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
 def _jwst_images(suffix: str, nints: int, ngroups: int) -> tuple[ImageExt, ...]:
     """Image extensions of a JWST product by file suffix (see the JWST pipeline's data products)."""
     f32, i32 = -32, 32
@@ -625,7 +627,7 @@ class Catalog:
             send_content_length=uri != NO_LENGTH_URI,
             mtime=program.processed.timestamp(),
         )
-        base = {name: None for name, _ in PRODUCT_COLUMNS}
+        base = dict.fromkeys(_PRODUCT_NAMES)
         base.update(spec.row)
         base.update(
             dataURI=uri,
