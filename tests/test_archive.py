@@ -73,7 +73,7 @@ async def test_program_listing_economy_and_persistence(clean_twin, tmp_path):
         one = await archive.observation(twin_catalog.OBS_2733_MIRI_F1130W)  # known from the listing
         assert await archive.programs_seen() == [twin_catalog.PROGRAM_2733]
     assert requests(clean_twin) == 1
-    assert len(first) == 10 and again == first
+    assert len(first) == 11 and again == first  # 10 executed JWST observations and 1 planned (CAOM lists it)
     assert one.obs_id == twin_catalog.OBS_2733_MIRI_F1130W
 
     async with open_archive(clean_twin, tmp_path, clock) as reopened:
@@ -150,16 +150,17 @@ async def test_resolved_size_heads_once(clean_twin, tmp_path):
 
 @trio_test
 async def test_released_data_use_the_long_ttl(clean_twin, tmp_path):
+    # HST program 11599: every observation released long ago (2733 also lists a planned observation).
     clock = FakeClock()
-    async with open_archive(clean_twin, tmp_path, clock) as archive:
-        observations = await archive.program(twin_catalog.PROGRAM_2733)
+    async with open_archive(clean_twin, tmp_path, clock, collections=["HST"]) as archive:
+        observations = await archive.program(twin_catalog.HST_PROGRAM)
         now_mjd = clock() / 86400 + 40587
-        assert all(now_mjd - obs.t_obs_release > RELEASED_AGE_DAYS for obs in observations)
+        assert observations and all(now_mjd - obs.t_obs_release > RELEASED_AGE_DAYS for obs in observations)
         clock.advance(TTL_RECENT + 60)
-        await archive.program(twin_catalog.PROGRAM_2733)
+        await archive.program(twin_catalog.HST_PROGRAM)
         assert requests(clean_twin) == 1
         clock.advance(TTL_RELEASED)
-        await archive.program(twin_catalog.PROGRAM_2733)
+        await archive.program(twin_catalog.HST_PROGRAM)
         assert requests(clean_twin) == 2
 
 
@@ -278,5 +279,5 @@ async def test_corrupt_cache_is_rebuilt(clean_twin, tmp_path):
     meta.mkdir()
     (meta / "cache.db").write_bytes(b"this is not a sqlite database" * 100)
     async with open_archive(clean_twin, tmp_path) as archive:
-        assert len(await archive.program(twin_catalog.PROGRAM_2733)) == 10
+        assert len(await archive.program(twin_catalog.PROGRAM_2733)) == 11
     assert any(name.startswith("meta.corrupt-") for name in os.listdir(tmp_path))

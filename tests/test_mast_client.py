@@ -25,6 +25,8 @@ PROGRAM_2733_OBS = {
     "jw02733-o002_t001_miri_f770w", "jw02733-o002_t001_miri_f1130w", "jw02733-o002_t001_miri_f1280w",
     "jw02733-o002_t001_miri_f1800w",
 }
+PROGRAM_2733_JWST_ROWS = PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
+"""What MAST answers for the program in JWST: the executed observations and one planned."""
 
 
 def twin_settings(twin, **changes) -> Settings:
@@ -52,9 +54,9 @@ def requests(twin, key: str) -> int:
 async def test_program_2733_one_query(clean_twin):
     async with mast_client(clean_twin, collections=["JWST", "OPO"]) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST", "OPO"])
-    assert len(observations) == 11
+    assert len(observations) == 12
     jwst = {obs.obs_id for obs in observations if obs.obs_collection == "JWST"}
-    assert jwst == PROGRAM_2733_OBS
+    assert jwst == PROGRAM_2733_JWST_ROWS
     assert all(obs.proposal_id == "2733" and obs.obsid for obs in observations)
     assert requests(clean_twin, "invoke:Mast.Caom.Filtered") == 1
     assert requests(clean_twin, "invoke") == 1
@@ -66,8 +68,8 @@ async def test_collections_filter_and_count(clean_twin):
         jwst_only = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
         counted = await client.count(MastClient.program_filters(twin_catalog.PROGRAM_2733, ["JWST", "OPO"]))
         unknown = await client.observations_by_program("99999", ["JWST"])
-    assert {obs.obs_id for obs in jwst_only} == PROGRAM_2733_OBS
-    assert counted == 11
+    assert {obs.obs_id for obs in jwst_only} == PROGRAM_2733_JWST_ROWS
+    assert counted == 12
     assert unknown == []
 
 
@@ -129,7 +131,7 @@ async def test_executing_is_polled_with_the_same_body(clean_twin):
     clean_twin.faults.add("invoke", "executing", count=1, polls=3)
     async with mast_client(clean_twin) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
-    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS
+    assert {obs.obs_id for obs in observations} == PROGRAM_2733_JWST_ROWS
     # three EXECUTING answers, then COMPLETE: the twin only completes an identical re-sent body
     assert requests(clean_twin, "invoke") == 4
 
@@ -154,7 +156,7 @@ async def test_transient_failures_are_retried(clean_twin, kind, params):
     clean_twin.faults.add("invoke", kind, count=2, **params)
     async with mast_client(clean_twin) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
-    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS
+    assert {obs.obs_id for obs in observations} == PROGRAM_2733_JWST_ROWS
     assert requests(clean_twin, "invoke") == 3
 
 
