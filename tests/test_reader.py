@@ -364,7 +364,7 @@ def test_prefetch_fills_and_verifies_the_whole_product(clean_twin, big, tmp_path
     async def main():
         async with open_reader(clean_twin, tmp_path) as reader:
             await reader.prefetch(good, seen.append)
-            assert reader._cache.is_verified(good)
+            assert await reader._cache.verify_product(good) is True
             with pytest.raises(IntegrityError):
                 await reader.prefetch(bad)
             assert not any(reader._cache.contains(bad, i) for i in range(block_count(bad.size)))
