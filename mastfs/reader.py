@@ -457,7 +457,22 @@ class ByteReader:
         else:
             log.error("%s failed unexpectedly", what, exc_info=exc)
 
+    def source_of(self, ref: ProductRef) -> str | None:
+        """Where the bytes of ``ref`` are read from now, by the same decision reads follow:
+        ``s3://<bucket>/<key>`` or the HTTPS download URL (HTTPS for exclusive products, products found
+        missing from S3 and ``source`` "http"); None when no allowed source has them (``source`` "s3"
+        and no S3 copy)."""
+        try:
+            source = self._source_for(ref)
+        except NotFound:
+            return None
+        if source == "s3":
+            assert self._s3 is not None and ref.s3_key
+            return self._s3.location(ref.s3_key)
+        return self._http.location(ref.uri)
+
     def _source_for(self, ref: ProductRef) -> str:
+        """"s3" or "http" for ``ref`` per ``source`` (see the class); NotFound when neither may serve it."""
         if self._source == "http":
             return "http"
         if self._source == "s3":

@@ -32,7 +32,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import trio
 
@@ -416,7 +415,9 @@ class ProductFile(Node):
         values[own + "uri"] = self.product.data_uri.encode()
         ref = tree.refs.peek(self.product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
-            values[own + "source"] = tree.source_of(ref).encode()
+            source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
+            if source is not None:
+                values[own + "source"] = source.encode()
         elif self.resolved_size is not None:  # the cache identity needs only uri and size
             ref = tree.make_ref(uri=self.product.data_uri, size=self.resolved_size)
         if ref is not None:
@@ -755,12 +756,6 @@ class Tree:
 
     async def listxattr(self, ino: int) -> list[str]:
         return list(self.node(ino).xattrs(self))
-
-    def source_of(self, ref: Any) -> str:
-        """Where the bytes of ``ref`` come from: ``s3://bucket/key`` or the HTTPS download URL."""
-        if getattr(ref, "s3_key", None) and self.settings.source != "http":
-            return f"s3://{self.settings.bucket}/{ref.s3_key}"
-        return f"{self.settings.mast_url.rstrip('/')}/api/v0.1/Download/file?uri={quote(ref.uri, safe=':/')}"
 
     # --------------------------------------------------------------------------------- whole mount
 

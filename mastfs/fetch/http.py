@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import quote
 
 import httpcore
 import httpx
@@ -56,6 +57,10 @@ class HttpFetcher:
         self._policy = policy
         self.ignored_ranges = 0
         """How many answers ignored the Range header (200 instead of 206)."""
+
+    def location(self, uri: str) -> str:
+        """The download URL of ``uri`` (for users: ``user.mastfs.source``)."""
+        return f"{self._url}?uri={quote(uri, safe=':/')}"
 
     async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as

@@ -50,6 +50,10 @@ class S3Fetcher:
         self._client: Any = None
         self._client_lock = trio.Lock()
 
+    def location(self, key: str) -> str:
+        """``s3://<bucket>/<key>`` (for users: ``user.mastfs.source``)."""
+        return f"s3://{self._bucket}/{key}"
+
     async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
         only after failures), awaiting ``deliver(block)`` for each, in order, as soon as it is read (the
@@ -71,7 +75,7 @@ class S3Fetcher:
         run = _Run(key, bounds)
         try:
             while run.position < len(bounds) - 1:
-                what = f"s3://{self._bucket}/{key} [{bounds[run.position]}, {bounds[run.position + 1]})"
+                what = f"{self.location(key)} [{bounds[run.position]}, {bounds[run.position + 1]})"
                 block = await self._policy.run(lambda: self._next_block(client, run), what=what)
                 run.position += 1
                 await deliver(block)
@@ -124,7 +128,7 @@ class S3Fetcher:
         """Worker thread: bytes [start, end) from the open ``body`` (None: open a GetObject of
         [start, run_end) first). Returns (body still open or None, bytes still to skip, block). Closes
         the body itself on failure and after the run's last byte."""
-        where = f"s3://{self._bucket}/{key}"
+        where = self.location(key)
         try:
             if body is None:
                 response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}")
