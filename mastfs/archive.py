@@ -38,6 +38,7 @@ from .errors import BadResponse, NotFound, Unavailable
 from .lru import LRU
 from .mast.client import MastClient
 from .mast.models import Observation, Product
+from .namespace import DEFAULT_CONE_RADIUS, MJD_UNIX_EPOCH
 from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -46,20 +47,17 @@ log = logging.getLogger(__name__)
 RELEASED_AGE_DAYS = 365.0
 #: After MAST failed for a key whose stale entry was served, wait this long before asking again.
 STALE_RETRY_INTERVAL = 60.0
-#: Cone radius (degrees) around a resolved target name; astroquery's ``query_object`` default.
-TARGET_RADIUS_DEG = 0.2
 #: Entries kept decoded in memory in front of the disk cache.
 MEMORY_ENTRIES = 4096
 #: Kinds accepted by :meth:`Archive.forget`.
 FORGETTABLE = ("program", "observation", "products", "target", "size", "s3")
 
-_MJD_UNIX_EPOCH = 40587.0
 _CACHE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout, ValueError)
 
 
 def mjd_now(clock: Callable[[], float]) -> float:
     """The Modified Julian Date of ``clock()`` (unix seconds)."""
-    return clock() / 86400.0 + _MJD_UNIX_EPOCH
+    return clock() / 86400.0 + MJD_UNIX_EPOCH
 
 
 @dataclass
@@ -105,7 +103,7 @@ class Archive:
         self._client = client
         self._settings = settings
         self._clock = clock
-        self._directory = os.path.join(settings.cache_dir, "meta")
+        self._directory = settings.meta_dir
         self._cache: diskcache.Cache | None = None
         self._open_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(4)
@@ -165,10 +163,10 @@ class Archive:
                                   lambda _position: self._settings.ttl_released)
 
     async def target(self, name: str) -> list[Observation]:
-        """Observations within :data:`TARGET_RADIUS_DEG` of the resolved position of ``name``
+        """Observations within :data:`~mastfs.namespace.DEFAULT_CONE_RADIUS` of the resolved position of ``name``
         (possibly empty). Raises NotFound when the name cannot be resolved."""
         ra, dec = await self.resolve(name)
-        return await self.cone(ra, dec, TARGET_RADIUS_DEG)
+        return await self.cone(ra, dec, DEFAULT_CONE_RADIUS)
 
     async def cone(self, ra: float, dec: float, radius: float) -> list[Observation]:
         """Observations of the configured collections within ``radius`` degrees of (ra, dec); open-ended
@@ -248,7 +246,7 @@ class Archive:
             keys = [self._key("target", " ".join(ident.split()).lower())]
             position = self._memory.get(keys[0]) or (await self._load_many(keys, _POSITION))[0]
             if position is not None and not position.missing:
-                keys.append(self._cone_key(*position.value, TARGET_RADIUS_DEG))
+                keys.append(self._cone_key(*position.value, DEFAULT_CONE_RADIUS))
         for key in keys:
             self._memory.pop(key, None)
             await self._cache_call(self._delete_raw, key)

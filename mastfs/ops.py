@@ -268,7 +268,7 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
 
     from .blockcache import BlockCache
 
-    blocks_dir = os.path.join(settings.cache_dir, "blocks")
+    blocks_dir = settings.blocks_dir
     users = {point: answer for point in mastfs_mounts()
              if (answer := _daemon_status(point)) is not None
              and os.path.realpath(str(answer["cache"].get("dir"))) == os.path.realpath(settings.cache_dir)}

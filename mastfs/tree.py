@@ -52,8 +52,13 @@ the same identity, so its cached blocks are found."""
 MEMO_SWEEP_EVERY = 256
 """Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
-"""Seconds a directory's contents are reused before the Archive is asked again (the kernel caches
-entries and attributes for as long)."""
+"""Seconds a directory's contents are reused before the Archive is asked again; the FUSE adapter gives
+the kernel the same time to reuse a name lookup or attributes without asking again."""
+STAT_BLOCK_SIZE = 4096
+"""st_blksize (the preferred I/O size) and the statfs block size. Small on purpose: Python (astropy) sizes
+its read buffer by it, and a 128 KiB buffer turns a 2,880-byte FITS header read into a kernel read beyond
+the cache's 64 KiB first block; ``cp``, ``cat`` and ``dd`` read at least 128 KiB whatever it says, and
+the kernel reads ahead. Not the block cache's BLOCK_SIZE (4 MiB)."""
 SIZE_RESOLVERS = 8
 """Most concurrent size look-ups (HEAD requests) when a listing holds products of unknown size."""
 
@@ -762,7 +767,7 @@ class Tree:
     def statfs(self) -> FsStats:
         """The block cache as the filesystem's size: total = its limit, used = what it holds."""
         used, limit = self._cache_usage()
-        block = 4096
+        block = STAT_BLOCK_SIZE
         total = max(limit, used)
         return FsStats(block_size=block, blocks=total // block, blocks_free=(total - used) // block,
                        files=len(self._nodes))
