@@ -34,7 +34,7 @@ import diskcache
 import trio
 
 from .config import Settings
-from .errors import BadResponse, NotFound, Unavailable
+from .errors import BadResponse, NotFound, Unauthorized, Unavailable
 from .lru import LRU
 from .mast.client import MastClient
 from .mast.models import Observation, Product
@@ -195,7 +195,7 @@ class Archive:
         """S3 key of each product's dataURI, None where there is no cloud copy.
 
         Cached per uri; the uris not cached are looked up in one path_lookup batch (50 uris a request).
-        When MAST fails, stale keys are served and unknown ones answer None (the HTTPS download still
+        When MAST fails (or refuses the lookup), stale keys are served and unknown ones answer None (the HTTPS download still
         works), so a listing never fails for want of cloud paths.
         """
         uris = list(dict.fromkeys(product.data_uri for product in products))
@@ -222,7 +222,7 @@ class Archive:
         batch_key = "s3-batch:" + hashlib.sha1("\n".join(sorted(missing)).encode()).hexdigest()
         try:
             found = await self._flights.run(batch_key, lambda: self._lookup_s3(missing))
-        except (Unavailable, BadResponse) as exc:
+        except (Unavailable, BadResponse, Unauthorized) as exc:  # the HTTPS download decides access
             self._note_outage(exc)
             found = {uri: stale.get(uri) for uri in missing}
         keys.update(found)
