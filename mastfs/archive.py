@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import diskcache
 import trio
@@ -42,6 +42,7 @@ from .namespace import DEFAULT_CONE_RADIUS, MJD_UNIX_EPOCH
 from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
 #: Data released longer ago than this (days) count as "released" for the TTL.
 RELEASED_AGE_DAYS = 365.0
@@ -246,7 +247,8 @@ class Archive:
             keys = [self._key("target", " ".join(ident.split()).lower())]
             position = self._memory.get(keys[0]) or (await self._load_many(keys, _POSITION))[0]
             if position is not None and not position.missing:
-                keys.append(self._cone_key(*position.value, DEFAULT_CONE_RADIUS))
+                ra, dec = position.value
+                keys.append(self._cone_key(ra, dec, DEFAULT_CONE_RADIUS))
         for key in keys:
             self._memory.pop(key, None)
             await self._cache_call(self._delete_raw, key)
@@ -292,15 +294,15 @@ class Archive:
             self._outage = False
             log.info("MAST answers again")
 
-    async def _cached(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[Any]],
-                      ttl_of: Callable[[Any], float]) -> Any:
+    async def _cached(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[V]],
+                      ttl_of: Callable[[V], float]) -> V:
         entry = self._memory.get(key)
         if entry is None or entry.expires <= self._clock():
             entry = await self._flights.run(key, lambda: self._refresh(key, codec, fetch, ttl_of))
         if entry.missing:
             raise NotFound(f"{key.split('/', 1)[0]} {key.rsplit('/', 1)[-1]!r} does not exist "
                            f"(remembered)")
-        return entry.value
+        return cast(V, entry.value)
 
     async def _refresh(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[Any]],
                        ttl_of: Callable[[Any], float]) -> _Entry:

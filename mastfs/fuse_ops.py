@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pyfuse3
 
@@ -224,7 +224,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # any buffer suits pyfuse3
         """Reads carry no requester, so the process that opened ``fh`` stands for it (interruptions).
 
         When a page-cache read fails, the kernel at once asks again for the page the reader needs, as a
@@ -288,15 +288,15 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------------- writes: all EROFS
 
     @boundary
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> None:
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> None:
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> None:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
@@ -308,7 +308,7 @@ class Operations(pyfuse3.Operations):
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> None:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
@@ -317,11 +317,11 @@ class Operations(pyfuse3.Operations):
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> None:
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> None:
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary

@@ -175,7 +175,7 @@ class MastClient:
 
     # --- invoke ----------------------------------------------------------------------------------
 
-    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict], Paging]:
+    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict[str, Any]], Paging]:
         """Rows and paging of one page, re-sending the identical body while EXECUTING; the
         requests and polls of the page together take at most the deadline."""
         content = "request=" + quote(json.dumps(body))
