@@ -38,6 +38,7 @@ from .config import Settings
 from .errors import BadResponse, NotFound, Unavailable
 from .mast.client import MastClient
 from .mast.models import Observation, Product
+from .mast.table import ProductTable
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,7 @@ def _identity(value: Any) -> Any:
 _OBSERVATIONS = _Codec(lambda items: [obs.fields for obs in items],
                        lambda rows: [Observation.from_row(row) for row in rows])
 _OBSERVATION = _Codec(lambda obs: obs.fields, Observation.from_row)
-_PRODUCTS = _Codec(lambda items: [product.fields for product in items],
-                   lambda rows: [Product.from_row(row) for row in rows])
+_PRODUCTS = _Codec(ProductTable.to_json, ProductTable.from_json)
 _POSITION = _Codec(list, tuple)
 _PLAIN = _Codec(_identity, _identity)
 
@@ -94,7 +94,6 @@ _PLAIN = _Codec(_identity, _identity)
 @dataclass
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
-    finished: bool = False
     result: Any = None
     error: BaseException | None = None
 
@@ -149,10 +148,10 @@ class Archive:
         return await self._cached(self._key("observation", obs_id), _OBSERVATION, fetch,
                                   lambda obs: self._ttl_for([obs]))
 
-    async def products(self, obs: Observation) -> list[Product]:
-        """The products of ``obs`` (one Mast.Caom.Products query plus pages), unique by dataURI."""
+    async def products(self, obs: Observation) -> ProductTable:
+        """The products of ``obs`` (one Mast.Caom.Products query plus pages, packed), unique by dataURI."""
 
-        async def fetch() -> list[Product]:
+        async def fetch() -> ProductTable:
             return await self._client.products([obs.obsid])
 
         return await self._cached(self._key("products", obs.obsid), _PRODUCTS, fetch,
@@ -203,9 +202,10 @@ class Archive:
     async def s3_keys(self, products: Iterable[Product]) -> dict[str, str | None]:
         """S3 key of each product's dataURI, None where there is no cloud copy.
 
-        Cached per uri; the uris not cached are looked up in one path_lookup batch (50 uris a request).
-        When MAST fails, stale keys are served and unknown ones answer None (the HTTPS download still
-        works), so a listing never fails for want of cloud paths.
+        Cached per uri; the uris not cached are looked up in one path_lookup batch (40 uris a request).
+        When MAST fails, stale keys are served and unknown ones are left out of the answer (the HTTPS
+        download still works, and the next call asks again): a listing never fails for want of cloud
+        paths, and a failed lookup is never remembered as "not in S3".
         """
         uris = list(dict.fromkeys(product.data_uri for product in products))
         now = self._clock()
@@ -233,7 +233,7 @@ class Archive:
             found = await self._single_flight(batch_key, lambda: self._lookup_s3(missing))
         except (Unavailable, BadResponse) as exc:
             self._note_outage(exc)
-            found = {uri: stale.get(uri) for uri in missing}
+            found = {uri: stale[uri] for uri in missing if uri in stale}
         keys.update(found)
         return keys
 
@@ -338,16 +338,16 @@ class Archive:
         return fresh
 
     async def _lookup_s3(self, uris: list[str]) -> dict[str, str | None]:
+        """Keys of ``uris`` from MAST, stored; a uri MAST gave no answer about is left out (unsettled)."""
         found = await self._client.path_lookup(uris)
         now = self._clock()
         entries = []
-        for uri in uris:
-            key = found.get(uri)
+        for uri, key in found.items():
             ttl = self._settings.ttl_released if key else self._settings.ttl_recent
             entries.append((self._key("s3", uri), _Entry(key, now + ttl), _PLAIN))
         self._note_recovery()
         await self._store_many(entries)
-        return {uri: found.get(uri) for uri in uris}
+        return found
 
     async def _remember_program(self, pid: str, observations: list[Observation]) -> None:
         """Store each observation of a fresh program listing under its own key, and index the program."""
@@ -367,21 +367,26 @@ class Archive:
 
     async def _single_flight(self, key: str, produce: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``produce()`` once for all concurrent callers of ``key``; each gets its result or error.
-        If the task producing it is cancelled, a waiting caller takes over."""
-        while (flight := self._flights.get(key)) is not None:
-            await flight.done.wait()
-            if flight.finished:
-                if flight.error is not None:
-                    raise flight.error
-                return flight.result
-        flight = _Flight()
-        self._flights[key] = flight
+
+        The work runs in a background (system) task, not in the caller's: a caller whose wait is
+        cancelled (a Ctrl-C on ``ls``) leaves it running, and the next caller of ``key`` joins it
+        instead of starting over. It is bounded by the client's own time limits."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight()
+            trio.lowlevel.spawn_system_task(self._fly, key, flight, produce, name=f"metadata {key}")
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.result
+
+    async def _fly(self, key: str, flight: _Flight, produce: Callable[[], Awaitable[Any]]) -> None:
         try:
             flight.result = await produce()
-            flight.finished = True
-            return flight.result
         except Exception as exc:
-            flight.error, flight.finished = exc, True
+            flight.error = exc
+        except BaseException:  # cancelled as the daemon stops
+            flight.error = Unavailable(f"{key}: the daemon is stopping")
             raise
         finally:
             del self._flights[key]
