@@ -135,10 +135,10 @@ async def test_executing_is_polled_with_the_same_body(clean_twin):
 
 
 @trio_test
-async def test_executing_forever_hits_the_deadline(clean_twin):
+async def test_executing_forever_hits_the_query_timeout(clean_twin):
     clean_twin.faults.add("invoke", "executing", count=1, polls=10_000)
-    async with mast_client(clean_twin, deadline=1.0) as client:
-        with pytest.raises(Unavailable, match="EXECUTING"):
+    async with mast_client(clean_twin, deadline=0.5, query_timeout=1.5) as client:
+        with pytest.raises(Unavailable, match="query timeout"):
             await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
 
 
@@ -176,9 +176,9 @@ async def test_persistent_truncation_never_yields_partial_rows(clean_twin):
 
 
 @trio_test
-async def test_stall_becomes_unavailable_within_the_deadline(clean_twin):
+async def test_stall_becomes_unavailable_within_the_query_timeout(clean_twin):
     clean_twin.faults.add("invoke", "stall")
-    async with mast_client(clean_twin, deadline=2.0) as client:
+    async with mast_client(clean_twin, deadline=0.5, query_timeout=2.0) as client:
         with pytest.raises(Unavailable):
             await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
     clean_twin.faults.clear()  # release the stalled server threads

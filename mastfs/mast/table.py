@@ -69,6 +69,17 @@ class ProductTable(Sequence[Product]):
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to a table packing the same rows, or to a sequence of the same Products."""
+        if isinstance(other, ProductTable):
+            return (self.columns == other.columns and self._chunks == other._chunks
+                    and self._sizes == other._sizes and self._rights == other._rights)
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
     @overload
     def __getitem__(self, index: int) -> Product: ...
     @overload
@@ -91,6 +102,11 @@ class ProductTable(Sequence[Product]):
     @property
     def chunk_count(self) -> int:
         return len(self._chunks)
+
+    @staticmethod
+    def chunk_start(number: int) -> int:
+        """The index of the first row of chunk ``number``."""
+        return number * CHUNK_ROWS
 
     def chunk(self, number: int) -> list[Product]:
         """The products of chunk ``number`` (rows ``number * CHUNK_ROWS`` on); the last one asked for is
