@@ -30,19 +30,29 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import trio
 
 from . import namespace
 from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .lru import LRU
+from .singleflight import SingleFlight
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .blockcache import ProductRef
+    from .config import Settings
+    from .mast.models import Observation, Product
+    from .mast.table import ProductTable
+    from .reader import ReadStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+N = TypeVar("N", bound="Node")
 
 ROOT_INODE = 1
 FORGOTTEN_KEPT = 4096
@@ -53,8 +63,13 @@ the same identity, so its cached blocks are found."""
 MEMO_SWEEP_EVERY = 256
 """Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
-"""Seconds a directory's contents are reused before the Archive is asked again (the kernel caches
-entries and attributes for as long)."""
+"""Seconds a directory's contents are reused before the Archive is asked again; the FUSE adapter gives
+the kernel the same time to reuse a name lookup or attributes without asking again."""
+STAT_BLOCK_SIZE = 4096
+"""st_blksize (the preferred I/O size) and the statfs block size. Small on purpose: Python (astropy) sizes
+its read buffer by it, and a 128 KiB buffer turns a 2,880-byte FITS header read into a kernel read beyond
+the cache's 64 KiB first block; ``cp``, ``cat`` and ``dd`` read at least 128 KiB whatever it says, and
+the kernel reads ahead. Not the block cache's BLOCK_SIZE (4 MiB)."""
 SIZE_RESOLVERS = 8
 """Most concurrent size look-ups (HEAD requests) when a listing holds products of unknown size."""
 S3_LOOKUP_SPAN = 200
@@ -93,6 +108,31 @@ class FsStats:
     blocks_free: int
     files: int
     name_max: int = namespace.NAME_MAX
+
+
+class ArchiveView(Protocol):
+    """What the tree needs of the metadata layer (:class:`mastfs.archive.Archive`): cached MAST answers;
+    each raises NotFound, Unauthorized, Unavailable or BadResponse."""
+
+    async def program(self, pid: str, /) -> list[Observation]: ...
+    async def observation(self, obs_id: str, /) -> Observation: ...
+    async def products(self, obs: Observation, /) -> ProductTable: ...
+    async def target(self, name: str, /) -> list[Observation]: ...
+    async def cone(self, ra: float, dec: float, radius: float, /) -> list[Observation]: ...
+    async def resolved_size(self, product: Product, /) -> int | None: ...
+    async def s3_keys(self, products: Iterable[Product], /) -> dict[str, str | None]: ...
+    async def known_programs(self) -> list[str]: ...
+    async def forget(self, kind: str, ident: str, /) -> None: ...
+    async def forget_all(self) -> None: ...
+
+
+class BytesView(Protocol):
+    """What the tree needs of the byte layer (:class:`mastfs.reader.ByteReader`): verified bytes of a
+    product through a per-handle stream, and where they come from."""
+
+    def open_stream(self, ref: ProductRef, /) -> ReadStream: ...
+    async def read_view(self, stream: ReadStream, offset: int, length: int, /) -> bytes | memoryview: ...
+    def source_of(self, ref: ProductRef, /) -> str | None: ...
 
 
 class Content:
@@ -150,24 +190,14 @@ class OpenFile:
 
     node: Node
     content: Content | None = None
-    ref: Any = None
-    stream: Any = None
+    ref: ProductRef | None = None
+    stream: ReadStream | None = None
 
 
 @dataclass
 class _Memo:
     value: Any
     expires: float
-
-
-class _Flight:
-    """One load in progress: later callers wait for it and share its value or its error."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: Any = None
-        self.loaded = False
-        self.error: Exception | None = None
 
 
 # ------------------------------------------------------------------------------------------------ nodes
@@ -283,8 +313,9 @@ class TopDir(DirNode):
         path = (kind, name)
         if kind == "program":
             namespace.parse_program_id(name)
-            node: Node = tree.intern(ProgramDir, path)
-            await node.entries(tree)  # an unknown program is ENOENT, not an empty directory
+            program = tree.intern(ProgramDir, path)
+            await program.entries(tree)  # an unknown program is ENOENT, not an empty directory
+            node: Node = program
         elif kind == "obs":
             namespace.parse_obs_id(name)
             observation = await tree.archive.observation(name)
@@ -295,12 +326,14 @@ class TopDir(DirNode):
             node = tree.intern(ObservationDir, path, observation)
         elif kind == "target":
             namespace.parse_target_name(name)
-            node = tree.intern(QueryDir, path)
-            await node.entries(tree)
+            query = tree.intern(QueryDir, path)
+            await query.entries(tree)
+            node = query
         else:
             namespace.parse_cone(name)
-            node = tree.intern(QueryDir, path)
-            await node.entries(tree)
+            query = tree.intern(QueryDir, path)
+            await query.entries(tree)
+            node = query
         tree.seen[kind].add(name)
         return node
 
@@ -311,7 +344,7 @@ class ObservationListDir(DirNode):
 
     __slots__ = ()
 
-    async def observations(self, tree: Tree) -> list[Any]:
+    async def observations(self, tree: Tree) -> list[Observation]:
         raise NotImplementedError
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
@@ -341,7 +374,7 @@ class ObservationListDir(DirNode):
 class ProgramDir(ObservationListDir):
     __slots__ = ()
 
-    async def observations(self, tree: Tree) -> list[Any]:
+    async def observations(self, tree: Tree) -> list[Observation]:
         observations = await tree.archive.program(self.path[1])
         if not observations:
             raise NotFound(f"program {self.path[1]} has no observations in {', '.join(tree.collections)}")
@@ -353,7 +386,7 @@ class QueryDir(ObservationListDir):
 
     __slots__ = ()
 
-    async def observations(self, tree: Tree) -> list[Any]:
+    async def observations(self, tree: Tree) -> list[Observation]:
         kind, name = self.path[0], self.path[1]
         if kind == "target":
             try:
@@ -370,7 +403,7 @@ class _ObservationContents:
     """An observation directory's products (a packed ProductTable), where each is shown, and the
     content of products.csv (made part by part when read)."""
 
-    products: Any
+    products: ProductTable
     placement: namespace.Placement
     products_csv: Content
 
@@ -378,7 +411,7 @@ class _ObservationContents:
 class ObservationDir(DirNode):
     __slots__ = ("observation",)
 
-    def __init__(self, ino: int, path: tuple[str, ...], observation: Any) -> None:
+    def __init__(self, ino: int, path: tuple[str, ...], observation: Observation) -> None:
         super().__init__(ino, path)
         self.observation = observation
 
@@ -444,7 +477,7 @@ class GroupDir(DirNode):
     def nlink(self) -> int:
         return 2
 
-    async def _files(self, tree: Tree) -> tuple[Any, dict[str, int]]:
+    async def _files(self, tree: Tree) -> tuple[ProductTable, dict[str, int]]:
         """The observation's product table and this group's file name -> row index. Raises NotFound
         when the group is gone after a refresh."""
         contents = await self.observation_dir.contents(tree)
@@ -534,7 +567,8 @@ class ProductFile(Node):
 
     __slots__ = ("group_dir", "table", "index", "_name", "resolved_size")
 
-    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, table: Any, index: int) -> None:
+    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, table: ProductTable,
+                 index: int) -> None:
         self.ino = ino
         self.group_dir = group_dir
         self.table = table
@@ -555,7 +589,7 @@ class ProductFile(Node):
         return self.group_dir.observation_dir
 
     @property
-    def product(self) -> Any:
+    def product(self) -> Product:
         return self.table[self.index]
 
     def same_as(self, other: Node) -> bool:
@@ -594,9 +628,11 @@ class ProductFile(Node):
         values = namespace.field_xattrs(product.fields)
         own = namespace.OWN_XATTR_PREFIX
         values[own + "uri"] = product.data_uri.encode()
-        ref = tree.refs.get(product.data_uri)
+        ref = tree.refs.peek(product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
-            values[own + "source"] = tree.source_of(ref).encode()
+            source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
+            if source is not None:
+                values[own + "source"] = source.encode()
         elif self.resolved_size is not None:  # the cache identity needs only uri and size
             ref = tree.make_ref(uri=product.data_uri, size=self.resolved_size)
         if ref is not None:
@@ -604,7 +640,7 @@ class ProductFile(Node):
         return values
 
 
-def observation_mtime(observation: Any, fallback: float) -> float:
+def observation_mtime(observation: Observation, fallback: float) -> float:
     """Unix time of ``t_obs_release`` (else ``t_max``) of an observation; ``fallback`` when both are null."""
     for mjd in (observation.t_obs_release, observation.t_max):
         unix = namespace.mjd_to_unix(mjd)
@@ -628,14 +664,14 @@ class Tree:
 
     def __init__(
         self,
-        archive: Any,
-        reader: Any,
-        settings: Any,
+        archive: ArchiveView,
+        reader: BytesView,
+        settings: Settings,
         *,
         has_token: bool,
-        product_ref: Callable[..., Any],
+        product_ref: Callable[..., ProductRef],
         cache_usage: Callable[[], tuple[int, int]],
-        cached_bytes: Callable[[Any], int],
+        cached_bytes: Callable[[ProductRef], int],
     ) -> None:
         self.archive = archive
         self.reader = reader
@@ -647,7 +683,7 @@ class Tree:
         self.mount_time = time.time()
         self.readme = namespace.README_TEXT.encode()
         self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
-        self.refs: OrderedDict[str, Any] = OrderedDict()
+        self.refs: LRU[str, ProductRef] = LRU(REFS_KEPT)
         """dataURI -> ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
         self.make_ref = product_ref
         self._cache_usage = cache_usage
@@ -655,24 +691,24 @@ class Tree:
         self._nodes: dict[int, Node] = {ROOT_INODE: RootDir(ROOT_INODE, ())}
         self._lookups: dict[int, int] = {}
         self._listed: dict[int, int] = {}
-        self._forgotten: OrderedDict[int, Node] = OrderedDict()
+        self._forgotten: LRU[int, Node] = LRU(FORGOTTEN_KEPT)
         self._memos: dict[tuple[str, ...], _Memo] = {}
         self._memos_added = 0
-        self._flights: dict[tuple[str, ...], _Flight] = {}
+        self._flights: SingleFlight[tuple[str, ...], Any] = SingleFlight()
         self._handles: dict[int, OpenFile] = {}
         self._next_handle = 1
         self._logged: set[Any] = set()
 
     # ---------------------------------------------------------------------------- inodes and memos
 
-    def intern(self, cls: Callable[..., Node], path: tuple[str, ...], *args: Any) -> Node:
+    def intern(self, cls: Callable[..., N], path: tuple[str, ...], *args: Any) -> N:
         """The node for ``path``: the one the kernel knows when it shows the same thing, else a fresh
         one with the same inode number (a path's number never changes). Only handing a node to the
         kernel (:meth:`lookup`, :meth:`listdir`) registers it under its number."""
         ino = self._ino_of(path)
         fresh = cls(ino, path, *args)
-        existing = self._nodes.get(ino) or self._forgotten.get(ino)
-        if existing is not None and existing.same_as(fresh):
+        existing = self._nodes.get(ino) or self._forgotten.peek(ino)
+        if isinstance(existing, type(fresh)) and existing.same_as(fresh):
             return existing
         return fresh
 
@@ -682,7 +718,7 @@ class Tree:
         text = "/".join(path).encode("utf-8", "surrogateescape")
         while True:
             ino = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-            holder = self._nodes.get(ino) or self._forgotten.get(ino)
+            holder = self._nodes.get(ino) or self._forgotten.peek(ino)
             if ino > ROOT_INODE and (holder is None or holder.path == path):
                 return ino
             text += b"\0"  # taken by another path (or the root's number): probe on
@@ -696,7 +732,7 @@ class Tree:
         numbers not handed out or forgotten long ago."""
         node = self._nodes.get(ino)
         if node is None:
-            node = self._forgotten.get(ino)
+            node = self._forgotten.peek(ino)
             if node is None:
                 raise NotFound(f"no inode {ino}")
             self._hand_out(node)
@@ -736,9 +772,7 @@ class Tree:
             return
         node = self._nodes.pop(ino, None)
         if node is not None:
-            self._forgotten[ino] = node
-            while len(self._forgotten) > FORGOTTEN_KEPT:
-                self._forgotten.popitem(last=False)
+            self._forgotten.put(ino, node)
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos."""
@@ -751,34 +785,18 @@ class Tree:
         Single flight: concurrent callers for one key share one ``load()`` and its value or error.
         Errors are not memoised.
         """
-        while True:
-            memo = self._memos.get(key)
-            if memo is not None and memo.expires > trio.current_time():
-                return memo.value
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            if flight.loaded:
-                return flight.value
-            # the loading task was cancelled: try again, maybe as the loader
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.value = await load()
-            flight.loaded = True
-            self._memos[key] = _Memo(flight.value, trio.current_time() + MEMO_TTL)
-            self._memos_added += 1
-            if self._memos_added % MEMO_SWEEP_EVERY == 0:
-                self._sweep_memos()
-            return flight.value
-        except Exception as exc:
-            flight.error = exc
-            raise
-        finally:
-            del self._flights[key]
-            flight.done.set()
+        memo = self._memos.get(key)
+        if memo is not None and memo.expires > trio.current_time():
+            return cast(T, memo.value)
+        return cast(T, await self._flights.run(key, lambda: self._load_memo(key, load)))
+
+    async def _load_memo(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
+        value = await load()
+        self._memos[key] = _Memo(value, trio.current_time() + MEMO_TTL)
+        self._memos_added += 1
+        if self._memos_added % MEMO_SWEEP_EVERY == 0:
+            self._sweep_memos()
+        return value
 
     def _sweep_memos(self) -> None:
         now = trio.current_time()
@@ -906,26 +924,23 @@ class Tree:
         self._handles[number] = handle
         return number
 
-    async def product_ref(self, node: ProductFile) -> Any:
+    async def product_ref(self, node: ProductFile) -> ProductRef:
         """The one ProductRef of the node's dataURI (shared by every observation listing it), with its
         S3 key looked up (once per stretch of its directory) unless ``--source http``. When the look-up
         failed the ref reads over HTTPS and is not kept, so the next open asks for the key again."""
         uri = node.product.data_uri
         ref = self.refs.get(uri)
         if ref is not None:
-            self.refs.move_to_end(uri)
             return ref
         s3_key, settled = None, True
         if self.settings.source != "http":
             s3_key, settled = await node.group_dir.s3_key(self, node.name, uri)
         size = await node.size(self)
         ref = self.refs.get(uri)  # another task may have made it meanwhile
-        if ref is None:
+        if ref is None:  # a ref dropped from the LRU and made again later has the same cache identity
             ref = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
             if settled:
-                self.refs[uri] = ref
-                while len(self.refs) > REFS_KEPT:  # a ref made again later has the same cache identity
-                    self.refs.popitem(last=False)
+                self.refs.put(uri, ref)
         return ref
 
     async def read(self, handle: int, offset: int, length: int) -> bytes | memoryview:
@@ -936,6 +951,7 @@ class Tree:
             raise NotFound(f"no open file handle {handle}")
         if open_file.content is not None:
             return open_file.content.read(offset, length)
+        assert open_file.stream is not None and open_file.ref is not None  # a product's handle
         try:
             return await self.reader.read_view(open_file.stream, offset, length)
         except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
@@ -966,18 +982,12 @@ class Tree:
     async def listxattr(self, ino: int) -> list[str]:
         return list(self.node(ino).xattrs(self))
 
-    def source_of(self, ref: Any) -> str:
-        """Where the bytes of ``ref`` come from: ``s3://bucket/key`` or the HTTPS download URL."""
-        if getattr(ref, "s3_key", None) and self.settings.source != "http":
-            return f"s3://{self.settings.bucket}/{ref.s3_key}"
-        return f"{self.settings.mast_url.rstrip('/')}/api/v0.1/Download/file?uri={quote(ref.uri, safe=':/')}"
-
     # --------------------------------------------------------------------------------- whole mount
 
     def statfs(self) -> FsStats:
         """The block cache as the filesystem's size: total = its limit, used = what it holds."""
         used, limit = self._cache_usage()
-        block = 4096
+        block = STAT_BLOCK_SIZE
         total = max(limit, used)
         return FsStats(block_size=block, blocks=total // block, blocks_free=(total - used) // block,
                        files=len(self._nodes))

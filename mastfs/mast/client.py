@@ -9,10 +9,8 @@ The client caches nothing: that is the Archive's job.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -24,9 +22,10 @@ import httpx
 import trio
 
 from .. import __version__
-from ..auth import TOKEN_URL, auth_headers
+from ..auth import auth_headers
 from ..config import Settings
 from ..errors import BadResponse, NotFound, Retryable, Unauthorized, Unavailable
+from ..httpwire import error_for_status, parse_retry_after, unauthorized
 from ..retry import RetryPolicy
 from .models import (
     Identity,
@@ -44,7 +43,7 @@ from .table import ProductTable, ProductTableBuilder
 class _PackingSink(ProductTableBuilder):
     """The sink of a product query: each page's rows packed as they arrive."""
 
-    def extend(self, rows: list[dict]) -> None:
+    def extend(self, rows: list[dict[str, Any]]) -> None:
         self.add(rows)
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,6 @@ _TRANSIENT_ERROR_WORDS = ("timed out", "timeout", "time out", "try again", "temp
 _UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 #: An unparsable body is retried this many times before it counts as a BadResponse.
 BAD_BODY_RETRIES = 2
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
 _AUTH_ERROR_WORDS = ("logged in", "authoriz", "authentic", "token", "permission", "forbidden")
 
 TokenProvider = Callable[[], "str | None"]
@@ -153,22 +151,6 @@ def _endpoint_name(url: str, mast_host: bool) -> str:
     return path.rsplit("/", 1)[-1] or "root"
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), None if absent or nonsense."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _is_auth_message(msg: str) -> bool:
     lowered = msg.lower()
     return any(word in lowered for word in _AUTH_ERROR_WORDS)
@@ -194,7 +176,7 @@ class MastClient:
         self._http = http
         self._settings = settings
         self._token_provider = token_provider or (lambda: None)
-        self._policy = RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+        self._policy = RetryPolicy.from_settings(settings)
         self._mast = settings.mast_url.rstrip("/")
         self.observation_pagesize = observation_pagesize
         self.product_pagesize = product_pagesize
@@ -210,11 +192,7 @@ class MastClient:
     # --- low level --------------------------------------------------------------------------------
 
     def _unauthorized(self, what: str) -> Unauthorized:
-        if self._token_provider():
-            return Unauthorized(f"{what}: MAST refused the token",
-                                reason=f"the token expired or lacks access; get a new one at {TOKEN_URL}")
-        return Unauthorized(f"{what}: exclusive-access data needs a MAST token",
-                            reason=f"get a token at {TOKEN_URL} and set MAST_API_TOKEN or --token-file")
+        return unauthorized(what, has_token=bool(self._token_provider()))
 
     async def _send(self, method: str, url: str, *, what: str, mast_host: bool = True,
                     **kwargs: Any) -> httpx.Response:
@@ -237,15 +215,10 @@ class MastClient:
         if status < 300:
             return response
         self._errors[endpoint] += 1
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            raise Retryable(f"{what}: HTTP {status}", retry_after=_retry_after(response))
-        if status in (401, 403):
-            raise self._unauthorized(what)
-        if status == 404:
-            raise NotFound(f"{what}: HTTP 404")
         if status == 414:
             raise RequestTooLong(f"{what}: HTTP 414 (request line too long)")
-        raise BadResponse(f"{what}: HTTP {status}")
+        raise error_for_status(status, what, has_token=mast_host and bool(self._token_provider()),
+                               retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
     async def _request_json(self, method: str, url: str, *, what: str, mast_host: bool = True,
                             policy: RetryPolicy | None = None,
@@ -285,7 +258,7 @@ class MastClient:
         return httpx.Timeout(connect=CONNECT_TIMEOUT, read=remaining, write=remaining, pool=remaining)
 
     async def _invoke_page(self, body: dict[str, Any], what: str, give_up_at: float,
-                           query: QueryProgress) -> tuple[list[dict], Paging]:
+                           query: QueryProgress) -> tuple[list[dict[str, Any]], Paging]:
         """Rows and paging of one page, re-sending the identical body while EXECUTING and, with
         backoff, after a transient ERROR answer, until ``give_up_at`` (trio time). A MAST that cannot
         be reached at all (connection refused, DNS failure) fails within the deadline instead.
@@ -342,12 +315,16 @@ class MastClient:
             await trio.sleep(min(delay, max(0.0, give_up_at - trio.current_time())))
             delay = min(delay * 2, MAX_POLL_DELAY)
 
-    async def invoke(self, service: str, params: dict[str, Any], pagesize: int,
-                     sink: Callable[[], S] = list) -> S:  # type: ignore[assignment]
+    async def invoke(self, service: str, params: dict[str, Any], pagesize: int) -> list[dict[str, Any]]:
+        """Every row of a ``/api/v0/invoke`` query as a list (see :meth:`invoke_into`)."""
+        rows: list[dict[str, Any]] = await self.invoke_into(service, params, pagesize, list)
+        return rows
+
+    async def invoke_into(self, service: str, params: dict[str, Any], pagesize: int,
+                          sink: Callable[[], S]) -> S:
         """Every row of a ``/api/v0/invoke`` query, page by page: page 1, then pages 2..pagesFiltered
         with the same body (same cacheBreaker), each polled while EXECUTING. Each page's rows go to
-        ``sink()``'s ``extend`` (a list by default) before the next page is asked for; the filled sink
-        is returned.
+        ``sink()``'s ``extend`` before the next page is asked for; the filled sink is returned.
 
         The whole query, retries included, takes at most ``settings.query_timeout``. An answer whose
         rows do not add up to the ``rowsFiltered`` it announced (rows shifting between pages, a lost
@@ -417,7 +394,7 @@ class MastClient:
         log.debug("%s: %d rows in %d page(s)", service, received, max(pages, 1))
 
     @staticmethod
-    def _take_page(collected: Any, rows: list[dict], query: QueryProgress) -> int:
+    def _take_page(collected: Any, rows: list[dict[str, Any]], query: QueryProgress) -> int:
         collected.extend(rows)
         query.pages += 1
         query.rows += len(rows)
@@ -492,8 +469,8 @@ class MastClient:
         obsid_list = [str(obsid) for obsid in obsids]
         if not obsid_list:
             return ProductTable.of([])
-        builder = await self.invoke("Mast.Caom.Products", {"obsid": ",".join(obsid_list)},
-                                    self.product_pagesize, sink=_PackingSink)
+        builder = await self.invoke_into("Mast.Caom.Products", {"obsid": ",".join(obsid_list)},
+                                         self.product_pagesize, _PackingSink)
         return builder.finish()
 
     # --- other services ----------------------------------------------------------------------------

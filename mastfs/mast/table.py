@@ -39,7 +39,8 @@ def _pack(values: list[Any]) -> bytes:
 
 
 def _unpack(blob: bytes) -> list[Any]:
-    return json.loads(zlib.decompress(blob))
+    values: list[Any] = json.loads(zlib.decompress(blob))
+    return values
 
 
 def _rights_code(product: Product) -> int:
@@ -56,7 +57,7 @@ class ProductTable(Sequence[Product]):
     :meth:`size` and :meth:`exclusive` answer without decoding anything.
     """
 
-    def __init__(self, columns: Sequence[str], chunks: list[dict[str, bytes]], sizes: array,
+    def __init__(self, columns: Sequence[str], chunks: list[dict[str, bytes]], sizes: array[int],
                  rights: bytes) -> None:
         if len(sizes) != len(rights) or len(chunks) != -(-len(sizes) // CHUNK_ROWS):
             raise BadResponse("product table with inconsistent parts")
@@ -155,7 +156,7 @@ class ProductTable(Sequence[Product]):
     def from_json(cls, value: Any) -> ProductTable:
         """The table :meth:`to_json` gave. Raises BadResponse when ``value`` is not one."""
         try:
-            sizes = array("q")
+            sizes: array[int] = array("q")
             sizes.frombytes(base64.b64decode(value["sizes"]))
             chunks = [{str(name): base64.b64decode(blob) for name, blob in chunk.items()}
                       for chunk in value["chunks"]]
@@ -179,7 +180,7 @@ class ProductTableBuilder:
         self._columns: dict[str, None] = {}
         self._chunks: list[dict[str, bytes]] = []
         self._pending: list[Product] = []
-        self._sizes = array("q")
+        self._sizes: array[int] = array("q")
         self._rights = bytearray()
         self._seen: set[int] = set()  # hashes of the dataURIs taken (a str per row would cost 100 bytes)
         self.dropped = 0
