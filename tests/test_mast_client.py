@@ -52,9 +52,9 @@ def requests(twin, key: str) -> int:
 async def test_program_2733_one_query(clean_twin):
     async with mast_client(clean_twin, collections=["JWST", "OPO"]) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST", "OPO"])
-    assert len(observations) == 11
+    assert len(observations) == 12  # 10 JWST, 1 OPO, 1 planned JWST (the client keeps it; the tree does not)
     jwst = {obs.obs_id for obs in observations if obs.obs_collection == "JWST"}
-    assert jwst == PROGRAM_2733_OBS
+    assert jwst == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
     assert all(obs.proposal_id == "2733" and obs.obsid for obs in observations)
     assert requests(clean_twin, "invoke:Mast.Caom.Filtered") == 1
     assert requests(clean_twin, "invoke") == 1
@@ -66,8 +66,8 @@ async def test_collections_filter_and_count(clean_twin):
         jwst_only = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
         counted = await client.count(MastClient.program_filters(twin_catalog.PROGRAM_2733, ["JWST", "OPO"]))
         unknown = await client.observations_by_program("99999", ["JWST"])
-    assert {obs.obs_id for obs in jwst_only} == PROGRAM_2733_OBS
-    assert counted == 11
+    assert {obs.obs_id for obs in jwst_only} == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
+    assert counted == 12
     assert unknown == []
 
 
@@ -129,7 +129,7 @@ async def test_executing_is_polled_with_the_same_body(clean_twin):
     clean_twin.faults.add("invoke", "executing", count=1, polls=3)
     async with mast_client(clean_twin) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
-    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS
+    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
     # three EXECUTING answers, then COMPLETE: the twin only completes an identical re-sent body
     assert requests(clean_twin, "invoke") == 4
 
@@ -154,7 +154,7 @@ async def test_transient_failures_are_retried(clean_twin, kind, params):
     clean_twin.faults.add("invoke", kind, count=2, **params)
     async with mast_client(clean_twin) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
-    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS
+    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
     assert requests(clean_twin, "invoke") == 3
 
 
