@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .config import Settings
 from .errors import Unauthorized
@@ -22,6 +23,16 @@ ENV_TOKEN = "MAST_API_TOKEN"
 KEYRING_SERVICE = "astroquery:mast.stsci.edu.token"
 KEYRING_USER = "masttoken"
 TOKEN_URL = "https://auth.mast.stsci.edu/token"
+#: The reason given when exclusive-access data is read without a token (logged, never the token itself).
+LOGIN_HINT = (
+    f"this file is exclusive-access: get a token at {TOKEN_URL} and set MAST_API_TOKEN "
+    "(or --token-file) before mounting"
+)
+#: The reason given when MAST refuses the token in use.
+REFUSED_HINT = (
+    "MAST refused the token (expired, revoked or without rights to this program): get a new one at "
+    f"{TOKEN_URL}"
+)
 REDACTED = "<redacted>"
 
 
@@ -33,7 +44,7 @@ def find_token(settings: Settings, env: Mapping[str, str] = os.environ) -> str |
     missing, unreadable or readable by group/others (a token lying open to other users is refused,
     never silently used). Keyring failures (no package, no backend, locked) count as "no token there".
     """
-    token = (env.get(ENV_TOKEN) or "").strip()
+    token: str | None = (env.get(ENV_TOKEN) or "").strip()
     if token:
         log.debug("MAST token from $%s", ENV_TOKEN)
         return token
@@ -127,7 +138,7 @@ def install_redaction(token: str | None) -> TokenRedactor:
     if not _installed:
         previous_factory = logging.getLogRecordFactory()
 
-        def redacting_factory(*args, **kwargs) -> logging.LogRecord:
+        def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous_factory(*args, **kwargs)
             _redactor.filter(record)
             return record

@@ -204,10 +204,6 @@ class BlockCache:
         present = self._by_version.get(ref.version_key)
         return present is not None and len(present) == block_count(ref.size)
 
-    def is_verified(self, ref: ProductRef) -> bool:
-        """True when the product's blocks on disk matched its whole-file sha256 and none changed since."""
-        return ref.version_key in self._verified
-
     async def load(self, ref: ProductRef, index: int) -> bytes | None:
         """The verified bytes of block ``index`` of ``ref``, or None (a miss).
 
@@ -506,7 +502,7 @@ def _header_ok(header: bytes, raw_vk: bytes, index: int, data: bytes) -> bool:
     if len(header) != HEADER_SIZE:
         return False
     magic, got_index, length, crc, got_vk, header_crc = _HEADER.unpack_from(header)
-    return (
+    return bool(
         magic == _MAGIC
         and header_crc == zlib.crc32(header[: _HEADER.size - 4])
         and got_index == index

@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .config import add_arguments, load_settings
+from .config import Settings, add_arguments, load_settings
 from .errors import MastfsError
 
 EPILOG = """\
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except KeyboardInterrupt:
         return 130
     except MastfsError as exc:
@@ -181,7 +181,7 @@ def parse_mount_options(texts: list[str]) -> dict[str, str]:
     return settings
 
 
-def _settings_from(args: argparse.Namespace):
+def _settings_from(args: argparse.Namespace) -> Settings:
     flags = vars(args).copy()
     try:
         for name, value in parse_mount_options(flags.pop("mount_options", [])).items():

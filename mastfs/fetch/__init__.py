@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
-FetchBlocks = Callable[[str, Sequence[int], Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+class Fetcher(Protocol):
+    """What the reader needs of a fetcher: verified consecutive blocks of one file, handed over in order,
+    and a user-facing location of that file."""
+
+    def location(self, name: str, /) -> str: ...
+
+    async def fetch_blocks(self, name: str, bounds: Sequence[int],
+                           deliver: Callable[[bytes], Awaitable[None]], /) -> None: ...
 
 
-async def fetch_one_range(fetch_blocks: FetchBlocks, name: str, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of ``name`` read through a fetcher's ``fetch_blocks`` as a single block;
-    raises whatever ``fetch_blocks`` raises."""
-    blocks: list[bytes] = []
+class ColdStartFetcher(Fetcher, Protocol):
+    """A fetcher with a costly client to build, which :meth:`prepare` builds ahead of the first read."""
 
-    async def keep(block: bytes) -> None:
-        blocks.append(block)
+    async def prepare(self) -> None: ...
 
-    await fetch_blocks(name, (start, end), keep)
-    return blocks[0]
+
+def check_bounds(bounds: Sequence[int]) -> None:
+    """Raise ValueError unless ``bounds`` (block edges of one fetch) has two or more values rising
+    strictly from >= 0."""
+    if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
