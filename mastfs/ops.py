@@ -106,6 +106,15 @@ def format_status(status: dict[str, Any]) -> str:
         sent, failed = mast.get("requests", {}), mast.get("errors", {})
         lines.append("  MAST API  " + (", ".join(f"{name} {count} ({failed.get(name, 0)} failed)"
                                                  for name, count in sorted(sent.items())) or "no requests yet"))
+        queries = mast.get("queries", [])
+        lines.append(f"  queries   {len(queries)} metadata queries in flight")
+        for query in queries:
+            pages = (f"page {query.get('pages', 0)} of {query.get('pages_total')}" if query.get("pages_total")
+                     else "no page yet")
+            waits = f", {query.get('polls', 0)} EXECUTING polls" if query.get("polls") else ""
+            errors = f", {query.get('transient_errors')} transient errors" if query.get("transient_errors") else ""
+            lines.append(f"    {_duration(query.get('seconds', 0))} {pages} ({query.get('rows', 0)} rows{waits}"
+                         f"{errors}): {query.get('what')}")
     errors = reader.get("errors", {})
     lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
     lines.append(f"  signals   {status.get('interrupted', 0)} waits ended early by a signal to the requester")
