@@ -9,8 +9,9 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
   (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
-  source, hits and misses, errors by type), ``mast`` (API requests and failures) and ``interrupted``
-  (requests whose wait ended because a signal interrupted the requester).
+  source, hits and misses, reads and runs waiting, transfer slots, errors by type), ``mast`` (API requests
+  and failures), ``interrupted`` (requests whose wait ended because a signal interrupted the requester)
+  and ``token`` (TokenKeeper.status(): source, state, MAST user, last check; never the token).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
 - ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
@@ -45,7 +46,7 @@ from typing import Any
 import trio
 
 from . import __version__, fuse_ops
-from .auth import find_token, install_redaction
+from .auth import TokenKeeper, find_token_and_source
 from .config import Settings
 from .errors import MastfsError, Unavailable
 from .tree import Tree
@@ -113,12 +114,14 @@ class Services:
     reader: Any
     cache: Any
     client: Any
+    tokens: TokenKeeper
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings, token: str | None) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, token: str | TokenKeeper | None) -> AsyncIterator[Services]:
     """Build the HTTP client, MastClient, Archive, BlockCache, fetchers and ByteReader, and the Tree over
-    them; close them all on exit. Raises OSError when the cache directory is unusable."""
+    them; close them all on exit. ``token`` is the mount's TokenKeeper (a plain token: one that is never
+    re-read). Raises OSError when the cache directory is unusable."""
     from .archive import Archive
     from .blockcache import BlockCache, ProductRef
     from .fetch.http import HttpFetcher
@@ -130,19 +133,22 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
     os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
     os.chmod(settings.cache_dir, 0o700)  # blocks of exclusive-access data may live here
     policy = RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+    tokens = token if isinstance(token, TokenKeeper) else TokenKeeper(settings, token, "given" if token else "none",
+                                                                        renewable=False)
     async with make_http_client(settings) as http:
-        client = MastClient(http, settings, token_provider=lambda: token)
+        client = MastClient(http, settings, token_provider=tokens.current)
         archive = Archive(client, settings)
         cache = BlockCache(os.path.join(settings.cache_dir, "blocks"), settings.cache_size,
                            settings.min_free_space)
-        http_fetcher = HttpFetcher(http, settings.mast_url, token, policy)
+        http_fetcher = HttpFetcher(http, settings.mast_url, tokens, policy, settings.token_hosts)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
         try:
             async with ByteReader(cache, http_fetcher, s3_fetcher, settings.source,
-                                  settings.transfers) as reader:
-                tree = Tree(archive, reader, settings, has_token=token is not None, product_ref=ProductRef,
-                            cache_usage=cache.usage, cached_bytes=functools.partial(cached_bytes, cache))
-                yield Services(tree, archive, reader, cache, client)
+                                  settings.transfers, deadline=settings.deadline) as reader:
+                tree = Tree(archive, reader, settings, has_token=tokens.current() is not None,
+                            product_ref=ProductRef, cache_usage=cache.usage,
+                            cached_bytes=functools.partial(cached_bytes, cache))
+                yield Services(tree, archive, reader, cache, client, tokens)
         finally:
             await archive.aclose()
 
@@ -262,7 +268,7 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
     return None
 
 
-async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
+async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int:
     """Mount, serve until unmounted or signalled, and unmount; returns the exit status (1 when the kernel
     refused the mount or the mount never answered)."""
     async with open_services(settings, token) as services:
@@ -289,6 +295,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
 
                 nursery.start_soon(serve_fuse)
                 nursery.start_soon(operations.interrupts.run)
+                nursery.start_soon(services.tokens.watch, services.client.whoami)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
                 # A statfs through the kernel, from another process, proves the mount answers (served by
@@ -337,13 +344,12 @@ def run_foreground(settings: Settings, mountpoint: str) -> int:
     configure_logging(settings)
     tune_malloc()
     try:
-        token = find_token(settings)
+        token, source = find_token_and_source(settings)
     except MastfsError as exc:
         log.error("%s (%s)", exc, getattr(exc, "reason", ""))
         return 1
-    install_redaction(token)
     try:
-        return trio.run(_serve, settings, mountpoint, token)
+        return trio.run(_serve, settings, mountpoint, TokenKeeper(settings, token, source))
     except OSError as exc:  # the cache directory cannot be created or read
         log.error("cannot start: %s", exc)
         return 1
@@ -610,6 +616,7 @@ class ControlHandler:
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
             "interrupted": self.operations.interrupts.interrupted,
+            "token": self.services.tokens.status(),
             "tree": self.services.tree.stats(),
         }
 

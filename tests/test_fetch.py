@@ -59,18 +59,6 @@ def test_range_request_costs_only_the_range_on_the_wire(clean_twin, big):
     assert endpoints["s3:GetObject"]["bytes_sent"] == 2880
 
 
-def test_head_reports_the_size(twin, big):
-    async def main():
-        async with httpx.AsyncClient() as client:
-            fetcher = HttpFetcher(client, twin.mast_url, None, FAST)
-            assert await fetcher.head(big.uri) == big.size
-            assert await fetcher.head(twin_catalog.NO_LENGTH_URI) is None
-            with pytest.raises(NotFound):
-                await fetcher.head("mast:JWST/product/no_such_file.fits")
-
-    trio.run(main)
-
-
 def test_token_goes_in_the_authorization_header_only(twin):
     seen: list[httpx.Request] = []
 
