@@ -226,6 +226,33 @@ def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:
     return True
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+MAX_BACKGROUND = 64
+"""FUSE requests the kernel lets wait on the daemon at once in the background (page-cache reads and
+readahead are background requests). The kernel's default, 12, queues the 13th concurrent read in the
+kernel until another ends, so it could take two deadlines; the daemon bounds the waits itself."""
+
+
+def raise_max_background(mountpoint: str, value: int = MAX_BACKGROUND) -> bool:
+    """Let ``value`` background requests of the mount reach the daemon at once (and start congestion at
+    three quarters of it), through the fusectl filesystem at :data:`FUSECTL` (root only, and only where it
+    is mounted, as systemd does at boot; best effort). Returns whether it was set."""
+    entry = _mount_entry(mountpoint)
+    if entry is None or entry[0].split(":")[0] != "0":
+        return False
+    directory = os.path.join(FUSECTL, entry[0].split(":")[1])
+    try:
+        for name, number in (("max_background", value), ("congestion_threshold", value * 3 // 4)):
+            with open(os.path.join(directory, name), "w", encoding="ascii") as handle:
+                handle.write(str(number))
+    except OSError as exc:
+        log.debug("cannot raise the FUSE background limit in %s (%s); the kernel lets 12 reads wait at once",
+                  directory, exc.strerror)
+        return False
+    log.debug("FUSE background limit of %s raised to %d", mountpoint, value)
+    return True
+
+
 def _sd_notify(state: str) -> None:
     """Send ``state`` to systemd's $NOTIFY_SOCKET, if any (Type=notify)."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -283,6 +310,7 @@ async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int
         except RuntimeError as exc:
             log.error("cannot mount %s: %s (see the lines above from fusermount3)", mountpoint, exc)
             return 1
+        raise_max_background(mountpoint)  # before the first request: no read may queue in the kernel
         stop = _Stop()
         try:
             async with trio.open_nursery() as nursery:

@@ -30,6 +30,7 @@ from botocore.config import Config
 
 from ..config import Settings
 from ..errors import BadResponse, NotFound, Retryable
+from ..mast.client import parse_retry_after
 from ..retry import RetryPolicy
 from . import fetch_one_range
 
@@ -270,5 +271,6 @@ def _translate_client_error(exc: botocore.exceptions.ClientError, where: str) ->
     if code == "InvalidRange" or status == 416:
         return BadResponse(f"{where}: range not satisfiable")
     if status == 429 or status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
-        return Retryable(f"{where}: {code or status}", retry_after=None)
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        return Retryable(f"{where}: {code or status}", retry_after=parse_retry_after(headers.get("retry-after")))
     return BadResponse(f"{where}: {code or status}: {error.get('Message', '')}")

@@ -87,7 +87,11 @@ def _endpoint_name(url: str, mast_host: bool) -> str:
 
 def _retry_after(response: httpx.Response) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP date), None if absent or nonsense."""
-    value = response.headers.get("Retry-After")
+    return parse_retry_after(response.headers.get("Retry-After"))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header value (delta-seconds or HTTP date), None if absent or nonsense."""
     if not value:
         return None
     try:
