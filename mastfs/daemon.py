@@ -132,7 +132,7 @@ async def open_services(settings: Settings, token: str | TokenKeeper | None) -> 
 
     os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
     os.chmod(settings.cache_dir, 0o700)  # blocks of exclusive-access data may live here
-    policy = RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+    policy = RetryPolicy.from_settings(settings)
     tokens = token if isinstance(token, TokenKeeper) else TokenKeeper(settings, token, "given" if token else "none",
                                                                         renewable=False)
     async with make_http_client(settings) as http:
@@ -385,14 +385,6 @@ def run_foreground(settings: Settings, mountpoint: str) -> int:
 
 def _log_path(settings: Settings) -> str:
     return settings.log_file or os.path.join(settings.cache_dir, "mastfs.log")
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return "".join(handle.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def start_background(settings: Settings, mountpoint: str) -> int:

@@ -19,9 +19,9 @@ the first block not yet handed over.
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import quote
 
 import httpcore
 import httpx
@@ -29,21 +29,13 @@ import trio
 
 from ..auth import TokenKeeper, token_may_go_to
 from ..config import Settings
-from ..errors import BadResponse, NotFound, Retryable, Unauthorized
+from ..errors import BadResponse, Retryable, Unauthorized
+from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
-from . import fetch_one_range
+from . import check_bounds
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-LOGIN_HINT = (
-    "this file is exclusive-access: get a token at https://auth.mast.stsci.edu/token and set MAST_API_TOKEN "
-    "(or --token-file) before mounting"
-)
-REFUSED_HINT = (
-    "MAST refused the token (expired, revoked or without rights to this program): get a new one at "
-    "https://auth.mast.stsci.edu/token"
-)
 _CLOSE_TIMEOUT = 2.0
 MAX_REDIRECTS = 5
 """Most redirects one download follows; more is EIO (a loop, or a misconfigured front end)."""
@@ -81,25 +73,22 @@ class HttpFetcher:
         self.ignored_ranges = 0
         """How many answers ignored the Range header (200 instead of 206)."""
 
-    async def fetch(self, uri: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the file ``uri``, exactly ``end - start`` of them.
-
-        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
-        once; retries 5xx, 429, timeouts, resets, short bodies and wrong Content-Range answers under the
-        policy, then raises Unavailable. Cancellation closes the connection and propagates.
-        """
-        return await fetch_one_range(self.fetch_blocks, uri, start, end)
+    def location(self, uri: str) -> str:
+        """The download URL of ``uri`` (for users: ``user.mastfs.source``)."""
+        return f"{self._url}?uri={quote(uri, safe=':/')}"
 
     async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as
         possible, awaiting ``deliver(block)`` for each, in order, as soon as it is complete (the next
         block is read after ``deliver`` returns, so it can apply backpressure).
 
-        Errors as :meth:`fetch`. A retried failure resumes at the first block not yet delivered; the
-        policy's attempts and deadline apply to each block. Raises ValueError on empty or unordered bounds.
+        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
+        once; retries 408/425/429/5xx, timeouts, resets, short bodies and wrong Content-Range answers under
+        the policy, then raises Unavailable; cancellation closes the connection and propagates. A retried
+        failure resumes at the first block not yet delivered; the policy's attempts and deadline apply to
+        each block. Raises ValueError on empty or unordered bounds.
         """
-        if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
-            raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
+        check_bounds(bounds)
         run = _Run(uri, bounds)
         try:
             while run.position < len(bounds) - 1:
@@ -153,7 +142,8 @@ class HttpFetcher:
                                f"was not sent there (not on the token allowlist)",
                                reason=f"if you trust {host}, add it with --token-hosts")
         if response.status_code == 206:
-            _check_content_range(response, start, end)
+            check_content_range(f"download of {run.uri}", start, end, response.headers.get("Content-Range"),
+                                response.headers.get("Content-Length"))
             run.exact = True
         elif response.status_code == 200:
             length = response.headers.get("Content-Length", "")
@@ -196,18 +186,8 @@ class HttpFetcher:
 
     def _error_for(self, response: httpx.Response, uri: str) -> Exception:
         """The domain error for a non-success answer (returned, for the caller to raise)."""
-        status = response.status_code
-        if status in (401, 403):
-            if self._has_token:
-                return Unauthorized(f"{uri}: access refused (HTTP {status})", reason=REFUSED_HINT)
-            return Unauthorized(f"{uri}: login required (HTTP {status})", reason=LOGIN_HINT)
-        if status == 404:
-            return NotFound(f"{uri}: no such file in the archive")
-        if status == 416:
-            return BadResponse(f"{uri}: range not satisfiable (the file is shorter than its listed size?)")
-        if status == 429 or status >= 500:
-            return Retryable(f"{uri}: HTTP {status}", retry_after=_retry_after(response))
-        return BadResponse(f"{uri}: unexpected HTTP {status}")
+        return error_for_status(response.status_code, f"download of {uri}", has_token=self._has_token,
+                                retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
 
 class _Run:
@@ -289,23 +269,3 @@ class _Run:
                 if chunks is not None:
                     await chunks.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
-
-
-def _check_content_range(response: httpx.Response, start: int, end: int) -> None:
-    """Raise Retryable unless the 206's Content-Range (and Content-Length, if any) are the request's."""
-    header = response.headers.get("Content-Range", "")
-    match = _CONTENT_RANGE.fullmatch(header.strip())
-    if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1:
-        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Range {header!r}")
-    length = response.headers.get("Content-Length")
-    if length is not None and length.strip() != str(end - start):
-        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Length {length}")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds (delta form only), or None."""
-    value = response.headers.get("Retry-After", "").strip()
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
