@@ -406,7 +406,7 @@ class ByteReader:
                     self._fail(flights[run.delivered:], exc)
                 finally:
                     self._transfer_slots.release()
-            if run.limit.cancelled_caught:
+            if run.limit.cancelled_caught and run.delivered < len(flights):
                 waited = "" if run.started else " (all that time waiting for a transfer slot)"
                 error = Unavailable(f"{ref.uri}: block {flights[run.delivered].index} not fetched within the "
                                     f"{self._deadline:g}s deadline{waited}")
