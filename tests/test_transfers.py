@@ -109,9 +109,11 @@ def test_a_drip_burst_gives_back_slots_and_threads(clean_twin, tmp_path):
         assert all(outcome.errno == errno.EIO for outcome in outcomes), [o.describe() for o in outcomes]
         assert max(outcome.seconds for outcome in outcomes) <= DEADLINE + MARGIN
         started = time.monotonic()
+        after = []
         for uri, _key, path in other[1:]:  # at once: no slot or thread is still held by the drip
             outcome = bounded(lambda path=path: read_head(mount.join(path)))
             assert outcome.ok and outcome.seconds < 2.0, outcome.describe()
+            after.append(outcome.seconds)
             assert outcome.value == clean_twin.catalog.read(uri, 0, 4096)
         status = status_of(mount)["reader"]
         assert status["slots"]["busy"] == 0 and status["waiting"] == {"reads": 0, "runs": 0}
@@ -120,8 +122,9 @@ def test_a_drip_burst_gives_back_slots_and_threads(clean_twin, tmp_path):
             time.sleep(0.5)
         threads = daemon_threads(mount)
         assert threads <= idle, f"{threads} threads after the burst, {idle} before (peak {peak_after})"
-        print(f"drip burst: {idle} threads idle before, {peak_after} just after, {threads} "
-              f"{time.monotonic() - started:.1f}s later; slots busy {status['slots']['busy']}")
+        print(f"drip burst: 8 reads EIO in {max(o.seconds for o in outcomes):.2f}s at most; then S3 reads of "
+              f"other files in {max(after):.2f}s at most; {idle} threads idle before, {peak_after} just after, "
+              f"{threads} {time.monotonic() - started:.1f}s later; slots busy {status['slots']['busy']}")
 
 
 # ------------------------------------------------------------------------------ 2. one deadline per request
@@ -202,7 +205,10 @@ def test_s3_503_with_retry_after_is_honoured(clean_twin, tmp_path):
         outcome = bounded(lambda: read_head(mount.join(path)))
         assert outcome.errno == errno.EIO
         # Waiting 2 s between tries, a 6 s deadline leaves room for 3 or 4 of the 5 allowed.
-        assert clean_twin.stats()["endpoints"]["s3:GetObject"]["requests"] <= 4
+        tries = clean_twin.stats()["endpoints"]["s3:GetObject"]["requests"]
+        assert tries <= 4
+        print(f"S3 503 + Retry-After 2 s, deadline 6 s: {tries} GetObject requests (5 allowed), EIO after "
+              f"{outcome.seconds:.2f}s")
         clean_twin.faults.add("s3", "status", match=key2, count=1, code=503, retry_after=2)
         outcome = bounded(lambda: read_head(mount.join(path2)))
         assert outcome.ok and outcome.value == clean_twin.catalog.read(uri2, 0, 4096)

@@ -488,12 +488,12 @@ def crafted_paths(answer: dict) -> dict:
     return hostile
 
 
-def drip(pieces: Iterable[bytes | memoryview], bytes_per_second: float) -> Iterator[bytes | memoryview]:
-    """``pieces`` re-cut into slices sent at ``bytes_per_second`` (the ``drip`` fault): ten slices a second,
-    so a client always sees bytes arrive well within any read timeout."""
+def drip(pieces: Iterable[bytes | memoryview], bytes_per_second: float) -> Iterator[bytes]:
+    """``pieces`` re-cut into ``bytes`` slices sent at ``bytes_per_second`` (the ``drip`` fault): ten
+    slices a second, so a client always sees bytes arrive well within any read timeout."""
     step = max(1, int(bytes_per_second / 10))
     for piece in pieces:
         view = memoryview(piece)
         for start in range(0, len(view), step):
             time.sleep(min(step, len(view) - start) / bytes_per_second)
-            yield view[start:start + step]
+            yield bytes(view[start:start + step])
