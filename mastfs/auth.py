@@ -59,7 +59,7 @@ def find_token(settings: Settings, env: Mapping[str, str] = os.environ) -> str |
 def find_token_and_source(settings: Settings, env: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
     """Like :func:`find_token`, with where the token came from: ``$MAST_API_TOKEN``, ``file <path>``,
     ``keyring`` or ``none``."""
-    token = (env.get(ENV_TOKEN) or "").strip()
+    token: str | None = (env.get(ENV_TOKEN) or "").strip()
     if token:
         log.debug("MAST token from $%s", ENV_TOKEN)
         return token, f"${ENV_TOKEN}"
@@ -290,7 +290,7 @@ def install_redaction(token: str | None) -> TokenRedactor:
     if not _installed:
         previous_factory = logging.getLogRecordFactory()
 
-        def redacting_factory(*args, **kwargs) -> logging.LogRecord:
+        def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous_factory(*args, **kwargs)
             _redactor.filter(record)
             return record
