@@ -218,27 +218,20 @@ def test_s3_503_with_retry_after_is_honoured(clean_twin, tmp_path):
 # ------------------------------------------------------------------------------ 4. truthful errors
 
 
-def test_an_s3_refusal_under_source_s3_is_eio_naming_s3(clean_twin, tmp_path):
-    (uri, key, path), = s3_files(clean_twin, 1, skip=50)
-    with mounted(clean_twin, tmp_path, source="s3", deadline=f"{DEADLINE:g}s") as mount:
+@pytest.mark.parametrize(("source", "endpoint", "said", "not_said"), [
+    ("s3", "s3", ["S3 cannot serve", "--source auto"], []),  # an S3 403 under --source s3
+    ("http", "download", ["MAST refused a download of the public file"], ["exclusive-access", "get a token"]),
+])
+def test_a_refusal_of_a_public_file_is_eio_and_says_who_refused(clean_twin, tmp_path, source, endpoint, said,
+                                                                 not_said):
+    (uri, key, path), = s3_files(clean_twin, 1, skip=50 if source == "s3" else 51)
+    with mounted(clean_twin, tmp_path, source=source, deadline=f"{DEADLINE:g}s") as mount:
         os.stat(mount.join(path))
-        clean_twin.faults.add("s3", "unauthorized", match=key)
+        clean_twin.faults.add(endpoint, "unauthorized", match=key if endpoint == "s3" else uri)
         outcome = bounded(lambda: read_head(mount.join(path)))
-        assert outcome.errno == errno.EIO  # never ENOENT: the file exists
+        assert outcome.errno == errno.EIO  # never ENOENT (the file exists), nor EACCES (it is public)
         log = mount.log_text()
-        assert "S3 cannot serve" in log and "--source auto" in log
-
-
-def test_a_401_on_a_public_file_says_mast_refused_the_request(clean_twin, tmp_path):
-    (uri, _key, path), = s3_files(clean_twin, 1, skip=51)
-    with mounted(clean_twin, tmp_path, source="http", deadline=f"{DEADLINE:g}s") as mount:
-        os.stat(mount.join(path))
-        clean_twin.faults.add("download", "unauthorized", match=uri)
-        outcome = bounded(lambda: read_head(mount.join(path)))
-        assert outcome.errno == errno.EIO
-        log = mount.log_text()
-        assert "MAST refused a download of the public file" in log
-        assert "exclusive-access" not in log and "get a token" not in log
+    assert all(text in log for text in said) and not any(text in log for text in not_said)
 
 
 # ------------------------------------------------------------------------------ 5. redirects
