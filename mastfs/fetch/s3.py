@@ -184,7 +184,8 @@ def _read_exactly(body: Any, length: int, hop: _Hop) -> bytes:
     :data:`_CHUNK` with an abandonment check before each."""
     if length <= _CHUNK:
         hop.check()
-        return body.read(length)
+        data: bytes = body.read(length)
+        return data
     block = bytearray()
     while len(block) < length:
         hop.check()
@@ -236,9 +237,10 @@ def _socket_of(body: Any) -> socket.socket | None:
     """The socket under a botocore StreamingBody (urllib3 response -> http.client response -> socket
     file), or None when it cannot be found (then only the read timeout ends an abandoned read)."""
     try:
-        return body._raw_stream._fp.fp.raw._sock
+        sock: socket.socket = body._raw_stream._fp.fp.raw._sock
     except AttributeError:
         return None
+    return sock
 
 
 class _Run:
