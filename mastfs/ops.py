@@ -121,8 +121,17 @@ def format_status(status: dict[str, Any]) -> str:
     tree = status.get("tree", {})
     lines.append(f"  metadata  {tree.get('nodes', 0)} inodes in memory ({tree.get('kernel_inodes', 0)} known to the "
                  f"kernel), {tree.get('memos', 0)} listings memoised")
+    token = status.get("token")
+    if token:
+        checked = token.get("last_check")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checked)) if checked else "never"
+        lines.append(f"  token     {token.get('state')} (from {token.get('source')}; MAST user "
+                     f"{token.get('ezid') or '-'}; last checked {when}; renewed {token.get('renewals', 0)} times)")
     in_flight = reader.get("in_flight", [])
-    lines.append(f"  transfers {len(in_flight)} in flight")
+    waiting, slots = reader.get("waiting", {}), reader.get("slots", {})
+    lines.append(f"  transfers {len(in_flight)} in flight, {slots.get('busy', 0)} of {slots.get('total', 0)} slots "
+                 f"busy, {waiting.get('runs', 0)} waiting for a slot; {waiting.get('reads', 0)} reads waiting "
+                 "for bytes")
     for transfer in in_flight:
         total = transfer.get("bytes_total") or 0
         done = transfer.get("bytes_done", 0)
