@@ -453,6 +453,8 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
     /obs/<obs_id>/                    the same observation directory, reached directly by its obs_id
     /target/<name>/                   observations around the position the name resolves to
     /cone/<ra>,<dec>[,<radius_deg>]/  observations in that cone
+    .../planned.csv                   in a program, target or cone directory holding planned
+                                      observations: the ones left out of it (below)
 
 - `<id>` is a proposal id as MAST writes it: decimal digits without leading zeros (`2733`, not
   `02733`). Only observations of the configured collections (`--collection`, JWST by default) appear.
@@ -465,6 +467,12 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
   (ENOENT, one log line).
 - `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
   0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
+
+Planned observations (not executed yet: CAOM's `calib_level` -1, or no observation time at all and a
+release date in the future) have no products, so they are not shown as empty directories. A program,
+target or cone directory holding some lists them instead in `planned.csv` (one row each, every field
+of its row), so nothing is left out silently; `/obs/<planned obs_id>` does not exist (ENOENT, one log
+line).
 
 Names that cannot be valid (a non-numeric program id, a malformed cone, hidden names such as `.git`
 or `.Trash-1000`, `autorun.inf`, `desktop.ini`, names with control characters or `% * ; ' "`) do not
@@ -485,6 +493,13 @@ exist, and never cost a request to MAST.
 - A product without a `productType` is placed by its file name too (`_thumb.jpg` thumbnail,
   other images preview, `_asn.json` and `_pool.csv` info).
 - A JWST level-3 observation lists its member exposures' products too: thousands of files.
+- Observations of any size list completely: a JWST mosaic with about 300,000 products (mostly
+  guide-star files in `auxiliary/`) lists every one (`find DIR -type f | wc -l`, `ls -l auxiliary/`).
+  Its first listing takes as long as MAST needs to answer (tens of pages of 10,000 rows, minutes on
+  the real archive); later ones come from the cache. A listing is all or nothing: when MAST's pages
+  do not add up to the number of rows it announced (rows shifting while it pages), mastfs asks again
+  and, failing that, answers EIO (with a log line), never a listing with products missing. One answer
+  may hold at most 5 million rows (a cap against a server paging forever).
 - Products are deduplicated by `dataURI`; if two different products share a file name in one
   directory, the later ones are shown as `<name>~2`, `<name>~3` ...
 - The same product under several observations is one file for the cache: reading it through either
@@ -525,4 +540,13 @@ Listings and rows are cached on disk across remounts: observations released long
 ids for `--ttl-negative` (10 minutes). When MAST cannot be reached, what was seen before still
 lists; what was never seen fails with EIO after `--deadline` (never ENOENT). The kernel keeps
 entries and attributes for 60 seconds. `mastfs refresh PATH` drops cached metadata for a subtree.
+
+## Slow queries
+
+Large queries take minutes on MAST's side. A listing waits for its query up to `--query-timeout`
+(600 seconds) while MAST is answering, then fails with EIO; a MAST that cannot be reached at all fails
+within `--deadline`. MAST's "timed out, try again" answers are asked again with backoff within that
+time. While you wait, `mastfs status` shows the queries in flight (what, for how long, pages so far),
+and Ctrl-C ends the `ls` at once (EINTR): the query goes on in the daemon, and the next `ls` of the
+same directory waits for that one rather than starting over.
 """

@@ -794,10 +794,11 @@ class Tree:
         self._memos[key] = _Memo(value, trio.current_time() + MEMO_TTL)
         self._memos_added += 1
         if self._memos_added % MEMO_SWEEP_EVERY == 0:
-            self._sweep_memos()
+            self.sweep_memos()
         return value
 
-    def _sweep_memos(self) -> None:
+    def sweep_memos(self) -> None:
+        """Drop the memoised directory contents that expired (a big listing's layout leaves with them)."""
         now = trio.current_time()
         for key in [key for key, memo in self._memos.items() if memo.expires <= now]:
             del self._memos[key]
