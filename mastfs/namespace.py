@@ -8,14 +8,16 @@ costs a request. The grammar is documented in ``docs/namespace.md``, whose text 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
 import math
 import re
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from .errors import InvalidName, NameTooLong
 
@@ -231,26 +233,66 @@ def safe_filename(product: ProductLike) -> str | None:
     return None
 
 
+class NameList(Sequence[str]):
+    """The sorted file names of one group directory, packed in one string (a directory may hold 300,000:
+    one str object each would cost 100 bytes and fragment the heap), with the index of each name's
+    product (``indices[slot]``). Names never contain a newline (:func:`check_component`)."""
+
+    __slots__ = ("_text", "_starts", "indices")
+
+    def __init__(self, names: Sequence[str], indices: Iterable[int]) -> None:
+        self._text = "\n".join(names) + "\n"
+        starts = array("q", [0])
+        for name in names:
+            starts.append(starts[-1] + len(name) + 1)
+        self._starts = starts
+        self.indices = array("q", indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, slot: int) -> str: ...
+    @overload
+    def __getitem__(self, slot: slice) -> list[str]: ...
+
+    def __getitem__(self, slot: int | slice) -> str | list[str]:
+        if isinstance(slot, slice):
+            return [self[i] for i in range(*slot.indices(len(self)))]
+        if slot < 0:
+            slot += len(self)
+        if not 0 <= slot < len(self):
+            raise IndexError(slot)
+        return self._text[self._starts[slot]:self._starts[slot + 1] - 1]
+
+    def find(self, name: str) -> int | None:
+        """The slot of ``name``, None when this directory has no such file."""
+        slot = bisect.bisect_left(self, name)
+        return slot if slot < len(self) and self[slot] == name else None
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where each of a sequence of products (unique by dataURI) is shown, by its index in the sequence.
 
-    groups: group directory name -> {file name -> index}, groups in display order (levels, then
-    product types, then ``other``), files sorted by name; two different products with one file name get
-    ``~2``, ``~3`` ... appended to the later names. ``names[i]`` is the file name of product ``i`` and
-    ``group_of[i]`` the position of its group in ``groups`` (``names[i]`` None: not shown as a file).
-    Holds one str and one int per product, not the products themselves.
+    groups: group directory name -> its NameList (file names sorted, with their product indices), groups
+    in display order (levels, then product types, then ``other``); two different products with one file
+    name get ``~2``, ``~3`` ... appended to the later names. ``group_of[i]`` is 1 + the position in
+    ``group_names`` of product ``i``'s group (0: not shown as a file) and ``slot_of[i]`` its slot there.
     """
 
-    groups: dict[str, dict[str, int]]
-    names: list[str | None]
+    groups: dict[str, NameList]
     group_of: bytearray
+    slot_of: array[int]
     group_names: tuple[str, ...]
 
     def path(self, index: int) -> str:
         """Path of product ``index`` relative to the observation directory, "" when not shown."""
-        name = self.names[index]
-        return "" if name is None else f"{self.group_names[self.group_of[index]]}/{name}"
+        group = self.group_of[index]
+        if not group:
+            return ""
+        name = self.group_names[group - 1]
+        return f"{name}/{self.groups[name][self.slot_of[index]]}"
 
 
 PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level")
@@ -260,27 +302,30 @@ PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level")
 def place_products(products: Iterable[ProductLike]) -> Placement:
     """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
     by_group: dict[str, dict[str, int]] = {}
-    placed: list[tuple[str, str] | None] = []
+    count = 0
     for index, product in enumerate(products):
+        count = index + 1
         name = safe_filename(product)
         if name is None:
-            placed.append(None)
             continue
-        group = product_group(product)
-        files = by_group.setdefault(group, {})
+        files = by_group.setdefault(product_group(product), {})
         unique, counter = name, 1
         while unique in files:
             counter += 1
             unique = f"{name}~{counter}"
         files[unique] = index
-        placed.append((group, unique))
     order = sorted(by_group, key=_group_order)
-    position = {group: number for number, group in enumerate(order)}
-    names: list[str | None] = [None if where is None else where[1] for where in placed]
-    group_of = bytearray(0 if where is None else position[where[0]] for where in placed)
-    del placed
-    groups = {group: dict(sorted(by_group.pop(group).items())) for group in order}
-    return Placement(groups, names, group_of, tuple(order))
+    group_of = bytearray(count)
+    slot_of = array("q", bytes(8 * count))
+    groups: dict[str, NameList] = {}
+    for position, group in enumerate(order, start=1):
+        ordered = sorted(by_group.pop(group).items())
+        groups[group] = NameList([name for name, _ in ordered], (index for _, index in ordered))
+        for slot, (_, index) in enumerate(ordered):
+            group_of[index] = position
+            slot_of[index] = slot
+        del ordered
+    return Placement(groups, group_of, slot_of, tuple(order))
 
 
 @dataclass(frozen=True)
@@ -304,10 +349,10 @@ def layout_products(products: Iterable[ProductLike]) -> Layout:
             first[product.data_uri] = product
     unique = list(first.values())
     placement = place_products(unique)
-    groups = {group: {name: unique[index] for name, index in files.items()}
-              for group, files in placement.groups.items()}
+    groups = {group: {name: unique[index] for name, index in zip(names, names.indices, strict=True)}
+              for group, names in placement.groups.items()}
     paths = {product.data_uri: placement.path(index) for index, product in enumerate(unique)
-             if placement.names[index] is not None}
+             if placement.group_of[index]}
     return Layout(groups, paths)
 
 
