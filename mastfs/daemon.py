@@ -9,7 +9,9 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
   (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
-  source, hits and misses, errors by type), ``mast`` (API requests and failures) and ``interrupted``
+  source, hits and misses, errors by type), ``mast`` (API requests and failures, and ``queries``: the
+  metadata queries in flight with ``what``, ``seconds``, ``pages``, ``pages_total``, ``rows``, ``polls``,
+  ``transient_errors``) and ``interrupted``
   (requests whose wait ended because a signal interrupted the requester).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
