@@ -10,8 +10,10 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
   (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
   source, hits and misses, reads and runs waiting, transfer slots, errors by type), ``mast`` (API requests
-  and failures), ``interrupted`` (requests whose wait ended because a signal interrupted the requester)
-  and ``token`` (TokenKeeper.status(): source, state, MAST user, last check; never the token).
+  and failures, and ``queries``: the metadata queries in flight with ``what``, ``seconds``, ``pages``,
+  ``pages_total``, ``rows``, ``polls``, ``transient_errors``), ``interrupted`` (requests whose wait ended
+  because a signal interrupted the requester) and ``token`` (TokenKeeper.status(): source, state, MAST
+  user, last check; never the token).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
 - ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
@@ -29,6 +31,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -215,6 +218,33 @@ def tune_malloc() -> bool:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 
+METADATA_SWING = 10_000
+"""Inodes in memory gained or lost, or MAST query pages received, after which freed heap memory is handed
+back to the kernel (malloc_trim): a 300,000-product listing leaves its pages' garbage behind, and the
+kernel forgetting its inodes frees their nodes."""
+TRIM_CHECK_INTERVAL = 2.0
+
+
+async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTERVAL) -> None:
+    """Forever: after a large swing of metadata memory (see :data:`METADATA_SWING`), call glibc's
+    ``malloc_trim(0)`` so the daemon's RSS follows what it holds (the malloc tuning above keeps freed
+    memory otherwise). A no-op without glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    last_nodes, last_pages = 0, 0
+    while True:
+        await trio.sleep(interval)
+        nodes = services.tree.stats()["nodes"]
+        pages = services.client.stats()["requests"].get("invoke", 0)
+        if abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000:
+            services.tree.sweep_memos()
+            gc.collect()
+            trim(0)
+            last_nodes, last_pages = nodes, pages
+
 
 def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:
     """Set the mount's bdi ``read_ahead_kb`` (root only; best effort). Returns whether it was set."""
@@ -330,6 +360,7 @@ async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int
                 nursery.start_soon(serve_fuse)
                 nursery.start_soon(operations.interrupts.run)
                 nursery.start_soon(services.tokens.watch, services.client.whoami)
+                nursery.start_soon(hand_back_memory, services)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
                 # A statfs through the kernel, from another process, proves the mount answers (served by

@@ -476,9 +476,9 @@ class GroupDir(DirNode):
     def nlink(self) -> int:
         return 2
 
-    async def _files(self, tree: Tree) -> tuple[ProductTable, dict[str, int]]:
-        """The observation's product table and this group's file name -> row index. Raises NotFound
-        when the group is gone after a refresh."""
+    async def _files(self, tree: Tree) -> tuple[ProductTable, namespace.NameList]:
+        """The observation's product table and this group's file names (with their row indices). Raises
+        NotFound when the group is gone after a refresh."""
         contents = await self.observation_dir.contents(tree)
         files = contents.placement.groups.get(self.name)
         if files is None:
@@ -486,31 +486,31 @@ class GroupDir(DirNode):
         return contents.products, files
 
     async def children(self, tree: Tree) -> list[Node]:
-        table, files = await self._files(tree)
-        return [tree.intern(ProductFile, (*self.path, name), self, table, index) for name, index in files.items()]
+        table, names = await self._files(tree)
+        return [tree.intern(ProductFile, (*self.path, name), self, table, names, slot)
+                for slot, name in enumerate(names)]
 
     async def child(self, tree: Tree, name: str) -> Node:
         namespace.check_component(name)
-        table, files = await self._files(tree)
-        index = files.get(name)
-        if index is None:
+        table, names = await self._files(tree)
+        slot = names.find(name)
+        if slot is None:
             raise NotFound(f"{self.path_text}/{name}")
-        return tree.intern(ProductFile, (*self.path, name), self, table, index)
+        return tree.intern(ProductFile, (*self.path, name), self, table, names, slot)
 
-    async def s3_key(self, tree: Tree, name: str, uri: str) -> tuple[str | None, bool]:
-        """(S3 key or None, settled) of file ``name`` with dataURI ``uri``. The keys of its stretch of
+    async def s3_key(self, tree: Tree, slot: int, uri: str) -> tuple[str | None, bool]:
+        """(S3 key or None, settled) of the file in ``slot`` with dataURI ``uri``. The keys of its stretch of
         this directory (:data:`S3_LOOKUP_SPAN` names, so a small directory is one stretch) are looked up
         in one Archive call and memoised (under a key no real path can have: names never contain NUL).
         When the look-up said nothing about ``uri`` (it failed), settled is False and the memo goes, so
         the next open asks again."""
-        table, files = await self._files(tree)
-        names = list(files)
-        stretch = bisect.bisect_left(names, name) // S3_LOOKUP_SPAN
+        table, names = await self._files(tree)
+        stretch = slot // S3_LOOKUP_SPAN
         memo_key = (*self.path, "\0s3", str(stretch))
 
         async def lookup() -> dict[str, str | None]:
-            span = names[stretch * S3_LOOKUP_SPAN:(stretch + 1) * S3_LOOKUP_SPAN]
-            return dict(await tree.archive.s3_keys([table[files[n]] for n in span]))
+            span = names.indices[stretch * S3_LOOKUP_SPAN:(stretch + 1) * S3_LOOKUP_SPAN]
+            return dict(await tree.archive.s3_keys([table[index] for index in span]))
 
         keys = await tree.memoised(memo_key, lookup)
         if uri not in keys:
@@ -561,27 +561,29 @@ class PlannedFile(Node):
 
 
 class ProductFile(Node):
-    """One product: row ``index`` of its observation's ProductTable, decoded only when its fields are
-    needed (size and rights come packed). Its path is its group's plus its name."""
+    """One product: name ``slot`` of its group's NameList, row ``index`` of its observation's
+    ProductTable, decoded only when its fields are needed (size and rights come packed). Its name and
+    path are made when asked for (a listing may hold 300,000 of these)."""
 
-    __slots__ = ("group_dir", "table", "index", "_name", "resolved_size")
+    __slots__ = ("group_dir", "table", "names", "slot", "index", "resolved_size")
 
     def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, table: ProductTable,
-                 index: int) -> None:
+                 names: namespace.NameList, slot: int) -> None:
         self.ino = ino
         self.group_dir = group_dir
         self.table = table
-        self.index = index
-        self._name = path[-1]
-        self.resolved_size: int | None = table.size(index)
+        self.names = names
+        self.slot = slot
+        self.index = names.indices[slot]
+        self.resolved_size: int | None = table.size(self.index)
 
     @property
     def path(self) -> tuple[str, ...]:
-        return (*self.group_dir.path, self._name)
+        return (*self.group_dir.path, self.name)
 
     @property
     def name(self) -> str:
-        return self._name
+        return self.names[self.slot]
 
     @property
     def observation_dir(self) -> ObservationDir:
@@ -794,10 +796,11 @@ class Tree:
         self._memos[key] = _Memo(value, trio.current_time() + MEMO_TTL)
         self._memos_added += 1
         if self._memos_added % MEMO_SWEEP_EVERY == 0:
-            self._sweep_memos()
+            self.sweep_memos()
         return value
 
-    def _sweep_memos(self) -> None:
+    def sweep_memos(self) -> None:
+        """Drop the memoised directory contents that expired (a big listing's layout leaves with them)."""
         now = trio.current_time()
         for key in [key for key, memo in self._memos.items() if memo.expires <= now]:
             del self._memos[key]
@@ -933,7 +936,7 @@ class Tree:
             return ref
         s3_key, settled = None, True
         if self.settings.source != "http":
-            s3_key, settled = await node.group_dir.s3_key(self, node.name, uri)
+            s3_key, settled = await node.group_dir.s3_key(self, node.slot, uri)
         size = await node.size(self)
         ref = self.refs.get(uri)  # another task may have made it meanwhile
         if ref is None:  # a ref dropped from the LRU and made again later has the same cache identity

@@ -288,3 +288,59 @@ def test_inode_numbers_are_the_same_in_every_mount(clean_twin, tmp_path):
 
     first = run_with_tree(clean_twin, tmp_path, body)
     assert run_with_tree(clean_twin, tmp_path, body) == first > ROOT_INODE
+
+
+def test_planned_observations_leave_the_listing_for_planned_csv(clean_twin, tmp_path):
+    async def body(tree):
+        program = await ino_of(tree, f"/program/{PROGRAM}")
+        names = [name for name, _ in await listing(tree, program)]
+        assert twin_catalog.PLANNED_2733_OBS_ID not in names and "planned.csv" in names
+        planned = (await tree.lookup(program, "planned.csv")).ino
+        handle = await tree.open(planned)
+        text = bytes(await tree.read(handle, 0, 1 << 20)).decode()
+        tree.release(handle)
+        assert twin_catalog.PLANNED_2733_OBS_ID in text and "calib_level" in text.splitlines()[0]
+        with pytest.raises(NotFound):
+            await tree.lookup(await ino_of(tree, "/obs"), twin_catalog.PLANNED_2733_OBS_ID)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_a_failed_s3_lookup_is_asked_again_on_the_next_open(clean_twin, tmp_path):
+    async def body(tree):
+        level2 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level2")
+        name, attributes = (await listing(tree, level2))[0]
+        clean_twin.faults.add("path_lookup", "status", code=503)
+        handle = await tree.open(attributes.ino)
+        tree.release(handle)
+        clean_twin.faults.clear()
+        clean_twin.reset_stats()
+        handle = await tree.open(attributes.ino)
+        tree.release(handle)
+        assert requests(clean_twin, "path_lookup") >= 1  # not remembered as "not in S3"
+        source = (await tree.getxattr(attributes.ino, "user.mastfs.source")).decode()
+        assert source.startswith("s3://"), source
+
+    run_with_tree(clean_twin, tmp_path, body, retries=2, deadline=2.0)
+
+
+def test_products_csv_is_made_part_by_part_and_adds_up(clean_twin, tmp_path):
+    async def body(tree):
+        obs = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
+        csv_ino = (await tree.lookup(obs, "products.csv")).ino
+        size = (await tree.getattr(csv_ino)).size
+        handle = await tree.open(csv_ino)
+        pieces, offset = [], 0
+        while offset < size:  # kernel-sized reads crossing the parts' borders
+            piece = bytes(await tree.read(handle, offset, 131072))
+            pieces.append(piece)
+            offset += len(piece)
+        tree.release(handle)
+        text = b"".join(pieces).decode()
+        assert len(text.encode()) == size
+        rows = text.splitlines()
+        contents = await (await tree.resolve_path(f"/program/{PROGRAM}/{OBS}")).contents(tree)
+        assert len(rows) == len(contents.products) + 1 > 3000
+        assert rows[0].endswith(",mastfs_path")
+
+    run_with_tree(clean_twin, tmp_path, body)
