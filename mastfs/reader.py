@@ -71,6 +71,8 @@ class ReadStream:
     """Sequential-detection state of one open file handle (see :meth:`ByteReader.open_stream`)."""
 
     ref: ProductRef
+    slack: int = SEQUENTIAL_SLACK
+    max_readahead: int | None = None
     next_offset: int = -1
     last_block: int = -1
     window: int = 0
@@ -177,9 +179,12 @@ class ByteReader:
 
     # ------------------------------------------------------------------ reading
 
-    def open_stream(self, ref: ProductRef) -> ReadStream:
-        """A fresh read stream (one per open file handle) for ``ref``."""
-        return ReadStream(ref)
+    def open_stream(self, ref: ProductRef, *, slack: int = SEQUENTIAL_SLACK,
+                    max_readahead: int | None = None) -> ReadStream:
+        """A fresh read stream (one per open file handle) for ``ref``. A read starting at most ``slack``
+        bytes from where the previous one ended counts as sequential (0 for callers whose reads arrive in
+        order, unlike the kernel's); ``max_readahead`` (blocks) overrides the reader's window for it."""
+        return ReadStream(ref, slack, max_readahead)
 
     async def read(self, stream: ReadStream, offset: int, length: int) -> bytes:
         """Exactly ``min(length, size - offset)`` verified bytes of the stream's product from ``offset``
@@ -534,7 +539,7 @@ class ByteReader:
         """Update the stream's sequential state; a sequential read (not the stream's first) demotes the
         block before the one it starts in (see :meth:`_demote`) and, past block 0, when it finds less than
         half a window scheduled ahead, schedules up to a window of readahead."""
-        if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
+        if stream.last_block < 0 or abs(offset - stream.next_offset) > stream.slack:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
             stream.window = 0
@@ -543,10 +548,11 @@ class ByteReader:
         first = block_index(offset)
         if first > 0:
             self._demote((stream.ref.version_key, first - 1))
-        if last == 0 or self._max_readahead == 0:
+        most = self._max_readahead if stream.max_readahead is None else stream.max_readahead
+        if last == 0 or most == 0:
             return
         if last > stream.last_block or stream.window == 0:
-            stream.window = min(max(1, stream.window * 2), self._max_readahead)
+            stream.window = min(max(1, stream.window * 2), most)
             stream.last_block = max(stream.last_block, last)
         final = block_count(stream.ref.size) - 1
         if stream.ahead >= min(last + max(1, stream.window // 2), final):

@@ -663,24 +663,26 @@ class Tree:
         )
 
     async def listdir(self, ino: int) -> list[tuple[str, Attributes]]:
-        """Every entry of directory ``ino`` with its attributes (for readdirplus), in display order. The
-        entries' nodes stay until :meth:`release_listing` with their numbers (or the kernel's forget).
+        """Every entry of directory ``ino`` with its attributes (for readdirplus), as
+        :meth:`described_entries`. The entries' nodes stay until :meth:`release_listing` with their
+        numbers (or the kernel's forget)."""
+        listed = await self.described_entries(self.node(ino))
+        for _, child, _ in listed:  # held until release_listing; counted as readdir hands each out
+            self._hand_out(child)
+            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
+        return [(name, attributes) for name, _, attributes in listed]
 
-        Sizes missing from product rows are resolved concurrently (at most :data:`SIZE_RESOLVERS` at a
-        time), each once.
-        """
-        node = self.node(ino)
+    async def described_entries(self, node: Node) -> list[tuple[str, Node, Attributes]]:
+        """Every entry of directory ``node`` with its node and attributes, in display order, sizes
+        missing from product rows resolved concurrently (at most :data:`SIZE_RESOLVERS` at a time), each
+        once. Nothing is handed out: the caller decides whether the kernel gets to know the nodes."""
         if not isinstance(node, DirNode):
             raise NotFound(f"{node.path_text} is not a directory")
         entries = await node.entries(self)
         unresolved = [n for n in entries.values() if isinstance(n, ProductFile) and n.resolved_size is None]
         if unresolved:
             await self._resolve_sizes(unresolved)
-        listed = [(name, await self.attributes(child)) for name, child in entries.items()]
-        for child in entries.values():  # held until release_listing; counted as readdir hands each out
-            self._hand_out(child)
-            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
-        return listed
+        return [(name, child, await self.attributes(child)) for name, child in entries.items()]
 
     async def _resolve_sizes(self, files: list[ProductFile]) -> None:
         limiter = trio.CapacityLimiter(SIZE_RESOLVERS)
@@ -708,25 +710,29 @@ class Tree:
         Raises Unauthorized (with one log line saying how to get a token) for exclusive-access products
         when no token is configured.
         """
-        node = self.node(ino)
-        if isinstance(node, DirNode):
-            raise NotPermitted(f"{node.path_text} is a directory")
-        if isinstance(node, ReadmeFile):
-            handle = OpenFile(node, content=self.readme)
-        elif isinstance(node, SidecarFile):
-            handle = OpenFile(node, content=await node.content(self))
-        else:
-            assert isinstance(node, ProductFile)
-            if node.exclusive and not self.has_token:
-                self.log_once(("token", node.product.data_uri), logging.WARNING,
-                              "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
-                raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
-            ref = await self.product_ref(node)
-            handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref))
+        handle = await self.open_node(self.node(ino))
         number = self._next_handle
         self._next_handle += 1
         self._handles[number] = handle
         return number
+
+    async def open_node(self, node: Node, **stream_options: Any) -> OpenFile:
+        """An :class:`OpenFile` of ``node`` (not registered as a handle: for callers that keep it
+        themselves); ``stream_options`` go to the reader's ``open_stream``. Raises NotPermitted for a
+        directory, Unauthorized like :meth:`open`."""
+        if isinstance(node, DirNode):
+            raise NotPermitted(f"{node.path_text} is a directory")
+        if isinstance(node, ReadmeFile):
+            return OpenFile(node, content=self.readme)
+        if isinstance(node, SidecarFile):
+            return OpenFile(node, content=await node.content(self))
+        assert isinstance(node, ProductFile)
+        if node.exclusive and not self.has_token:
+            self.log_once(("token", node.product.data_uri), logging.WARNING,
+                          "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
+            raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
+        ref = await self.product_ref(node)
+        return OpenFile(node, ref=ref, stream=self.reader.open_stream(ref, **stream_options))
 
     async def product_ref(self, node: ProductFile) -> Any:
         """The one ProductRef of the node's dataURI (shared by every observation listing it), with its
@@ -753,6 +759,10 @@ class Tree:
         open_file = self._handles.get(handle)
         if open_file is None:
             raise NotFound(f"no open file handle {handle}")
+        return await self.read_open(open_file, offset, length)
+
+    async def read_open(self, open_file: OpenFile, offset: int, length: int) -> bytes | memoryview:
+        """:meth:`read` of an :class:`OpenFile` from :meth:`open_node`."""
         if open_file.content is not None:
             return open_file.content[offset:offset + length]
         try:
