@@ -134,7 +134,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
         client = MastClient(http, settings, token_provider=lambda: token)
         archive = Archive(client, settings)
         cache = BlockCache(os.path.join(settings.cache_dir, "blocks"), settings.cache_size,
-                           settings.min_free_space)
+                           settings.min_free_space, peer_wait=settings.deadline)
         http_fetcher = HttpFetcher(http, settings.mast_url, token, policy)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
         try:

@@ -83,7 +83,7 @@ class _Flight:
     """One block being loaded or fetched: readers wait on ``done`` (then ``data`` or ``error`` is set),
     prefetch also on ``stored`` (then ``cached`` says whether the block is on disk)."""
 
-    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached")
+    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached", "claimed")
 
     def __init__(self, ref: ProductRef, index: int, keep: bool) -> None:
         self.ref = ref
@@ -94,6 +94,7 @@ class _Flight:
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.cached = False
+        self.claimed = False  # holds the shared cache directory's lock of its block
 
 
 class _RunProgress:
@@ -176,6 +177,7 @@ class ByteReader:
         # Background tasks catch their own errors, so closing the nursery raises nothing of theirs;
         # whatever the body of the `async with` raised propagates unwrapped.
         await self._nursery_manager.__aexit__(None, None, None)
+        self._cache.close()
 
     # ------------------------------------------------------------------ reading
 
@@ -367,17 +369,36 @@ class ByteReader:
         """Background: fetch consecutive blocks with one run (one transfer slot), hand each over and
         start its store; the flights that get no data end with the run's error."""
         ref = flights[0].ref
-        self._counts["misses"] += len(flights)
         run = _RunProgress(flights, "")
+        handed_over = False
         try:
             async with self._transfer_slots:
                 try:
+                    if await self._claim(flights):
+                        handed_over = True
+                        return
+                    self._counts["misses"] += len(flights)
                     await self._fetch_run(ref, run)
                 except Exception as exc:
                     self._count_error(exc, f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}")
                     self._fail(flights[run.delivered:], exc)
         finally:
-            self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+            if not handed_over:
+                self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+
+    async def _claim(self, flights: list[_Flight]) -> bool:
+        """Claim the run's blocks in the shared cache directory (see :meth:`BlockCache.claim`); when
+        another process stored any of them meanwhile, load each block of the run from disk instead (a
+        block still missing is fetched alone) and return True: the flights are handed over."""
+        found = await self._cache.claim(flights[0].ref, [flight.index for flight in flights])
+        for flight in flights:
+            flight.claimed = True
+        if not found:
+            return False
+        assert self._nursery is not None
+        for flight in flights:
+            self._nursery.start_soon(self._load, flight)
+        return True
 
     async def _fetch_run(self, ref: ProductRef, run: _RunProgress) -> None:
         """Fetch the run's blocks from the source the policy picks, falling back from S3 to HTTPS."""
@@ -452,6 +473,9 @@ class ByteReader:
             self._finish(flight)
 
     def _finish(self, flight: _Flight) -> None:
+        if flight.claimed:
+            flight.claimed = False
+            self._cache.release(flight.ref, flight.index)
         key = (flight.ref.version_key, flight.index)
         if self._flights.get(key) is flight:
             del self._flights[key]
