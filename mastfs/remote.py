@@ -182,6 +182,7 @@ class MastFileSystem(AbstractFileSystem):
 
     protocol = "mast"
     root_marker = ""
+    cachable = False  # each instance reads the token sources anew; services are shared per configuration
     blocksize = DEFAULT_BLOCK_SIZE
 
     def __init__(self, **options: Any) -> None:
