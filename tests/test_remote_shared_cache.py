@@ -10,10 +10,10 @@ import sys
 import threading
 
 import pytest
+from mountutil import mounted
 
 from mastfs.blockcache import block_count
 from mastfs.twin import catalog as twin_catalog
-from mountutil import mounted
 
 URI = twin_catalog.BENCH_2GIB_URI
 OBS_DIR = "program/2733/jw02733-o001_t001_nircam_clear-f356w"
