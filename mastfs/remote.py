@@ -35,7 +35,7 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from . import namespace
 from .auth import find_token, install_redaction
-from .blockcache import BLOCK_SIZE
+from .blockcache import BLOCK_SIZE, block_index
 from .config import OPTIONS, Settings, load_settings
 from .errors import InvalidName, MastfsError, NameTooLong, NotFound, NotPermitted, Unauthorized
 
@@ -298,8 +298,11 @@ class MastFileSystem(AbstractFileSystem):
     def cat_ranges(self, paths: list[str], starts: list[int | None] | int | None,
                    ends: list[int | None] | int | None, max_gap: int | None = None,
                    on_error: str = "return", **kwargs: Any) -> list[Any]:
-        """Bytes of each ``(path, start, end)``, all read concurrently in one call to the core: ranges in
-        one cache block share its one fetch, consecutive missing blocks go in one ranged request."""
+        """Bytes of each ``(path, start, end)`` (an exception in its place on failure, unless ``on_error``
+        is "raise"), all read concurrently in one call to the core. Ranges are coalesced into the cache's
+        blocks: ranges of one file whose blocks overlap or adjoin are read as one span, so each block is
+        fetched once and consecutive missing blocks go in one ranged request; ``max_gap`` is not needed
+        (a block never touched is never fetched)."""
         count = len(paths)
         starts = starts if isinstance(starts, list) else [starts] * count
         ends = ends if isinstance(ends, list) else [ends] * count
@@ -309,27 +312,31 @@ class MastFileSystem(AbstractFileSystem):
 
         async def read_all(tree: Any) -> list[Any]:
             results: list[Any] = [None] * count
-            opened: dict[str, Any] = {}
-            for path in dict.fromkeys(inner):
-                try:
-                    opened[path] = await tree.open_node(await tree.resolve_path(path), slack=0, max_readahead=0)
-                except MastfsError as exc:
-                    opened[path] = exc
 
-            async def one(position: int) -> None:
-                open_file = opened[inner[position]]
+            async def read_group(open_file: Any, group: list[tuple[int, int, int]]) -> None:
+                start, end = group[0][0], max(last for _, last, _ in group)
                 try:
-                    if isinstance(open_file, MastfsError):
-                        raise open_file
-                    size = _size_of(open_file)
-                    first, last = _position(starts[position], size, 0), _position(ends[position], size, size)
-                    results[position] = bytes(await tree.read_open(open_file, first, max(0, last - first)))
+                    data = await tree.read_open(open_file, start, end - start)
                 except MastfsError as exc:
-                    results[position] = exc
+                    data = exc
+                for first, last, position in group:
+                    results[position] = data if isinstance(data, MastfsError) else bytes(
+                        data[first - start:last - start])
 
             async with trio.open_nursery() as nursery:
-                for position in range(count):
-                    nursery.start_soon(one, position)
+                for path in dict.fromkeys(inner):
+                    positions = [p for p in range(count) if inner[p] == path]
+                    try:
+                        open_file = await tree.open_node(await tree.resolve_path(path), slack=0, max_readahead=0)
+                    except MastfsError as exc:
+                        for position in positions:
+                            results[position] = exc
+                        continue
+                    size = _size_of(open_file)
+                    wanted = sorted((_position(starts[p], size, 0), _position(ends[p], size, size), p)
+                                    for p in positions)
+                    for group in _adjoining(wanted):
+                        nursery.start_soon(read_group, open_file, group)
             failures = [(p, r) for p, r in enumerate(results) if isinstance(r, MastfsError)]
             if failures and on_error != "return":
                 raise failures[0][1]
@@ -384,6 +391,21 @@ def _position(value: int | None, size: int, default: int) -> int:
     if value is None:
         return default
     return max(0, size + value) if value < 0 else min(value, size)
+
+
+def _adjoining(ranges: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """``(start, end, position)`` ranges sorted by start, grouped where the cache blocks they touch
+    overlap or adjoin (an empty range joins any group)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    last_block = -2
+    for first, last, position in ranges:
+        if groups and (last <= first or block_index(first) <= last_block + 1):
+            groups[-1].append((first, max(first, last), position))
+        else:
+            groups.append([(first, max(first, last), position)])
+        if last > first:
+            last_block = max(last_block, block_index(last - 1))
+    return groups
 
 
 def _size_of(open_file: Any) -> int:

@@ -110,20 +110,6 @@ def test_open_reads_at_random_and_cat_ranges_match_the_archive(fs, twin):
     assert isinstance(got[3], FileNotFoundError)
 
 
-def test_cat_ranges_fetch_only_the_blocks_they_touch(twin, clean_twin, tmp_path):
-    fs = MastFileSystem(**options(twin, tmp_path))
-    uri = twin_catalog.BENCH_2GIB_URI
-    path = path_of(fs, uri, f"program/{PROGRAM}/jw02733-o001_t001_nircam_clear-f356w")
-    size = twin.catalog.product(uri).size
-    ranges = [(70_000, 70_100), (80_000, 90_000), (size - 3000, size - 2000), (size - 100, size)]
-    clean_twin.reset_stats()
-    got = fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges])
-    assert got == [twin.catalog.read(uri, start, end - start) for start, end in ranges]
-    blocks = {index for start, end in ranges for index in range(block_index(start), block_index(end - 1) + 1)}
-    expected = sum(block_span(index, size)[1] - block_span(index, size)[0] for index in blocks)
-    assert file_bytes_sent(clean_twin.stats()) == expected
-
-
 @pytest.fixture(scope="module")
 def real_size():
     """A twin serving the real sizes (bytes generated per read: a 1.16 GB mosaic costs nothing unread)."""
@@ -150,6 +136,22 @@ def test_block_size_is_how_far_a_sequential_reader_reads_ahead(real_size, tmp_pa
         time.sleep(0.3)  # anything more would be on its way by now
     assert b"".join(chunks) == real_size.catalog.read(MOSAIC, 0, 3 * 2**20)
     assert file_bytes_sent(real_size.stats()) == touched + ahead
+
+
+def test_cat_ranges_are_coalesced_into_the_blocks_they_touch(real_size, tmp_path):
+    fs = MastFileSystem(**options(real_size, tmp_path))
+    path = path_of(fs, MOSAIC)
+    size = real_size.catalog.product(MOSAIC).size
+    two, three, ten = block_span(2, size), block_span(3, size), block_span(10, size)
+    ranges = [(three[0] + 10, three[0] + 20), (100, 200), (two[1] - 10, two[1] - 5), (ten[0] + 1, ten[0] + 2),
+              (150, 160), (two[0], two[0] + 1000)]
+    real_size.reset_stats()
+    got = fs.cat_ranges([path] * len(ranges), [r[0] for r in ranges], [r[1] for r in ranges])
+    assert got == [real_size.catalog.read(MOSAIC, start, end - start) for start, end in ranges]
+    stats = real_size.stats()
+    blocks = (0, 2, 3, 10)
+    assert file_bytes_sent(stats) == sum(block_span(i, size)[1] - block_span(i, size)[0] for i in blocks)
+    assert stats["endpoints"]["s3:GetObject"]["requests"] == 3  # block 0; blocks 2-3 in one; block 10
 
 
 def test_astropy_reads_a_header_for_64_kib_and_a_section_for_the_blocks_it_touches(real_size, tmp_path):
