@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -288,12 +289,16 @@ class MastFileSystem(AbstractFileSystem):
         return self._call(path, reading)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        """Bytes ``[start, end)`` of ``path`` (negative: from the end; None: the whole file), every block
-        they touch fetched at once, in parallel."""
-        open_file = self.open_product(path)
+        """Bytes ``[start, end)`` of ``path`` (negative: from the end; None: the whole file); a long range
+        is read in DOWNLOAD_CHUNK pieces by a stream reading ahead (the cache's memory stays bounded)."""
+        open_file = self.open_product(path, readahead_blocks=DEFAULT_BLOCK_SIZE // BLOCK_SIZE)
         size = _size_of(open_file)
         first, last = _position(start, size, 0), _position(end, size, size)
-        return self.read_open(path, open_file, first, max(0, last - first))
+        if last - first <= DOWNLOAD_CHUNK:
+            return self.read_open(path, open_file, first, max(0, last - first))
+        buffer = io.BytesIO()
+        self._copy(path, open_file, buffer, first, last, DEFAULT_CALLBACK)
+        return buffer.getvalue()
 
     def cat_ranges(self, paths: list[str], starts: list[int | None] | int | None,
                    ends: list[int | None] | int | None, max_gap: int | None = None,
@@ -373,9 +378,10 @@ class MastFileSystem(AbstractFileSystem):
             self._copy(rpath, open_file, local, done, size, callback)
         os.replace(partial, lpath)
 
-    def _copy(self, rpath: str, open_file: Any, local: Any, offset: int, size: int, callback: Any) -> None:
-        while offset < size:
-            data = self.read_open(rpath, open_file, offset, min(DOWNLOAD_CHUNK, size - offset))
+    def _copy(self, rpath: str, open_file: Any, local: Any, offset: int, end: int, callback: Any) -> None:
+        """Write bytes ``[offset, end)`` of an :meth:`open_product` file to ``local``, chunk by chunk."""
+        while offset < end:
+            data = self.read_open(rpath, open_file, offset, min(DOWNLOAD_CHUNK, end - offset))
             local.write(data)
             offset += len(data)
             callback.relative_update(len(data))

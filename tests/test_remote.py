@@ -257,6 +257,15 @@ def test_outage_is_eio_naming_the_cause_after_the_deadline(twin, clean_twin, tmp
     assert "Unavailable" in str(failed.value) and "503" in str(failed.value)
 
 
+def test_a_stalled_download_is_eio_not_a_hang(twin, clean_twin, tmp_path):
+    fs = MastFileSystem(**options(twin, tmp_path, deadline="2s", retries=2, source="s3"))
+    path = path_of(fs, MOSAIC)
+    clean_twin.faults.add("s3", "stall")
+    with pytest.raises(OSError) as failed:
+        fs.cat_file(path, 0, 100)
+    assert failed.value.errno == errno.EIO and "Unavailable" in str(failed.value)
+
+
 def test_options_are_the_mount_settings(twin, cache_dir, monkeypatch, tmp_path):
     config = tmp_path / "config.toml"
     config.write_text('deadline = "45s"\ntransfers = 3\n')
