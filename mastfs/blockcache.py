@@ -607,7 +607,7 @@ def _lock_offset(key: BlockKey) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _abandoned(entry: os.DirEntry) -> bool:
+def _abandoned(entry: os.DirEntry[str]) -> bool:
     """Whether a temporary file is a write nobody will finish: its writer (the pid its name starts with)
     is gone, or it is older than STALE_TMP_AGE (pids are reused, and not shared across containers)."""
     pid_text = entry.name.split("-", 1)[0]
@@ -638,7 +638,7 @@ def _sizes_sync(paths: list[str]) -> list[int]:
     return sizes
 
 
-def _scan_quietly(path: str) -> list[os.DirEntry]:
+def _scan_quietly(path: str) -> list[os.DirEntry[str]]:
     """The entries of directory ``path``; none when another process removed it meanwhile."""
     try:
         with os.scandir(path) as entries:
@@ -657,7 +657,7 @@ def _header_ok(header: bytes, raw_vk: bytes, index: int, data: bytes) -> bool:
     if len(header) != HEADER_SIZE:
         return False
     magic, got_index, length, crc, got_vk, header_crc = _HEADER.unpack_from(header)
-    return (
+    return bool(
         magic == _MAGIC
         and header_crc == zlib.crc32(header[: _HEADER.size - 4])
         and got_index == index

@@ -172,7 +172,7 @@ def _read_only(*args: Any, **kwargs: Any) -> None:
 # -------------------------------------------------------------------------------------- filesystem
 
 
-class MastFileSystem(AbstractFileSystem):
+class MastFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no type hints
     """The MAST archive as an fsspec filesystem (protocol ``mast``); see the module docstring.
 
     Storage options: any key of ``mastfs.config.OPTIONS`` (``mast_url``, ``s3_endpoint``, ``cache_dir``,
@@ -217,7 +217,7 @@ class MastFileSystem(AbstractFileSystem):
 
     @staticmethod
     def _inner(path: str) -> str:
-        return "/" + MastFileSystem._strip_protocol(path).strip("/")
+        return "/" + str(MastFileSystem._strip_protocol(path)).strip("/")
 
     @staticmethod
     def _describe(name: str, node: Any, attributes: Any) -> dict[str, Any]:
@@ -263,12 +263,13 @@ class MastFileSystem(AbstractFileSystem):
 
     # ------------------------------------------------------------------ reading bytes
 
-    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
-              cache_options: dict | None = None, **kwargs: Any) -> MastFile:
+    def _open(self, path: str, mode: str = "rb", block_size: int | str | None = None, autocommit: bool = True,
+              cache_options: dict[str, Any] | None = None, **kwargs: Any) -> MastFile:
         if mode != "rb":
             _read_only()
-        return MastFile(self, path, block_size=self.blocksize if block_size in (None, "default") else block_size,
-                        cache_type=kwargs.get("cache_type", "none"), cache_options=cache_options)
+        readahead = self.blocksize if block_size is None or block_size == "default" else int(block_size)
+        return MastFile(self, path, block_size=readahead, cache_type=kwargs.get("cache_type", "none"),
+                        cache_options=cache_options)
 
     def open_product(self, path: str, readahead_blocks: int | None = None) -> Any:
         """An OpenFile of ``path`` (tree.open_node) whose stream reads ahead at most ``readahead_blocks``
@@ -389,7 +390,7 @@ class MastFileSystem(AbstractFileSystem):
     # ------------------------------------------------------------------ writing: never
 
     mkdir = makedirs = rmdir = rm_file = _rm = rm = touch = cp_file = mv = _read_only
-    put_file = pipe_file = copy = move = rename = _read_only  # type: ignore[assignment]
+    put_file = pipe_file = copy = move = rename = _read_only
 
 
 def _position(value: int | None, size: int, default: int) -> int:
@@ -418,7 +419,7 @@ def _size_of(open_file: Any) -> int:
     return open_file.ref.size if open_file.ref is not None else len(open_file.content)
 
 
-class MastFile(AbstractBufferedFile):
+class MastFile(AbstractBufferedFile):  # type: ignore[misc]
     """A read-only random-access file of ``mast://``. Reads go to the process's block cache (64 KiB
     first block, 4 MiB blocks after it, a memory LRU of recent ones). ``block_size`` is how far it reads
     ahead of a sequential reader, in whole cache blocks (0: never; contiguous reads are sequential,
@@ -426,11 +427,12 @@ class MastFile(AbstractBufferedFile):
     cache stays off unless ``cache_type`` asks for one."""
 
     def __init__(self, fs: MastFileSystem, path: str, block_size: int, cache_type: str,
-                 cache_options: dict | None) -> None:
+                 cache_options: dict[str, Any] | None) -> None:
         self._product = fs.open_product(path, readahead_blocks=-(-int(block_size) // BLOCK_SIZE))
         super().__init__(fs, path, mode="rb", block_size=block_size, cache_type=cache_type,
                          cache_options=cache_options, size=_size_of(self._product))
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs.read_open(self.path, self._product, start, end - start)
+        data: bytes = self.fs.read_open(self.path, self._product, start, end - start)
+        return data
 
