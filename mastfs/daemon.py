@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, fuse_ops
+from . import __version__
 from .auth import find_token, install_redaction
 from .config import Settings
 from .errors import MastfsError, Unavailable
@@ -271,6 +271,8 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
 async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
     """Mount, serve until unmounted or signalled, and unmount; returns the exit status (1 when the kernel
     refused the mount or the mount never answered)."""
+    from . import fuse_ops  # here, not above: mast:// users of open_services need no FUSE library
+
     async with open_services(settings, token) as services:
         operations = fuse_ops.Operations(services.tree)
         options = fuse_ops.mount_options(settings.allow_other)
@@ -328,6 +330,8 @@ class _Stop:
     def request(self) -> None:
         if not self.requested:
             self.requested = True
+            from . import fuse_ops
+
             fuse_ops.terminate()
 
 

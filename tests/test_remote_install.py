@@ -15,7 +15,8 @@ import fsspec
 fs = fsspec.filesystem("mast", **json.loads(sys.argv[1]))
 print(json.dumps({"programs": fs.ls("program/2733", detail=False)[:1],
                   "installed_at": str(md.distribution("mastfs").locate_file("")),
-                  "mastfs_dists": sum(1 for d in md.distributions() if d.metadata["Name"] == "mastfs")}))
+                  "mastfs_dists": sum(1 for d in md.distributions() if d.metadata["Name"] == "mastfs"),
+                  "fuse_loaded": "pyfuse3" in sys.modules}))
 """
 
 
@@ -45,3 +46,4 @@ def test_pip_install_into_a_fresh_venv_registers_the_mast_protocol(twin, tmp_pat
     answer = json.loads(result.stdout)
     assert answer["programs"] == ["program/2733/jw02733-o001_t001_nircam_clear-f090w"]
     assert answer["mastfs_dists"] == 1 and answer["installed_at"].startswith(str(target))
+    assert answer["fuse_loaded"] is False  # mast:// never loads the FUSE library
