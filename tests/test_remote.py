@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import fsspec
@@ -289,6 +292,35 @@ def test_pickles_as_its_options_only(twin, cache_dir, monkeypatch):
     again = pickle.loads(data)
     assert again.settings == fs.settings
     assert again.ls(f"program/{PROGRAM}", detail=False) == fs.ls(f"program/{PROGRAM}", detail=False)
+
+
+CORE_CHILD = """
+import json, sys, threading
+from mastfs.remote import MastFileSystem
+options, other, path = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+def cores():
+    return [t.name for t in threading.enumerate()].count("mastfs-core")
+fs = MastFileSystem(**options)
+before = cores()
+data = fs.cat_file(path)
+MastFileSystem(**other).ls("program/2733")
+print(json.dumps({"before": before, "after": cores(), "bytes": len(data)}))
+"""
+
+
+def test_one_core_thread_per_process_started_lazily_and_stopped_at_exit(twin, clean_twin, tmp_path):
+    fs = MastFileSystem(**options(twin, tmp_path / "a"))
+    path = path_of(fs, MOSAIC)
+    size = twin.catalog.product(MOSAIC).size
+    child = subprocess.run([sys.executable, "-c", CORE_CHILD, json.dumps(options(twin, tmp_path / "b")),
+                            json.dumps(options(twin, tmp_path / "c")), path],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == {"before": 0, "after": 1, "bytes": size}
+    # the child's exit let every fetched block reach the disk: read again, nothing crosses the wire
+    clean_twin.reset_stats()
+    assert MastFileSystem(**options(twin, tmp_path / "b")).cat_file(path) == twin.catalog.read(MOSAIC, 0, size)
+    assert file_bytes_sent(clean_twin.stats()) == 0
 
 
 def _read_in_child(fs, path, queue):
