@@ -35,6 +35,7 @@ file (named ``<pid>-<random>``) is removed only when its writer is gone or it is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -248,7 +249,8 @@ class BlockCache:
         if key in self._claimed:
             self._claimed.discard(key)
             if self._lock_fd >= 0:
-                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, _lock_offset(key))
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, _lock_offset(key))
 
     async def _lock(self, key: BlockKey) -> None:
         if key in self._claimed or self._lock_fd < 0:
@@ -258,8 +260,12 @@ class BlockCache:
             try:
                 fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _lock_offset(key))
             except OSError as exc:  # EAGAIN or EACCES: another process fetches this block
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no locks on this filesystem
+                    log.warning("cannot lock blocks in %s (%s): processes sharing it may fetch a block twice",
+                                self.directory, exc.strerror)
+                    os.close(self._lock_fd)
+                    self._lock_fd = -1
+                    return
                 if trio.current_time() >= give_up:
                     log.info("block %d of version %s: another process has fetched it for %gs; fetching "
                              "it here too", key[1], key[0][:12], self.peer_wait)
