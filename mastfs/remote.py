@@ -109,10 +109,9 @@ class _Core:
                 return
             thread.join(STOP_WAIT)
 
-    async def services(self, settings: Settings, token: str | None) -> Any:
-        """The services of this configuration, built on first use (once, even for concurrent callers).
-        Raises OSError when the cache directory is unusable."""
-        key = json.dumps(asdict(settings), sort_keys=True) + hashlib.sha256((token or "").encode()).hexdigest()
+    async def services(self, key: str, settings: Settings, token: str | None) -> Any:
+        """The services of the configuration ``key`` names (:func:`services_key`), built on first use
+        (once, even for concurrent callers). Raises OSError when the cache directory is unusable."""
         while key not in self._services:
             opening = self._opening.get(key)
             if opening is not None:
@@ -138,6 +137,11 @@ class _Core:
 
 
 _core = _Core()
+
+
+def services_key(settings: Settings, token: str | None) -> str:
+    """What tells configurations apart: every setting and (a digest of) the token."""
+    return json.dumps(asdict(settings), sort_keys=True) + hashlib.sha256((token or "").encode()).hexdigest()
 
 
 def _new_core_after_fork() -> None:
@@ -200,6 +204,7 @@ class MastFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no
             raise _python_error(exc, self.settings.token_file) from None
         install_redaction(token)
         self._token = token  # fsspec pickles a filesystem as its storage options: never the token
+        self._services_key = services_key(self.settings, token)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -207,7 +212,7 @@ class MastFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no
         """Run ``fn(tree, *args)`` on the core; mastfs errors become Python's (about ``path``)."""
 
         async def with_tree() -> T:
-            services = await _core.services(self.settings, self._token)
+            services = await _core.services(self._services_key, self.settings, self._token)
             return await fn(services.tree, *args)
 
         try:
