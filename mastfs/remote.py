@@ -39,6 +39,7 @@ from .auth import find_token, install_redaction
 from .blockcache import BLOCK_SIZE, block_index
 from .config import OPTIONS, Settings, load_settings
 from .errors import InvalidName, MastfsError, NameTooLong, NotFound, NotPermitted, Unauthorized
+from .tree import OpenFile
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,8 +256,9 @@ class MastFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no
             node = await tree.resolve_path(self._inner(path))
             if not node.is_dir:
                 return [self._describe(base, node, await tree.attributes(node))]
-            return [self._describe(f"{base}/{name}" if base else name, child, attributes)
-                    for name, child, attributes in await tree.described_entries(node)]
+            return [self._describe(f"{base}/{child.name}" if base else child.name, child,
+                                   await tree.attributes(child))
+                    for child in await tree.children_of(node)]
 
         entries = self._call(path, listing)
         return entries if detail else [entry["name"] for entry in entries]
@@ -420,8 +422,11 @@ def _adjoining(ranges: list[tuple[int, int, int]]) -> list[list[tuple[int, int, 
     return groups
 
 
-def _size_of(open_file: Any) -> int:
-    return open_file.ref.size if open_file.ref is not None else len(open_file.content)
+def _size_of(open_file: OpenFile) -> int:
+    if open_file.ref is not None:
+        return open_file.ref.size
+    assert open_file.content is not None  # a virtual file
+    return open_file.content.size
 
 
 class MastFile(AbstractBufferedFile):  # type: ignore[misc]
