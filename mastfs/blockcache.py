@@ -181,6 +181,7 @@ class BlockCache:
         self._claimed: set[BlockKey] = set()
         self._reserved = 0  # bytes of block writes in progress
         self._scanned_at = 0.0
+        self._rescanned: trio.Event | None = None  # set while the index is rebuilt: stores wait for it
 
     # ----------------------------------------------------------------- public API
 
@@ -343,16 +344,21 @@ class BlockCache:
         if len(data) != end - start:
             raise ValueError(f"block {index} of {ref.uri} must be {end - start} bytes, not {len(data)}")
         key = (vk, index)
+        while self._rescanned is not None:  # a store landing mid-rebuild would be lost from the index
+            await self._rescanned.wait()
+        if self._reserved == 0 and time.monotonic() - self._scanned_at > RESCAN_INTERVAL:
+            self._rescanned = trio.Event()
+            try:
+                await self._load_index()  # what other processes stored and evicted meanwhile
+            finally:
+                self._rescanned.set()
+                self._rescanned = None
         if key in self._lru:
             self._lru.move_to_end(key)
             return True
         need = HEADER_SIZE + len(data)
         if need > self.size_limit:
             return False
-        if self._reserved == 0 and time.monotonic() - self._scanned_at > RESCAN_INTERVAL:
-            await self._load_index()  # what other processes stored and evicted meanwhile
-            if key in self._lru:
-                return True
         doomed, versions = self._choose_victims(need)
         empty_dirs = [self._version_dir(v) for v in versions if v not in self._by_version and v != vk]
         if self._bytes_used + need > self.size_limit:  # the rest is being written by concurrent stores

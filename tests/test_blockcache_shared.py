@@ -119,3 +119,27 @@ def test_only_abandoned_temporary_files_are_removed(tmp_path):
 
     trio.run(main)
     assert sorted(p.name for p in tmp.iterdir()) == [live.name]
+
+
+def test_a_store_during_an_index_rebuild_stays_counted(tmp_path, monkeypatch):
+    refs = [ProductRef(f"mast:TEST/r{i}.fits", len(CONTENT)) for i in range(2)]
+    need = blockcache.HEADER_SIZE + len(CONTENT)
+    scan = BlockCache._scan_sync
+
+    def slow_scan(self):  # a rebuild that lists the directory, then takes a while
+        found = scan(self)
+        time.sleep(0.5)
+        return found
+
+    async def main():
+        cache = BlockCache(str(tmp_path), 100 * MiB, 0)
+        await cache.open()
+        monkeypatch.setattr(blockcache, "RESCAN_INTERVAL", 0.0)
+        monkeypatch.setattr(BlockCache, "_scan_sync", slow_scan)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.store, refs[0], 0, CONTENT)  # rebuilds the index first
+            await trio.sleep(0.1)
+            nursery.start_soon(cache.store, refs[1], 0, CONTENT)  # arrives mid-rebuild
+        return cache.usage()[0], [cache.contains(ref, 0) for ref in refs]
+
+    assert trio.run(main) == (2 * need, [True, True])
