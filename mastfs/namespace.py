@@ -54,6 +54,9 @@ _PROBE_NAMES = frozenset(
     )
 )
 _FORBIDDEN_CHARS = frozenset("/\\%*;?\"'`<>|&$=!{}#^")
+# Control characters, DEL, undecodable bytes (surrogate escapes) and the forbidden characters: one search
+# per name (a listing checks 300,000 names).
+_BAD_CHARACTER = re.compile("[\x00-\x1f\x7f\udc80-\udcff" + re.escape("".join(sorted(_FORBIDDEN_CHARS))) + "]")
 _PROGRAM_ID = re.compile(r"[1-9][0-9]{0,6}")
 _OBS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9 +._()\[\]:,-]{0,99}")
@@ -112,11 +115,12 @@ def check_component(name: str) -> None:
         raise InvalidName(f"hidden or empty name {name!r}")
     if name.lower() in _PROBE_NAMES:
         raise InvalidName(f"file-manager probe {name!r}")
-    for char in name:
-        if ord(char) < 0x20 or ord(char) == 0x7F or char in _FORBIDDEN_CHARS:
-            raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
+    bad = _BAD_CHARACTER.search(name)
+    if bad is not None:
+        char = bad.group()
         if 0xDC80 <= ord(char) <= 0xDCFF:
             raise InvalidName("name is not valid UTF-8")
+        raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
 
 
 def parse_program_id(name: str) -> str:
@@ -249,6 +253,10 @@ class Placement:
         return "" if name is None else f"{self.group_names[self.group_of[index]]}/{name}"
 
 
+PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level")
+"""The product fields :func:`place_products` reads (name, group, level)."""
+
+
 def place_products(products: Iterable[ProductLike]) -> Placement:
     """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
     by_group: dict[str, dict[str, int]] = {}
@@ -357,11 +365,19 @@ def products_csv_header(columns: Sequence[str]) -> bytes:
     return csv_lines([*columns, "mastfs_path"], [])
 
 
-def products_csv_rows(products: Iterable[ProductLike], columns: Sequence[str], paths: Iterable[str]) -> bytes:
-    """Lines of ``products.csv`` (no header): each product's ``columns``, then its path relative to
-    the observation directory (``paths``, in step with ``products``; empty for products not shown)."""
-    return csv_lines((), ([*(product.fields.get(column) for column in columns), path]
-                          for product, path in zip(products, paths, strict=True)))
+def products_csv_rows(columns: Sequence[Sequence[Any]], paths: Sequence[str]) -> bytes:
+    """Lines of ``products.csv`` (no header) from column-wise values (``columns[c][row]``, every column
+    of the header in order), each row ended by its path relative to the observation directory
+    (``paths[row]``; empty for products not shown)."""
+    cells = [_text_column(values) for values in columns]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(zip(*cells, paths, strict=True))
+    return buffer.getvalue().encode("utf-8")
+
+
+def _text_column(values: Sequence[Any]) -> list[str]:
+    """A column's values as CSV cells (:func:`text_value`, nulls empty); plain text passes as it is."""
+    return [value if type(value) is str else (text_value(value) or "") for value in values]
 
 
 def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> bytes:
@@ -371,8 +387,9 @@ def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> b
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
+    values = [[product.fields.get(column) for product in products] for column in columns]
     return products_csv_header(list(columns)) + products_csv_rows(
-        products, list(columns), (paths.get(product.data_uri, "") for product in products))
+        values, [paths.get(product.data_uri, "") for product in products])
 
 
 def planned_csv(observations: Sequence[ObservationLike]) -> bytes:
