@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, fuse_ops
+from . import __version__
 from .auth import TokenKeeper, find_token_and_source
 from .config import Settings
 from .errors import MastfsError, Unavailable
@@ -147,8 +147,8 @@ async def open_services(settings: Settings, token: str | TokenKeeper | None) -> 
     async with make_http_client(settings) as http:
         client = MastClient(http, settings, token_provider=tokens.current)
         archive = Archive(client, settings)
-        cache = BlockCache(settings.blocks_dir, settings.cache_size,
-                           settings.min_free_space)
+        cache = BlockCache(settings.blocks_dir, settings.cache_size, settings.min_free_space,
+                           peer_wait=settings.deadline)
         http_fetcher = HttpFetcher(http, settings.mast_url, tokens, policy, settings.token_hosts)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
         try:
@@ -334,6 +334,8 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
 async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int:
     """Mount, serve until unmounted or signalled, and unmount; returns the exit status (1 when the kernel
     refused the mount or the mount never answered)."""
+    from . import fuse_ops  # here, not above: mast:// users of open_services need no FUSE library
+
     async with open_services(settings, token) as services:
         operations = fuse_ops.Operations(services.tree)
         options = fuse_ops.mount_options(settings.allow_other)
@@ -394,6 +396,8 @@ class _Stop:
     def request(self) -> None:
         if not self.requested:
             self.requested = True
+            from . import fuse_ops
+
             fuse_ops.terminate()
 
 

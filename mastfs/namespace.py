@@ -372,18 +372,20 @@ def text_value(value: Any) -> str | None:
 
 
 _XATTR_FIELD = re.compile(r"[A-Za-z0-9_]{1,200}")
-FIELD_XATTR_PREFIX = "user.mast_"
 OWN_XATTR_PREFIX = "user.mastfs."
 
 
 def field_xattrs(fields: Mapping[str, Any]) -> dict[str, bytes]:
     """``user.mast_<field>`` -> UTF-8 text for every non-null field whose name is a plain identifier."""
-    result: dict[str, bytes] = {}
-    for key, value in fields.items():
-        text = text_value(value)
-        if text is not None and _XATTR_FIELD.fullmatch(key):
-            result[FIELD_XATTR_PREFIX + key] = text.encode("utf-8", "replace")
-    return result
+    return {"user." + name: text_value(value).encode("utf-8", "replace")  # type: ignore[union-attr]
+            for name, value in mast_fields(fields).items()}
+
+
+def mast_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``mast_<field>`` -> value (as MAST sent it) for every non-null field whose name is a plain
+    identifier: the fields the xattrs show, for callers that keep Python values."""
+    return {"mast_" + key: value for key, value in fields.items()
+            if text_value(value) is not None and _XATTR_FIELD.fullmatch(key)}
 
 
 def observation_json(observation: ObservationLike) -> bytes:

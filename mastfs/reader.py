@@ -73,6 +73,8 @@ class ReadStream:
     """Sequential-detection state of one open file handle (see :meth:`ByteReader.open_stream`)."""
 
     ref: ProductRef
+    slack: int = SEQUENTIAL_SLACK
+    max_readahead: int | None = None
     next_offset: int = -1
     last_block: int = -1
     window: int = 0
@@ -83,7 +85,7 @@ class _Flight:
     """One block being loaded or fetched: readers wait on ``done`` (then ``data`` or ``error`` is set),
     prefetch also on ``stored`` (then ``cached`` says whether the block is on disk)."""
 
-    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached")
+    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached", "claimed")
 
     def __init__(self, ref: ProductRef, index: int, keep: bool) -> None:
         self.ref = ref
@@ -94,6 +96,7 @@ class _Flight:
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.cached = False
+        self.claimed = False  # holds the shared cache directory's lock of its block
 
 
 class _RunProgress:
@@ -184,12 +187,16 @@ class ByteReader:
         # Background tasks catch their own errors, so closing the nursery raises nothing of theirs;
         # whatever the body of the `async with` raised propagates unwrapped.
         await self._nursery_manager.__aexit__(None, None, None)
+        self._cache.close()
 
     # ------------------------------------------------------------------ reading
 
-    def open_stream(self, ref: ProductRef) -> ReadStream:
-        """A fresh read stream (one per open file handle) for ``ref``."""
-        return ReadStream(ref)
+    def open_stream(self, ref: ProductRef, *, slack: int = SEQUENTIAL_SLACK,
+                    max_readahead: int | None = None) -> ReadStream:
+        """A fresh read stream (one per open file handle) for ``ref``. A read starting at most ``slack``
+        bytes from where the previous one ended counts as sequential (0 for callers whose reads arrive in
+        order, unlike the kernel's); ``max_readahead`` (blocks) overrides the reader's window for it."""
+        return ReadStream(ref, slack, max_readahead)
 
     async def read(self, stream: ReadStream, offset: int, length: int) -> bytes:
         """Exactly ``min(length, size - offset)`` verified bytes of the stream's product from ``offset``
@@ -388,8 +395,8 @@ class ByteReader:
         start its store; the flights that get no data end with the run's error."""
         ref = flights[0].ref
         what = f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}"
-        self._counts["misses"] += len(flights)
         run = _RunProgress(flights, "", trio.CancelScope(deadline=trio.current_time() + self._deadline))
+        handed_over = False
         try:
             with run.limit:
                 self._waiting["runs"] += 1
@@ -399,6 +406,10 @@ class ByteReader:
                     self._waiting["runs"] -= 1
                 try:
                     run.started = True
+                    if await self._claim(flights):
+                        handed_over = True
+                        return
+                    self._counts["misses"] += len(flights)
                     await self._fetch_run(ref, run)
                 except Exception as exc:
                     self._count_error(exc, what)
@@ -412,7 +423,22 @@ class ByteReader:
                 self._count_error(error, what)
                 self._fail(flights[run.delivered:], error)
         finally:
-            self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+            if not handed_over:
+                self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+
+    async def _claim(self, flights: list[_Flight]) -> bool:
+        """Claim the run's blocks in the shared cache directory (see :meth:`BlockCache.claim`); when
+        another process stored any of them meanwhile, load each block of the run from disk instead (a
+        block still missing is fetched alone) and return True: the flights are handed over."""
+        found = await self._cache.claim(flights[0].ref, [flight.index for flight in flights])
+        for flight in flights:
+            flight.claimed = True
+        if not found:
+            return False
+        assert self._nursery is not None
+        for flight in flights:
+            self._nursery.start_soon(self._load, flight)
+        return True
 
     async def _fetch_run(self, ref: ProductRef, run: _RunProgress) -> None:
         """Fetch the run's blocks from the source the policy picks, falling back from S3 to HTTPS."""
@@ -510,6 +536,9 @@ class ByteReader:
             self._finish(flight)
 
     def _finish(self, flight: _Flight) -> None:
+        if flight.claimed:
+            flight.claimed = False
+            self._cache.release(flight.ref, flight.index)
         key = (flight.ref.version_key, flight.index)
         if self._flights.get(key) is flight:
             del self._flights[key]
@@ -597,7 +626,7 @@ class ByteReader:
         """Update the stream's sequential state; a sequential read (not the stream's first) demotes the
         block before the one it starts in (see :meth:`_demote`) and, past block 0, when it finds less than
         half a window scheduled ahead, schedules up to a window of readahead."""
-        if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
+        if stream.last_block < 0 or abs(offset - stream.next_offset) > stream.slack:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
             stream.window = 0
@@ -606,10 +635,11 @@ class ByteReader:
         first = block_index(offset)
         if first > 0:
             self._demote((stream.ref.version_key, first - 1))
-        if last == 0 or self._max_readahead == 0:
+        most = self._max_readahead if stream.max_readahead is None else stream.max_readahead
+        if last == 0 or most == 0:
             return
         if last > stream.last_block or stream.window == 0:
-            stream.window = min(max(1, stream.window * 2), self._max_readahead)
+            stream.window = min(max(1, stream.window * 2), most)
             stream.last_block = max(stream.last_block, last)
         final = block_count(stream.ref.size) - 1
         if stream.ahead >= min(last + max(1, stream.window // 2), final):

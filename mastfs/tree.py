@@ -859,14 +859,20 @@ class Tree:
         )
 
     async def listdir(self, ino: int) -> list[Node]:
-        """Every entry of directory ``ino`` in display order (``node.name`` its name,
-        :meth:`attributes` what readdirplus shows). The nodes stay until :meth:`release_listing` with
-        their numbers (or the kernel's forget).
+        """Every entry of directory ``ino`` as :meth:`children_of` gives them. The nodes stay until
+        :meth:`release_listing` with their numbers (or the kernel's forget)."""
+        children = await self.children_of(self.node(ino))
+        for child in children:  # held until release_listing; counted as readdir hands each out
+            self._hand_out(child)
+            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
+        return children
 
-        Sizes missing from product rows are resolved concurrently (at most :data:`SIZE_RESOLVERS` at a
-        time), each once, so attributes need no further request.
+    async def children_of(self, node: Node) -> list[Node]:
+        """Every entry of directory ``node`` in display order (``node.name`` its name, :meth:`attributes`
+        what readdirplus shows). Sizes missing from product rows are resolved concurrently (at most
+        :data:`SIZE_RESOLVERS` at a time), each once, so attributes need no further request. Nothing is
+        handed out: the caller decides whether the kernel gets to know the nodes.
         """
-        node = self.node(ino)
         if not isinstance(node, DirNode):
             raise NotFound(f"{node.path_text} is not a directory")
         children = await node.children(self)
@@ -875,9 +881,6 @@ class Tree:
             await self._resolve_sizes(unresolved)
         for child in children:
             await child.size(self)  # sidecars made now, so handing out attributes costs no wait
-        for child in children:  # held until release_listing; counted as readdir hands each out
-            self._hand_out(child)
-            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
         return children
 
     async def _resolve_sizes(self, files: list[ProductFile]) -> None:
@@ -906,25 +909,29 @@ class Tree:
         Raises Unauthorized (with one log line saying how to get a token) for exclusive-access products
         when no token is configured.
         """
-        node = self.node(ino)
-        if isinstance(node, DirNode):
-            raise NotPermitted(f"{node.path_text} is a directory")
-        if isinstance(node, ReadmeFile):
-            handle = OpenFile(node, content=Content(self.readme))
-        elif isinstance(node, SidecarFile | PlannedFile):
-            handle = OpenFile(node, content=await node.content(self))
-        else:
-            assert isinstance(node, ProductFile)
-            if node.exclusive and not self.has_token:
-                self.log_once(("token", node.product.data_uri), logging.WARNING,
-                              "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
-                raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
-            ref = await self.product_ref(node)
-            handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref))
+        handle = await self.open_node(self.node(ino))
         number = self._next_handle
         self._next_handle += 1
         self._handles[number] = handle
         return number
+
+    async def open_node(self, node: Node, **stream_options: Any) -> OpenFile:
+        """An :class:`OpenFile` of ``node`` (not registered as a handle: for callers that keep it
+        themselves); ``stream_options`` go to the reader's ``open_stream``. Raises NotPermitted for a
+        directory, Unauthorized like :meth:`open`."""
+        if isinstance(node, DirNode):
+            raise NotPermitted(f"{node.path_text} is a directory")
+        if isinstance(node, ReadmeFile):
+            return OpenFile(node, content=Content(self.readme))
+        if isinstance(node, SidecarFile | PlannedFile):
+            return OpenFile(node, content=await node.content(self))
+        assert isinstance(node, ProductFile)
+        if node.exclusive and not self.has_token:
+            self.log_once(("token", node.product.data_uri), logging.WARNING,
+                          "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
+            raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
+        ref = await self.product_ref(node)
+        return OpenFile(node, ref=ref, stream=self.reader.open_stream(ref, **stream_options))
 
     async def product_ref(self, node: ProductFile) -> ProductRef:
         """The one ProductRef of the node's dataURI (shared by every observation listing it), with its
@@ -951,6 +958,10 @@ class Tree:
         open_file = self._handles.get(handle)
         if open_file is None:
             raise NotFound(f"no open file handle {handle}")
+        return await self.read_open(open_file, offset, length)
+
+    async def read_open(self, open_file: OpenFile, offset: int, length: int) -> bytes | memoryview:
+        """:meth:`read` of an :class:`OpenFile` from :meth:`open_node`."""
         if open_file.content is not None:
             return open_file.content.read(offset, length)
         assert open_file.stream is not None and open_file.ref is not None  # a product's handle
