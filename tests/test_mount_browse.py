@@ -316,7 +316,7 @@ def test_stalled_archive_is_eio_never_enoent_and_seen_data_still_lists(twin, cle
         listed = os.listdir(warm.join("program", PROGRAM))
     time.sleep(1.5)  # let the 1 s TTL expire: the cached listing is now stale
     clean_twin.faults.add("invoke", "stall")
-    with mounted(twin, tmp_path, cache_dir=cache, name="stalled", deadline="2s", ttl_recent="1s",
+    with mounted(twin, tmp_path, cache_dir=cache, name="stalled", deadline="2s", query_timeout="2s", ttl_recent="1s",
                  ttl_released="1s") as stalled:
         assert os.listdir(stalled.join("program", PROGRAM)) == listed  # stale, served while MAST is down
         assert errno_of(os.listdir, stalled.join("program", "1073")) == errno.EIO
