@@ -11,17 +11,23 @@ never leaving an unverified block behind.
 
 Each open file handle has a :class:`ReadStream`. Reads that continue where the previous one ended (within
 a small slack, as FUSE may reorder concurrent reads) grow a readahead window that starts at one block
-and doubles at every block boundary, up to ``max_readahead`` blocks; it is refilled in runs of up to
-``run_blocks`` blocks whenever less than half a window is scheduled ahead. A stream's first read and
-reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the wire.
+and doubles at every block boundary, up to a cap that follows the link (:class:`LinkEstimate`): runs are
+long enough to amortise the measured time to first byte (at least four bandwidth-delay products of one
+connection, from ``run_blocks`` up to ``MAX_RUN_BLOCKS`` blocks), and the window holds one such run per
+transfer slot, within ``max_readahead`` blocks (the memory budget). The window is topped up one run at a
+time, as soon as a run's worth of it is free, so every transfer slot stays busy. A read that jumps
+(astropy ``.section``, memmap) resets the window to nothing: random access reads only what it asks for.
+A stream's first read and reads inside block 0 never trigger readahead, so a FITS header read costs one
+64 KiB block on the wire.
 Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
 no reader that did not ask for the block. A sequential stream demotes the blocks it has left behind to
 the cold end of the memory LRU, so they leave before the blocks read ahead of it (which arrived earlier
 but are still to be read).
 
-Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (more than the readahead
-window); at most ``UNSTORED_BLOCKS`` fetched blocks wait for the disk (runs pause before fetching more),
-and each of the at most ``transfers`` runs assembles one block at a time.
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (read-ahead blocks that arrive
+faster than the reader takes them spill to the block cache on disk and are loaded from there); at most
+``UNSTORED_BLOCKS`` fetched blocks wait for the disk (runs pause before fetching more), and each of the at
+most ``transfers`` runs assembles one block at a time.
 
 Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache, owns the background nursery
 and builds the S3 client in it; leaving the block lets fetched blocks reach the disk (at most
@@ -31,6 +37,8 @@ and builds the S3 client in it; leaving the block lets fetched blocks reach the 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +47,16 @@ from typing import Any
 
 import trio
 
-from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_index, block_span, block_start
+from .blockcache import (
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    BlockCache,
+    ProductRef,
+    block_count,
+    block_index,
+    block_span,
+    block_start,
+)
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
 from .fetch.http import HttpFetcher
 from .fetch.s3 import S3Fetcher
@@ -47,12 +64,18 @@ from .fetch.s3 import S3Fetcher
 log = logging.getLogger(__name__)
 
 MEMORY_LIMIT = 40 * 1024 * 1024
-"""Default byte cap of the in-memory LRU of recent blocks: the readahead window plus two blocks."""
-MAX_READAHEAD_BLOCKS = 8
-"""Default largest readahead window, in blocks (8 x 4 MiB = 32 MiB ahead of the reader: four runs in flight)."""
+"""Default byte cap of the in-memory LRU of recent blocks."""
+MAX_READAHEAD_BLOCKS = 24
+"""Default largest readahead window, in blocks (24 x 4 MiB = 96 MiB scheduled ahead of the reader: eight
+runs of three blocks in flight). Scheduled blocks cost no memory until they arrive."""
 RUN_BLOCKS = 2
-"""Default most blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends for
-parallel GETs: parallel runs beat the bandwidth of one connection)."""
+"""Default fewest blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends
+for parallel GETs: parallel runs beat the bandwidth of one connection)."""
+MAX_RUN_BLOCKS = 4
+"""Most blocks one readahead run fetches, however slow the link's first byte."""
+RUN_LATENCY_FACTOR = 4
+"""A run carries at least this many bandwidth-delay products of one connection, so waiting for the first
+byte costs at most a fifth of a run's time."""
 UNSTORED_BLOCKS = 4
 """Most fetched blocks waiting for the disk; runs pause before fetching more (bounded memory)."""
 SEQUENTIAL_SLACK = 1024 * 1024
@@ -77,6 +100,50 @@ class ReadStream:
     ahead: int = -1
 
 
+class LinkEstimate:
+    """What recent network runs say about the link: per-connection throughput (bytes/s) and time to
+    first byte (s), as moving averages (None until a run of two blocks or more has been measured), and the
+    readahead geometry they call for."""
+
+    WEIGHT = 0.3
+    """Weight of a new measurement in the moving averages."""
+
+    def __init__(self) -> None:
+        self.throughput: float | None = None
+        self.first_byte: float | None = None
+
+    def observe(self, began: float, first_at: float, first_bytes: int, last_at: float, total_bytes: int) -> None:
+        """One run: started at ``began``, its first block (``first_bytes``) complete at ``first_at``, its
+        last at ``last_at``, ``total_bytes`` in all (monotonic seconds). Runs of one block are ignored
+        (first byte and throughput cannot be told apart)."""
+        if total_bytes <= first_bytes or last_at <= first_at:
+            return
+        throughput = (total_bytes - first_bytes) / (last_at - first_at)
+        first_byte = max(0.0, first_at - began - first_bytes / throughput)
+        if self.throughput is None or self.first_byte is None:
+            self.throughput, self.first_byte = throughput, first_byte
+            return
+        self.throughput += self.WEIGHT * (throughput - self.throughput)
+        self.first_byte += self.WEIGHT * (first_byte - self.first_byte)
+
+    @property
+    def delay_bytes(self) -> float:
+        """The bandwidth-delay product of one connection: bytes it could have carried while waiting for the
+        first byte (0 before any measurement)."""
+        if self.throughput is None or self.first_byte is None:
+            return 0.0
+        return self.throughput * self.first_byte
+
+    def run_blocks(self, least: int, most: int) -> int:
+        """Blocks per readahead run: ``RUN_LATENCY_FACTOR`` bandwidth-delay products, within [least, most]."""
+        wanted = math.ceil(RUN_LATENCY_FACTOR * self.delay_bytes / BLOCK_SIZE)
+        return max(least, min(most, wanted))
+
+    def window_cap(self, transfers: int, least_run: int, budget: int) -> int:
+        """Largest readahead window in blocks: one run per transfer slot, within ``budget`` blocks."""
+        return max(0, min(budget, transfers * self.run_blocks(least_run, max(least_run, MAX_RUN_BLOCKS))))
+
+
 class _Flight:
     """One block being loaded or fetched: readers wait on ``done`` (then ``data`` or ``error`` is set),
     prefetch also on ``stored`` (then ``cached`` says whether the block is on disk)."""
@@ -97,12 +164,22 @@ class _Flight:
 class _RunProgress:
     """What one network run has handed over so far, and from which source."""
 
-    __slots__ = ("flights", "delivered", "source")
+    __slots__ = ("flights", "delivered", "source", "began", "first_at", "first_bytes", "last_at", "total_bytes")
 
     def __init__(self, flights: list[_Flight], source: str) -> None:
         self.flights = flights
         self.delivered = 0
         self.source = source
+        self.began = time.monotonic()
+        self.first_at = self.last_at = 0.0
+        self.first_bytes = self.total_bytes = 0
+
+    def arrived(self, nbytes: int) -> None:
+        """Note one delivered block (for the link estimate)."""
+        self.last_at = time.monotonic()
+        if not self.total_bytes:
+            self.first_at, self.first_bytes = self.last_at, nbytes
+        self.total_bytes += nbytes
 
 
 class ByteReader:
@@ -138,6 +215,7 @@ class ByteReader:
         self._memory_limit = memory_limit
         self._max_readahead = max(0, max_readahead)
         self._run_blocks = max(1, run_blocks)
+        self.link = LinkEstimate()
         self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._memory_bytes = 0
         self._flights: dict[BlockKey, _Flight] = {}
@@ -334,7 +412,8 @@ class ByteReader:
                     pending.append(flight)
             flights.append(flight)
         start = 0
-        for group in _runs_of(list(range(len(pending))), self._run_blocks, [f.index for f in pending]):
+        run_blocks = self.link.run_blocks(self._run_blocks, max(self._run_blocks, MAX_RUN_BLOCKS))
+        for group in _runs_of(list(range(len(pending))), run_blocks, [f.index for f in pending]):
             run = pending[start:start + len(group)]
             start += len(group)
             self._nursery.start_soon(self._transfer, run)
@@ -366,8 +445,10 @@ class ByteReader:
         run = _RunProgress(flights, "")
         try:
             async with self._transfer_slots:
+                run.began = time.monotonic()
                 try:
                     await self._fetch_run(ref, run)
+                    self.link.observe(run.began, run.first_at, run.first_bytes, run.last_at, run.total_bytes)
                 except Exception as exc:
                     self._count_error(exc, f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}")
                     self._fail(flights[run.delivered:], exc)
@@ -387,6 +468,7 @@ class ByteReader:
             if len(data) != end - start:
                 raise IntegrityError(f"{ref.uri}: fetcher handed over {len(data)} bytes for block {flight.index}")
             run.delivered += 1
+            run.arrived(len(data))
             self._bytes_fetched[run.source] += len(data)
             self._note_recent(ref.uri, run.source)
             progress["bytes_done"] += len(data)
@@ -532,8 +614,8 @@ class ByteReader:
 
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
         """Update the stream's sequential state; a sequential read (not the stream's first) demotes the
-        block before the one it starts in (see :meth:`_demote`) and, past block 0, when it finds less than
-        half a window scheduled ahead, schedules up to a window of readahead."""
+        block before the one it starts in (see :meth:`_demote`) and, past block 0, tops the readahead window
+        up (see :func:`readahead_span`). A jump resets the window."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
@@ -545,19 +627,29 @@ class ByteReader:
             self._demote((stream.ref.version_key, first - 1))
         if last == 0 or self._max_readahead == 0:
             return
+        cap = self.link.window_cap(self._transfers, self._run_blocks, self._max_readahead)
         if last > stream.last_block or stream.window == 0:
-            stream.window = min(max(1, stream.window * 2), self._max_readahead)
+            stream.window = min(max(1, stream.window * 2), cap)
             stream.last_block = max(stream.last_block, last)
-        final = block_count(stream.ref.size) - 1
-        if stream.ahead >= min(last + max(1, stream.window // 2), final):
+        run = self.link.run_blocks(self._run_blocks, max(self._run_blocks, MAX_RUN_BLOCKS))
+        span = readahead_span(stream.ahead, last, stream.window, run, block_count(stream.ref.size) - 1)
+        if span is None:
             return
-        first = max(stream.ahead, last) + 1
-        target = min(last + stream.window, final)
-        if first > target:
-            return
-        stream.ahead = target
-        started = self._ensure(stream.ref, first, target, keep=True)
+        stream.ahead = span[1]
+        started = self._ensure(stream.ref, span[0], span[1], keep=True)
         self._counts["readahead_blocks"] += sum(1 for flight in started if flight is not None)
+
+
+def readahead_span(ahead: int, last: int, window: int, run: int, final: int) -> tuple[int, int] | None:
+    """The blocks to schedule for a stream that has read up to block ``last`` and scheduled up to block
+    ``ahead``, with a ``window`` of blocks and runs of ``run`` blocks, in a file whose last block is
+    ``final``: None while less than a run (or, for a window smaller than a run, half the window) of it is
+    free, else ``(first, last)`` up to ``last + window``."""
+    target = min(last + window, final)
+    first = max(ahead, last) + 1
+    if first > target or target - first + 1 < min(run, max(1, window // 2)) and target < final:
+        return None
+    return first, target
 
 
 def _runs_of(indexes: list[int], most: int, blocks: list[int] | None = None) -> list[list[int]]:
