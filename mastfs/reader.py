@@ -12,20 +12,20 @@ never leaving an unverified block behind.
 Each open file handle has a :class:`ReadStream`. Reads that continue where the previous one ended (within
 a small slack, as FUSE may reorder concurrent reads) grow a readahead window that starts at one block
 and doubles at every block boundary, up to a cap that follows the link (:class:`LinkEstimate`): runs are
-long enough to amortise the measured time to first byte (at least four bandwidth-delay products of one
-connection, from ``run_blocks`` up to ``MAX_RUN_BLOCKS`` blocks), and the window holds one such run per
-transfer slot, within ``max_readahead`` blocks (the memory budget). The window is topped up one run at a
-time, as soon as a run's worth of it is free, so every transfer slot stays busy. A read that jumps
-(astropy ``.section``, memmap) resets the window to nothing: random access reads only what it asks for.
-A stream's first read and reads inside block 0 never trigger readahead, so a FITS header read costs one
-64 KiB block on the wire.
+long enough to amortise the measured time to first byte (up to four bandwidth-delay products of one
+connection, from ``run_blocks`` up to ``MAX_RUN_BLOCKS`` blocks) while the window still holds one run per
+transfer slot, within ``max_readahead`` blocks (the memory budget: given a window, shorter runs on more
+connections carry more). The window is topped up one run at a time, as soon as a run's worth of it is
+free, so the transfer slots stay busy. A read that jumps (astropy ``.section``, memmap) resets the window
+to nothing: random access reads only what it asks for. A stream's first read and reads inside block 0
+never trigger readahead, so a FITS header read costs one 64 KiB block on the wire.
 Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
-no reader that did not ask for the block. A sequential stream demotes the blocks it has left behind to
-the cold end of the memory LRU, so they leave before the blocks read ahead of it (which arrived earlier
-but are still to be read).
+no reader that did not ask for the block. A sequential stream drops the blocks it has left behind from
+memory (the kernel's page cache and the block cache keep them), so the memory LRU holds what it has yet
+to read.
 
-Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (read-ahead blocks that arrive
-faster than the reader takes them spill to the block cache on disk and are loaded from there); at most
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (more than the readahead
+window, so read-ahead blocks a slow reader has not taken yet stay in memory); at most
 ``UNSTORED_BLOCKS`` fetched blocks wait for the disk (runs pause before fetching more), and each of the at
 most ``transfers`` runs assembles one block at a time.
 
@@ -63,19 +63,19 @@ from .fetch.s3 import S3Fetcher
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 40 * 1024 * 1024
-"""Default byte cap of the in-memory LRU of recent blocks."""
-MAX_READAHEAD_BLOCKS = 24
-"""Default largest readahead window, in blocks (24 x 4 MiB = 96 MiB scheduled ahead of the reader: eight
-runs of three blocks in flight). Scheduled blocks cost no memory until they arrive."""
+MEMORY_LIMIT = 64 * 1024 * 1024
+"""Default byte cap of the in-memory LRU of recent blocks: the readahead memory budget."""
+MAX_READAHEAD_BLOCKS = MEMORY_LIMIT // BLOCK_SIZE - 2
+"""Default largest readahead window, in blocks (14 x 4 MiB = 56 MiB ahead of the reader: seven runs of two
+blocks in flight), so that read-ahead blocks a slow reader has not taken yet stay in memory."""
 RUN_BLOCKS = 2
 """Default fewest blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends
 for parallel GETs: parallel runs beat the bandwidth of one connection)."""
 MAX_RUN_BLOCKS = 4
-"""Most blocks one readahead run fetches, however slow the link's first byte."""
+"""Most blocks one run fetches, however slow the link's first byte."""
 RUN_LATENCY_FACTOR = 4
-"""A run carries at least this many bandwidth-delay products of one connection, so waiting for the first
-byte costs at most a fifth of a run's time."""
+"""A run carries up to this many bandwidth-delay products of one connection (waiting for the first byte
+then costs at most a fifth of a run's time), as long as the window still holds a run per transfer slot."""
 UNSTORED_BLOCKS = 4
 """Most fetched blocks waiting for the disk; runs pause before fetching more (bounded memory)."""
 SEQUENTIAL_SLACK = 1024 * 1024
@@ -134,14 +134,16 @@ class LinkEstimate:
             return 0.0
         return self.throughput * self.first_byte
 
-    def run_blocks(self, least: int, most: int) -> int:
-        """Blocks per readahead run: ``RUN_LATENCY_FACTOR`` bandwidth-delay products, within [least, most]."""
+    def run_blocks(self, least: int, transfers: int, budget: int) -> int:
+        """Blocks per run: ``RUN_LATENCY_FACTOR`` bandwidth-delay products, at least ``least``, at most
+        ``MAX_RUN_BLOCKS`` and at most what lets a window of ``budget`` blocks hold a run per transfer slot
+        (given a window, shorter runs on more connections carry more)."""
         wanted = math.ceil(RUN_LATENCY_FACTOR * self.delay_bytes / BLOCK_SIZE)
-        return max(least, min(most, wanted))
+        return max(least, min(MAX_RUN_BLOCKS, budget // max(1, transfers), wanted))
 
-    def window_cap(self, transfers: int, least_run: int, budget: int) -> int:
+    def window_cap(self, least_run: int, transfers: int, budget: int) -> int:
         """Largest readahead window in blocks: one run per transfer slot, within ``budget`` blocks."""
-        return max(0, min(budget, transfers * self.run_blocks(least_run, max(least_run, MAX_RUN_BLOCKS))))
+        return max(0, min(budget, transfers * self.run_blocks(least_run, transfers, budget)))
 
 
 class _Flight:
@@ -412,7 +414,7 @@ class ByteReader:
                     pending.append(flight)
             flights.append(flight)
         start = 0
-        run_blocks = self.link.run_blocks(self._run_blocks, max(self._run_blocks, MAX_RUN_BLOCKS))
+        run_blocks = self.link.run_blocks(self._run_blocks, self._transfers, self._max_readahead)
         for group in _runs_of(list(range(len(pending))), run_blocks, [f.index for f in pending]):
             run = pending[start:start + len(group)]
             start += len(group)
@@ -582,11 +584,12 @@ class ByteReader:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
 
-    def _demote(self, key: BlockKey) -> None:
-        """Make a block a sequential stream has left behind the first to leave the memory LRU, so the
-        blocks read ahead of the stream (older in the LRU, but not yet read) stay."""
-        if key in self._memory:
-            self._memory.move_to_end(key, last=False)
+    def _drop_behind(self, key: BlockKey) -> None:
+        """Forget a block a sequential stream has left behind (the kernel's page cache and the block cache
+        still have it), so the memory LRU keeps the blocks read ahead of the stream."""
+        data = self._memory.pop(key, None)
+        if data is not None:
+            self._memory_bytes -= len(data)
 
     def _forget_memory(self, version_key: str) -> None:
         for key in [key for key in self._memory if key[0] == version_key]:
@@ -613,8 +616,8 @@ class ByteReader:
     # ------------------------------------------------------------------ sequential detection
 
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
-        """Update the stream's sequential state; a sequential read (not the stream's first) demotes the
-        block before the one it starts in (see :meth:`_demote`) and, past block 0, tops the readahead window
+        """Update the stream's sequential state; a sequential read (not the stream's first) drops the
+        block before the one it starts in from memory (see :meth:`_drop_behind`) and, past block 0, tops the readahead window
         up (see :func:`readahead_span`). A jump resets the window."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
             stream.next_offset = end
@@ -624,14 +627,14 @@ class ByteReader:
         stream.next_offset = max(stream.next_offset, end)
         first = block_index(offset)
         if first > 0:
-            self._demote((stream.ref.version_key, first - 1))
+            self._drop_behind((stream.ref.version_key, first - 1))
         if last == 0 or self._max_readahead == 0:
             return
-        cap = self.link.window_cap(self._transfers, self._run_blocks, self._max_readahead)
+        cap = self.link.window_cap(self._run_blocks, self._transfers, self._max_readahead)
         if last > stream.last_block or stream.window == 0:
             stream.window = min(max(1, stream.window * 2), cap)
             stream.last_block = max(stream.last_block, last)
-        run = self.link.run_blocks(self._run_blocks, max(self._run_blocks, MAX_RUN_BLOCKS))
+        run = self.link.run_blocks(self._run_blocks, self._transfers, self._max_readahead)
         span = readahead_span(stream.ahead, last, stream.window, run, block_count(stream.ref.size) - 1)
         if span is None:
             return

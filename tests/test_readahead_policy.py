@@ -29,7 +29,7 @@ def test_a_run_of_one_block_teaches_nothing():
     link = LinkEstimate()
     link.observe(0.0, 0.1, BLOCK_SIZE, 0.1, BLOCK_SIZE)
     assert link.throughput is None and link.delay_bytes == 0.0
-    assert link.run_blocks(2, MAX_RUN_BLOCKS) == 2
+    assert link.run_blocks(2, transfers=8, budget=64) == 2
 
 
 def test_estimates_move_towards_new_runs_without_jumping():
@@ -46,16 +46,22 @@ def test_estimates_move_towards_new_runs_without_jumping():
     (0.120, 25e6, 3),      # far: 4 x 3 MB = 12 MB -> three blocks
     (0.300, 90e6, MAX_RUN_BLOCKS),  # very slow first byte: capped
 ])
-def test_runs_carry_four_bandwidth_delay_products(first_byte, throughput, blocks):
-    assert estimate(first_byte, throughput).run_blocks(2, MAX_RUN_BLOCKS) == blocks
+def test_runs_carry_four_bandwidth_delay_products_when_the_budget_allows(first_byte, throughput, blocks):
+    assert estimate(first_byte, throughput).run_blocks(2, transfers=4, budget=64) == blocks
+
+
+def test_a_tight_budget_keeps_runs_short_so_every_transfer_slot_gets_one():
+    far = estimate(0.120, 25e6)
+    assert far.run_blocks(2, transfers=8, budget=14) == 2  # 14 // 8 = 1 < least: the least run
+    assert far.run_blocks(2, transfers=4, budget=14) == 3
 
 
 def test_the_window_holds_one_run_per_transfer_slot_within_the_budget():
     s3_like = estimate(0.030, 90e6)
-    assert s3_like.window_cap(transfers=8, least_run=2, budget=24) == 24
-    assert s3_like.window_cap(transfers=8, least_run=2, budget=12) == 12
-    assert estimate(0.0, 2e9).window_cap(transfers=4, least_run=2, budget=24) == 8
-    assert LinkEstimate().window_cap(transfers=8, least_run=2, budget=0) == 0
+    assert s3_like.window_cap(2, transfers=8, budget=64) == 24  # 8 runs of 3
+    assert s3_like.window_cap(2, transfers=8, budget=14) == 14
+    assert estimate(0.0, 2e9).window_cap(2, transfers=4, budget=24) == 8
+    assert LinkEstimate().window_cap(2, transfers=8, budget=0) == 0
 
 
 def test_a_window_is_topped_up_one_run_at_a_time():
