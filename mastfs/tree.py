@@ -38,7 +38,7 @@ from urllib.parse import quote
 import trio
 
 from . import namespace
-from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized, UnsupportedAttribute
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -773,10 +773,10 @@ class Tree:
     # -------------------------------------------------------------------------------------- xattrs
 
     async def getxattr(self, ino: int, name: str) -> bytes:
-        """The value of xattr ``name``; NoSuchAttribute when it has none (ACL and security names at
-        once, without any I/O)."""
+        """The value of xattr ``name``; NoSuchAttribute when it has none; UnsupportedAttribute (at once,
+        without any I/O) for names outside ``user.`` (security labels, ACLs)."""
         if _never_present(name):
-            raise NoSuchAttribute(name)
+            raise UnsupportedAttribute(name)
         value = self.node(ino).xattrs(self).get(name)
         if value is None:
             raise NoSuchAttribute(name)
