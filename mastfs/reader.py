@@ -10,24 +10,25 @@ of a block, and a reader cancelled by a signal returns at once while the run end
 never leaving an unverified block behind.
 
 Each open file handle has a :class:`ReadStream`. Reads that continue where the previous one ended (within
-a small slack, as FUSE may reorder concurrent reads) grow a readahead window that starts at one block
-and doubles at every block boundary, up to a cap that follows the link (:class:`LinkEstimate`): runs are
-long enough to amortise the measured time to first byte (up to four bandwidth-delay products of one
-connection, from ``run_blocks`` up to ``MAX_RUN_BLOCKS`` blocks) while the window still holds one run per
-transfer slot, within ``max_readahead`` blocks (the memory budget: given a window, shorter runs on more
-connections carry more). The window is topped up one run at a time, as soon as a run's worth of it is
-free, so the transfer slots stay busy. A read that jumps (astropy ``.section``, memmap) resets the window
-to nothing: random access reads only what it asks for. A stream's first read and reads inside block 0
-never trigger readahead, so a FITS header read costs one 64 KiB block on the wire.
-Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
-no reader that did not ask for the block. A sequential stream drops the blocks it has left behind from
-memory (the kernel's page cache and the block cache keep them), so the memory LRU holds what it has yet
-to read.
+a small slack, as FUSE may reorder concurrent reads) grow a readahead window: one block at first, then
+doubled at a block boundary whenever a read since the last growth had to wait for its block (the reader
+outruns the link; a reader slower than the link keeps its window, so unread blocks do not pile up). The
+window is capped by what the link calls for (:class:`LinkEstimate`, measured from the runs themselves):
+runs long enough to amortise the time to first byte (four bandwidth-delay products of one connection,
+from ``run_blocks`` to ``MAX_RUN_BLOCKS`` blocks) and one run per transfer slot, within ``max_readahead``
+blocks. It is topped up one run at a time, as soon as a run's worth of it is free, so the transfer slots
+stay busy (the old half-window refill kept about 3 of them busy). A read that jumps (astropy ``.section``,
+memmap) resets the window to nothing: random access reads only what it asks for. A stream's first read
+and reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the
+wire. Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures
+reach no reader that did not ask for the block. A sequential stream drops the blocks it has left behind
+from memory (the kernel's page cache and the block cache keep them), so the memory LRU holds what it has
+yet to read.
 
-Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (more than the readahead
-window, so read-ahead blocks a slow reader has not taken yet stay in memory); at most
-``UNSTORED_BLOCKS`` fetched blocks wait for the disk (runs pause before fetching more), and each of the at
-most ``transfers`` runs assembles one block at a time.
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (read-ahead blocks beyond it
+are loaded back from the block cache when read); at most ``UNSTORED_BLOCKS`` fetched blocks wait for the
+disk (runs pause before fetching more), and each of the at most ``transfers`` runs assembles one block
+at a time. Scheduled blocks take no memory until they arrive.
 
 Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache, owns the background nursery
 and builds the S3 client in it; leaving the block lets fetched blocks reach the disk (at most
@@ -64,11 +65,13 @@ from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 64 * 1024 * 1024
-"""Default byte cap of the in-memory LRU of recent blocks: the readahead memory budget."""
-MAX_READAHEAD_BLOCKS = MEMORY_LIMIT // BLOCK_SIZE - 2
-"""Default largest readahead window, in blocks (14 x 4 MiB = 56 MiB ahead of the reader: seven runs of two
-blocks in flight), so that read-ahead blocks a slow reader has not taken yet stay in memory."""
+MEMORY_LIMIT = 40 * 1024 * 1024
+"""Default byte cap of the in-memory LRU of recent blocks (read-ahead blocks not read yet, mostly): with
+the blocks the ``transfers`` runs are assembling, it keeps the daemon under 200 MB."""
+MAX_READAHEAD_BLOCKS = 32
+"""Default largest readahead window, in blocks (32 x 4 MiB = 128 MiB scheduled ahead of the reader: eight
+runs of four blocks in flight). Scheduled blocks take memory only once they arrive, and the window grows
+only while the reader waits for the link, so unread blocks stay within ``MEMORY_LIMIT``."""
 RUN_BLOCKS = 2
 """Default fewest blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends
 for parallel GETs: parallel runs beat the bandwidth of one connection)."""
@@ -99,6 +102,8 @@ class ReadStream:
     last_block: int = -1
     window: int = 0
     ahead: int = -1
+    starved: bool = False
+    """A read since the window last grew found a block it needed not yet in memory."""
 
 
 class LinkEstimate:
@@ -284,6 +289,8 @@ class ByteReader:
         first = block_index(offset)
         last = block_index(end - 1)
         self._track(stream, offset, end, last)
+        if (ref.version_key, last) not in self._memory:
+            stream.starved = True
         if first == last:
             data = await self._block(ref, first)
             base = block_start(first)
@@ -615,8 +622,9 @@ class ByteReader:
 
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
         """Update the stream's sequential state; a sequential read (not the stream's first) drops the
-        block before the one it starts in from memory (see :meth:`_drop_behind`) and, past block 0, tops the readahead window
-        up (see :func:`readahead_span`). A jump resets the window."""
+        block before the one it starts in from memory (see :meth:`_drop_behind`) and, past block 0, grows
+        the readahead window (see :func:`grown_window`) and tops it up (see :func:`readahead_span`). A jump
+        resets the window."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
@@ -630,7 +638,8 @@ class ByteReader:
             return
         cap = self.link.window_cap(self._run_blocks, self._transfers, self._max_readahead)
         if last > stream.last_block or stream.window == 0:
-            stream.window = min(max(1, stream.window * 2), cap)
+            stream.window = grown_window(stream.window, cap, stream.starved)
+            stream.starved = False
             stream.last_block = max(stream.last_block, last)
         run = self.link.run_blocks(self._run_blocks, self._transfers, self._max_readahead)
         span = readahead_span(stream.ahead, last, stream.window, run, block_count(stream.ref.size) - 1)
@@ -639,6 +648,15 @@ class ByteReader:
         stream.ahead = span[1]
         started = self._ensure(stream.ref, span[0], span[1], keep=True)
         self._counts["readahead_blocks"] += sum(1 for flight in started if flight is not None)
+
+
+def grown_window(window: int, cap: int, starved: bool) -> int:
+    """A stream's readahead window (blocks) at a new block: one block to begin with; then doubled when a
+    read since the last growth found its block not yet in memory (the reader outruns the link), else kept
+    (the reader is the slower side: more readahead would only pile up unread blocks); never above ``cap``."""
+    if window == 0:
+        return min(1, cap)
+    return min(window * 2 if starved else window, cap)
 
 
 def readahead_span(ahead: int, last: int, window: int, run: int, final: int) -> tuple[int, int] | None:
