@@ -260,6 +260,7 @@ def render(sections: list[Section], started_at: datetime.datetime, elapsed: floa
         "    ./run bench                                      # all, 3 runs each; rewrites this file",
         "    .venv/bin/python bench/run_all.py --runs 1 --only header,listing --no-write",
         "",
+        "`./run bench` installs s3fs and rclone (Debian) for the *peers* section. "
         "As root (it drops the page cache and mounts under /tmp). It starts `mastfs twin serve --scale 1` "
         "(real sizes: the 1 GiB and 2 GiB products are `BENCH_1GIB_URI` and `BENCH_2GIB_URI` of "
         "`mastfs/twin/catalog.py`), mounts with `mastfs mount` on fresh cache dirs under /tmp (deleted "
