@@ -65,7 +65,7 @@ from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 40 * 1024 * 1024
+MEMORY_LIMIT = 32 * 1024 * 1024
 """Default byte cap of the in-memory LRU of recent blocks (read-ahead blocks not read yet, mostly): with
 the blocks the ``transfers`` runs are assembling, it keeps the daemon under 200 MB."""
 MAX_READAHEAD_BLOCKS = 32
