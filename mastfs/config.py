@@ -20,6 +20,10 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+BLOCKS_SUBDIR = "blocks"
+"""Subdirectory of the cache directory holding the block cache (see :attr:`Settings.blocks_dir`)."""
+META_SUBDIR = "meta"
+"""Subdirectory of the cache directory holding the metadata cache (see :attr:`Settings.meta_dir`)."""
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -133,6 +137,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("deadline", parse_duration("30s"), parse_duration,
            "most seconds one operation may take, retries included, before EIO",
            "a hung network must never hang ls or read", metavar="DURATION"),
+    Option("query_timeout", parse_duration("600s"), parse_duration,
+           "most seconds one metadata query may take while MAST is answering (slow queries, EXECUTING "
+           "polls, a slow first byte), its pages and retries included, before EIO",
+           "large JWST queries take minutes on MAST's side (astroquery's default is 600 s); an unreachable "
+           "MAST still fails within --deadline", metavar="DURATION"),
     Option("retries", 5, int, "attempts per request for transient failures", "MAST answers 503/504 at times"),
     Option("transfers", 8, int, "parallel range requests for reads and prefetch",
            "parallel ranges beat one stream on fast links"),
@@ -171,6 +180,7 @@ class Settings:
     ttl_released: float
     ttl_negative: float
     deadline: float
+    query_timeout: float
     retries: int
     transfers: int
     token_file: str
@@ -184,6 +194,16 @@ class Settings:
     def defaults(cls, **changes: Any) -> Settings:
         """The defaults of :data:`OPTIONS` (no environment, no config file), with ``changes`` applied."""
         return load_settings(env={}, path=Path("/nonexistent/mastfs.toml")).replace(**changes)
+
+    @property
+    def blocks_dir(self) -> str:
+        """Where the block cache keeps file bytes: ``<cache_dir>/blocks``."""
+        return os.path.join(self.cache_dir, BLOCKS_SUBDIR)
+
+    @property
+    def meta_dir(self) -> str:
+        """Where the archive keeps MAST metadata: ``<cache_dir>/meta``."""
+        return os.path.join(self.cache_dir, META_SUBDIR)
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

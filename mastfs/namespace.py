@@ -27,6 +27,8 @@ README_NAME = "README.txt"
 OBSERVATION_SIDECAR = "observation.json"
 PRODUCTS_SIDECAR = "products.csv"
 SIDECARS = (OBSERVATION_SIDECAR, PRODUCTS_SIDECAR)
+PLANNED_SIDECAR = "planned.csv"
+"""In a program, target or cone directory holding planned observations: those left out of it."""
 
 DEFAULT_CONE_RADIUS = 0.2
 """Radius in degrees of ``/cone/<ra>,<dec>/`` (astroquery's default for region queries)."""
@@ -62,8 +64,8 @@ _CONE = re.compile(rf"({_NUMBER}),({_NUMBER})(?:,({_NUMBER}))?")
 class ObservationLike(Protocol):
     """What the namespace needs of an observation (``mastfs.mast.models.Observation``)."""
 
-    fields: Mapping[str, Any]
-
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
     @property
     def obs_id(self) -> str: ...
 
@@ -71,8 +73,8 @@ class ObservationLike(Protocol):
 class ProductLike(Protocol):
     """What the namespace needs of a product (``mastfs.mast.models.Product``)."""
 
-    fields: Mapping[str, Any]
-
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
     @property
     def data_uri(self) -> str: ...
     @property
@@ -226,13 +228,60 @@ def safe_filename(product: ProductLike) -> str | None:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """An observation's products arranged into directories.
+class Placement:
+    """Where each of a sequence of products (unique by dataURI) is shown, by its index in the sequence.
 
-    groups: group directory name -> {file name -> product}, groups in display order (levels, then
-    product types, then ``other``), files sorted by name. Products are deduplicated by dataURI; two
-    different products with one file name get ``~2``, ``~3`` ... appended to the later names.
-    paths: dataURI -> path relative to the observation directory (``level2/x_cal.fits``).
+    groups: group directory name -> {file name -> index}, groups in display order (levels, then
+    product types, then ``other``), files sorted by name; two different products with one file name get
+    ``~2``, ``~3`` ... appended to the later names. ``names[i]`` is the file name of product ``i`` and
+    ``group_of[i]`` the position of its group in ``groups`` (``names[i]`` None: not shown as a file).
+    Holds one str and one int per product, not the products themselves.
+    """
+
+    groups: dict[str, dict[str, int]]
+    names: list[str | None]
+    group_of: bytearray
+    group_names: tuple[str, ...]
+
+    def path(self, index: int) -> str:
+        """Path of product ``index`` relative to the observation directory, "" when not shown."""
+        name = self.names[index]
+        return "" if name is None else f"{self.group_names[self.group_of[index]]}/{name}"
+
+
+def place_products(products: Iterable[ProductLike]) -> Placement:
+    """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
+    by_group: dict[str, dict[str, int]] = {}
+    placed: list[tuple[str, str] | None] = []
+    for index, product in enumerate(products):
+        name = safe_filename(product)
+        if name is None:
+            placed.append(None)
+            continue
+        group = product_group(product)
+        files = by_group.setdefault(group, {})
+        unique, counter = name, 1
+        while unique in files:
+            counter += 1
+            unique = f"{name}~{counter}"
+        files[unique] = index
+        placed.append((group, unique))
+    order = sorted(by_group, key=_group_order)
+    position = {group: number for number, group in enumerate(order)}
+    names: list[str | None] = [None if where is None else where[1] for where in placed]
+    group_of = bytearray(0 if where is None else position[where[0]] for where in placed)
+    del placed
+    groups = {group: dict(sorted(by_group.pop(group).items())) for group in order}
+    return Placement(groups, names, group_of, tuple(order))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An observation's products arranged into directories (:func:`place_products` with the products
+    themselves in place of their indices).
+
+    groups: group directory name -> {file name -> product}; paths: dataURI -> path relative to the
+    observation directory (``level2/x_cal.fits``). Products are deduplicated by dataURI first.
     """
 
     groups: dict[str, dict[str, Any]]
@@ -241,24 +290,16 @@ class Layout:
 
 def layout_products(products: Iterable[ProductLike]) -> Layout:
     """Arrange ``products`` into group directories; see :class:`Layout`."""
-    by_group: dict[str, dict[str, Any]] = {}
-    paths: dict[str, str] = {}
+    first: dict[str, ProductLike] = {}
     for product in products:
-        uri = product.data_uri
-        if not uri or uri in paths:
-            continue
-        name = safe_filename(product)
-        if name is None:
-            continue
-        group = product_group(product)
-        files = by_group.setdefault(group, {})
-        unique, counter = name, 1
-        while unique in files:
-            counter += 1
-            unique = f"{name}~{counter}"
-        files[unique] = product
-        paths[uri] = f"{group}/{unique}"
-    groups = {group: dict(sorted(by_group[group].items())) for group in sorted(by_group, key=_group_order)}
+        if product.data_uri and product.data_uri not in first:
+            first[product.data_uri] = product
+    unique = list(first.values())
+    placement = place_products(unique)
+    groups = {group: {name: unique[index] for name, index in files.items()}
+              for group, files in placement.groups.items()}
+    paths = {product.data_uri: placement.path(index) for index, product in enumerate(unique)
+             if placement.names[index] is not None}
     return Layout(groups, paths)
 
 
@@ -297,6 +338,30 @@ def observation_json(observation: ObservationLike) -> bytes:
     return (json.dumps(dict(observation.fields), indent=2, default=str, allow_nan=False) + "\n").encode()
 
 
+def csv_lines(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    """CSV text (UTF-8, ``\n`` line ends) of ``rows`` of field values (nulls as empty cells, values as
+    :func:`text_value` writes them), headed by ``header`` unless it is empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(header)
+    for row in rows:
+        writer.writerow([text_value(value) or "" for value in row])
+    return buffer.getvalue().encode("utf-8")
+
+
+def products_csv_header(columns: Sequence[str]) -> bytes:
+    """The first line of ``products.csv``: every column of the product rows, then ``mastfs_path``."""
+    return csv_lines([*columns, "mastfs_path"], [])
+
+
+def products_csv_rows(products: Iterable[ProductLike], columns: Sequence[str], paths: Iterable[str]) -> bytes:
+    """Lines of ``products.csv`` (no header): each product's ``columns``, then its path relative to
+    the observation directory (``paths``, in step with ``products``; empty for products not shown)."""
+    return csv_lines((), ([*(product.fields.get(column) for column in columns), path]
+                          for product, path in zip(products, paths, strict=True)))
+
+
 def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> bytes:
     """Content of ``products.csv``: one row per product row, every field (union of all rows' columns
     in first-seen order), then ``mastfs_path``, the file's path relative to the observation directory
@@ -304,14 +369,35 @@ def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> b
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
-    header = [*columns, "mastfs_path"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for product in products:
-        row = [text_value(product.fields.get(column)) or "" for column in columns]
-        writer.writerow([*row, paths.get(product.data_uri, "")])
-    return buffer.getvalue().encode("utf-8")
+    return products_csv_header(list(columns)) + products_csv_rows(
+        products, list(columns), (paths.get(product.data_uri, "") for product in products))
+
+
+def planned_csv(observations: Sequence[ObservationLike]) -> bytes:
+    """Content of ``planned.csv``: one row per planned observation left out of a listing, every field
+    of its row (union of the rows' columns in first-seen order)."""
+    columns: dict[str, None] = {}
+    for observation in observations:
+        columns.update(dict.fromkeys(observation.fields))
+    return csv_lines(list(columns), ([observation.fields.get(column) for column in columns]
+                                     for observation in observations))
+
+
+def is_planned(observation: ObservationLike, now_mjd: float) -> bool:
+    """Whether an observation row describes an observation not yet executed: ``calib_level`` -1 (how
+    CAOM marks planned observations), or no time of observation at all and a release date in the
+    future."""
+    level = observation.fields.get("calib_level")
+    if level is not None and not isinstance(level, bool):
+        try:
+            if float(level) == -1:
+                return True
+        except (TypeError, ValueError):
+            pass
+    fields = observation.fields
+    release = fields.get("t_obs_release")
+    return (fields.get("t_min") is None and fields.get("t_max") is None
+            and isinstance(release, (int, float)) and not isinstance(release, bool) and release > now_mjd)
 
 
 MJD_UNIX_EPOCH = 40587.0

@@ -58,8 +58,7 @@ from .blockcache import (
     block_start,
 )
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
-from .fetch.http import HttpFetcher
-from .fetch.s3 import S3Fetcher
+from .fetch import ColdStartFetcher, Fetcher
 from .lru import LRU
 from .singleflight import SingleFlight
 
@@ -202,8 +201,8 @@ class ByteReader:
     def __init__(
         self,
         cache: BlockCache,
-        http_fetcher: HttpFetcher,
-        s3_fetcher: S3Fetcher | None = None,
+        http_fetcher: Fetcher,
+        s3_fetcher: ColdStartFetcher | None = None,
         source: str = "auto",
         transfers: int = 8,
         *,
