@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import trio
 
 from . import namespace
-from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized, UnsupportedAttribute
 from .lru import LRU
 from .singleflight import SingleFlight
 
@@ -983,10 +983,10 @@ class Tree:
     # -------------------------------------------------------------------------------------- xattrs
 
     async def getxattr(self, ino: int, name: str) -> bytes:
-        """The value of xattr ``name``; NoSuchAttribute when it has none (ACL and security names at
-        once, without any I/O)."""
+        """The value of xattr ``name``; NoSuchAttribute when it has none; UnsupportedAttribute (at once,
+        without any I/O) for names outside ``user.`` (security labels, ACLs)."""
         if _never_present(name):
-            raise NoSuchAttribute(name)
+            raise UnsupportedAttribute(name)
         value = self.node(ino).xattrs(self).get(name)
         if value is None:
             raise NoSuchAttribute(name)

@@ -13,7 +13,15 @@ import trio
 from mastfs import daemon, namespace
 from mastfs import tree as tree_module
 from mastfs.config import Settings
-from mastfs.errors import InvalidName, NameTooLong, NoSuchAttribute, NotFound, Unauthorized, errno_for
+from mastfs.errors import (
+    InvalidName,
+    NameTooLong,
+    NoSuchAttribute,
+    NotFound,
+    Unauthorized,
+    UnsupportedAttribute,
+    errno_for,
+)
 from mastfs.tree import ROOT_INODE
 from mastfs.twin import catalog as twin_catalog
 
@@ -148,11 +156,13 @@ def test_system_xattrs_and_bad_names_cost_nothing(clean_twin, tmp_path):
     async def body(tree):
         obs_ino = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
         clean_twin.reset_stats()
-        for name in ("security.selinux", "system.posix_acl_access", "system.posix_acl_default",
-                     "user.mast_nope"):
-            with pytest.raises(NoSuchAttribute) as info:
+        for name in ("security.selinux", "system.posix_acl_access", "system.posix_acl_default", "trusted.x"):
+            with pytest.raises(UnsupportedAttribute) as info:
                 await tree.getxattr(obs_ino, name)
-            assert errno_for(info.value) == errno.ENODATA
+            assert errno_for(info.value) == errno.EOPNOTSUPP
+        with pytest.raises(NoSuchAttribute) as info:
+            await tree.getxattr(obs_ino, "user.mast_nope")
+        assert errno_for(info.value) == errno.ENODATA
         assert (await tree.getxattr(obs_ino, "user.mast_obs_id")) == OBS.encode()
         for parent, name in ((obs_ino, ".Trash-1000"), (obs_ino, "desktop.ini"), (ROOT_INODE, "autorun.inf"),
                              (await ino_of(tree, "/program"), "02733"), (await ino_of(tree, "/cone"), "1,2,3,4")):
