@@ -9,8 +9,11 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
   (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
-  source, hits and misses, errors by type), ``mast`` (API requests and failures) and ``interrupted``
-  (requests whose wait ended because a signal interrupted the requester).
+  source, hits and misses, reads and runs waiting, transfer slots, errors by type), ``mast`` (API requests
+  and failures, and ``queries``: the metadata queries in flight with ``what``, ``seconds``, ``pages``,
+  ``pages_total``, ``rows``, ``polls``, ``transient_errors``), ``interrupted`` (requests whose wait ended
+  because a signal interrupted the requester) and ``token`` (TokenKeeper.status(): source, state, MAST
+  user, last check; never the token).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
 - ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
@@ -28,6 +31,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -44,8 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, fuse_ops
-from .auth import find_token, install_redaction
+from . import __version__
+from .auth import TokenKeeper, find_token_and_source
 from .config import Settings
 from .errors import MastfsError, Unavailable
 from .tree import Tree
@@ -119,12 +123,14 @@ class Services:
     reader: ByteReader
     cache: BlockCache
     client: MastClient
+    tokens: TokenKeeper
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings, token: str | None) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, token: str | TokenKeeper | None) -> AsyncIterator[Services]:
     """Build the HTTP client, MastClient, Archive, BlockCache, fetchers and ByteReader, and the Tree over
-    them; close them all on exit. Raises OSError when the cache directory is unusable."""
+    them; close them all on exit. ``token`` is the mount's TokenKeeper (a plain token: one that is never
+    re-read). Raises OSError when the cache directory is unusable."""
     from .archive import Archive
     from .blockcache import BlockCache, ProductRef
     from .fetch.http import HttpFetcher
@@ -136,19 +142,22 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
     os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
     os.chmod(settings.cache_dir, 0o700)  # blocks of exclusive-access data may live here
     policy = RetryPolicy.from_settings(settings)
+    tokens = token if isinstance(token, TokenKeeper) else TokenKeeper(settings, token, "given" if token else "none",
+                                                                        renewable=False)
     async with make_http_client(settings) as http:
-        client = MastClient(http, settings, token_provider=lambda: token)
+        client = MastClient(http, settings, token_provider=tokens.current)
         archive = Archive(client, settings)
-        cache = BlockCache(settings.blocks_dir, settings.cache_size,
-                           settings.min_free_space)
-        http_fetcher = HttpFetcher(http, settings.mast_url, token, policy)
+        cache = BlockCache(settings.blocks_dir, settings.cache_size, settings.min_free_space,
+                           peer_wait=settings.deadline)
+        http_fetcher = HttpFetcher(http, settings.mast_url, tokens, policy, settings.token_hosts)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
         try:
             async with ByteReader(cache, http_fetcher, s3_fetcher, settings.source,
-                                  settings.transfers) as reader:
-                tree = Tree(archive, reader, settings, has_token=token is not None, product_ref=ProductRef,
-                            cache_usage=cache.usage, cached_bytes=functools.partial(cached_bytes, cache))
-                yield Services(tree, archive, reader, cache, client)
+                                  settings.transfers, deadline=settings.deadline) as reader:
+                tree = Tree(archive, reader, settings, has_token=tokens.current() is not None,
+                            product_ref=ProductRef, cache_usage=cache.usage,
+                            cached_bytes=functools.partial(cached_bytes, cache))
+                yield Services(tree, archive, reader, cache, client, tokens)
         finally:
             await archive.aclose()
 
@@ -209,6 +218,33 @@ def tune_malloc() -> bool:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 
+METADATA_SWING = 10_000
+"""Inodes in memory gained or lost, or MAST query pages received, after which freed heap memory is handed
+back to the kernel (malloc_trim): a 300,000-product listing leaves its pages' garbage behind, and the
+kernel forgetting its inodes frees their nodes."""
+TRIM_CHECK_INTERVAL = 2.0
+
+
+async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTERVAL) -> None:
+    """Forever: after a large swing of metadata memory (see :data:`METADATA_SWING`), call glibc's
+    ``malloc_trim(0)`` so the daemon's RSS follows what it holds (the malloc tuning above keeps freed
+    memory otherwise). A no-op without glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    last_nodes, last_pages = 0, 0
+    while True:
+        await trio.sleep(interval)
+        nodes = services.tree.stats()["nodes"]
+        pages = services.client.stats()["requests"].get("invoke", 0)
+        if abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000:
+            services.tree.sweep_memos()
+            gc.collect()
+            trim(0)
+            last_nodes, last_pages = nodes, pages
+
 
 def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:
     """Set the mount's bdi ``read_ahead_kb`` (root only; best effort). Returns whether it was set."""
@@ -223,6 +259,33 @@ def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:
         log.debug("cannot set %s (%s); the kernel keeps 128 KiB reads", path, exc.strerror)
         return False
     log.debug("read_ahead_kb of %s set to %d", mountpoint, kilobytes)
+    return True
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+MAX_BACKGROUND = 64
+"""FUSE requests the kernel lets wait on the daemon at once in the background (page-cache reads and
+readahead are background requests). The kernel's default, 12, queues the 13th concurrent read in the
+kernel until another ends, so it could take two deadlines; the daemon bounds the waits itself."""
+
+
+def raise_max_background(mountpoint: str, value: int = MAX_BACKGROUND) -> bool:
+    """Let ``value`` background requests of the mount reach the daemon at once (and start congestion at
+    three quarters of it), through the fusectl filesystem at :data:`FUSECTL` (root only, and only where it
+    is mounted, as systemd does at boot; best effort). Returns whether it was set."""
+    entry = _mount_entry(mountpoint)
+    if entry is None or entry[0].split(":")[0] != "0":
+        return False
+    directory = os.path.join(FUSECTL, entry[0].split(":")[1])
+    try:
+        for name, number in (("max_background", value), ("congestion_threshold", value * 3 // 4)):
+            with open(os.path.join(directory, name), "w", encoding="ascii") as handle:
+                handle.write(str(number))
+    except OSError as exc:
+        log.debug("cannot raise the FUSE background limit in %s (%s); the kernel lets 12 reads wait at once",
+                  directory, exc.strerror)
+        return False
+    log.debug("FUSE background limit of %s raised to %d", mountpoint, value)
     return True
 
 
@@ -268,9 +331,11 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
     return None
 
 
-async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
+async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int:
     """Mount, serve until unmounted or signalled, and unmount; returns the exit status (1 when the kernel
     refused the mount or the mount never answered)."""
+    from . import fuse_ops  # here, not above: mast:// users of open_services need no FUSE library
+
     async with open_services(settings, token) as services:
         operations = fuse_ops.Operations(services.tree)
         options = fuse_ops.mount_options(settings.allow_other)
@@ -283,6 +348,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
         except RuntimeError as exc:
             log.error("cannot mount %s: %s (see the lines above from fusermount3)", mountpoint, exc)
             return 1
+        raise_max_background(mountpoint)  # before the first request: no read may queue in the kernel
         stop = _Stop()
         try:
             async with trio.open_nursery() as nursery:
@@ -295,6 +361,8 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
 
                 nursery.start_soon(serve_fuse)
                 nursery.start_soon(operations.interrupts.run)
+                nursery.start_soon(services.tokens.watch, services.client.whoami)
+                nursery.start_soon(hand_back_memory, services)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
                 # A statfs through the kernel, from another process, proves the mount answers (served by
@@ -328,6 +396,8 @@ class _Stop:
     def request(self) -> None:
         if not self.requested:
             self.requested = True
+            from . import fuse_ops
+
             fuse_ops.terminate()
 
 
@@ -343,13 +413,12 @@ def run_foreground(settings: Settings, mountpoint: str) -> int:
     configure_logging(settings)
     tune_malloc()
     try:
-        token = find_token(settings)
+        token, source = find_token_and_source(settings)
     except MastfsError as exc:
         log.error("%s (%s)", exc, getattr(exc, "reason", ""))
         return 1
-    install_redaction(token)
     try:
-        return trio.run(_serve, settings, mountpoint, token)
+        return trio.run(_serve, settings, mountpoint, TokenKeeper(settings, token, source))
     except OSError as exc:  # the cache directory cannot be created or read
         log.error("cannot start: %s", exc)
         return 1
@@ -608,6 +677,7 @@ class ControlHandler:
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
             "interrupted": self.operations.interrupts.interrupted,
+            "token": self.services.tokens.status(),
             "tree": self.services.tree.stats(),
         }
 

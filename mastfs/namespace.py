@@ -8,14 +8,16 @@ costs a request. The grammar is documented in ``docs/namespace.md``, whose text 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
 import math
 import re
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from .errors import InvalidName, NameTooLong
 
@@ -27,6 +29,8 @@ README_NAME = "README.txt"
 OBSERVATION_SIDECAR = "observation.json"
 PRODUCTS_SIDECAR = "products.csv"
 SIDECARS = (OBSERVATION_SIDECAR, PRODUCTS_SIDECAR)
+PLANNED_SIDECAR = "planned.csv"
+"""In a program, target or cone directory holding planned observations: those left out of it."""
 
 DEFAULT_CONE_RADIUS = 0.2
 """Radius in degrees of ``/cone/<ra>,<dec>/`` (astroquery's default for region queries)."""
@@ -52,6 +56,9 @@ _PROBE_NAMES = frozenset(
     )
 )
 _FORBIDDEN_CHARS = frozenset("/\\%*;?\"'`<>|&$=!{}#^")
+# Control characters, DEL, undecodable bytes (surrogate escapes) and the forbidden characters: one search
+# per name (a listing checks 300,000 names).
+_BAD_CHARACTER = re.compile("[\x00-\x1f\x7f\udc80-\udcff" + re.escape("".join(sorted(_FORBIDDEN_CHARS))) + "]")
 _PROGRAM_ID = re.compile(r"[1-9][0-9]{0,6}")
 _OBS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9 +._()\[\]:,-]{0,99}")
@@ -110,11 +117,12 @@ def check_component(name: str) -> None:
         raise InvalidName(f"hidden or empty name {name!r}")
     if name.lower() in _PROBE_NAMES:
         raise InvalidName(f"file-manager probe {name!r}")
-    for char in name:
-        if ord(char) < 0x20 or ord(char) == 0x7F or char in _FORBIDDEN_CHARS:
-            raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
+    bad = _BAD_CHARACTER.search(name)
+    if bad is not None:
+        char = bad.group()
         if 0xDC80 <= ord(char) <= 0xDCFF:
             raise InvalidName("name is not valid UTF-8")
+        raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
 
 
 def parse_program_id(name: str) -> str:
@@ -225,14 +233,108 @@ def safe_filename(product: ProductLike) -> str | None:
     return None
 
 
+class NameList(Sequence[str]):
+    """The sorted file names of one group directory, packed in one string (a directory may hold 300,000:
+    one str object each would cost 100 bytes and fragment the heap), with the index of each name's
+    product (``indices[slot]``). Names never contain a newline (:func:`check_component`)."""
+
+    __slots__ = ("_text", "_starts", "indices")
+
+    def __init__(self, names: Sequence[str], indices: Iterable[int]) -> None:
+        self._text = "\n".join(names) + "\n"
+        starts = array("q", [0])
+        for name in names:
+            starts.append(starts[-1] + len(name) + 1)
+        self._starts = starts
+        self.indices = array("q", indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, slot: int) -> str: ...
+    @overload
+    def __getitem__(self, slot: slice) -> list[str]: ...
+
+    def __getitem__(self, slot: int | slice) -> str | list[str]:
+        if isinstance(slot, slice):
+            return [self[i] for i in range(*slot.indices(len(self)))]
+        if slot < 0:
+            slot += len(self)
+        if not 0 <= slot < len(self):
+            raise IndexError(slot)
+        return self._text[self._starts[slot]:self._starts[slot + 1] - 1]
+
+    def find(self, name: str) -> int | None:
+        """The slot of ``name``, None when this directory has no such file."""
+        slot = bisect.bisect_left(self, name)
+        return slot if slot < len(self) and self[slot] == name else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each of a sequence of products (unique by dataURI) is shown, by its index in the sequence.
+
+    groups: group directory name -> its NameList (file names sorted, with their product indices), groups
+    in display order (levels, then product types, then ``other``); two different products with one file
+    name get ``~2``, ``~3`` ... appended to the later names. ``group_of[i]`` is 1 + the position in
+    ``group_names`` of product ``i``'s group (0: not shown as a file) and ``slot_of[i]`` its slot there.
+    """
+
+    groups: dict[str, NameList]
+    group_of: bytearray
+    slot_of: array[int]
+    group_names: tuple[str, ...]
+
+    def path(self, index: int) -> str:
+        """Path of product ``index`` relative to the observation directory, "" when not shown."""
+        group = self.group_of[index]
+        if not group:
+            return ""
+        name = self.group_names[group - 1]
+        return f"{name}/{self.groups[name][self.slot_of[index]]}"
+
+
+PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level")
+"""The product fields :func:`place_products` reads (name, group, level)."""
+
+
+def place_products(products: Iterable[ProductLike]) -> Placement:
+    """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
+    by_group: dict[str, dict[str, int]] = {}
+    count = 0
+    for index, product in enumerate(products):
+        count = index + 1
+        name = safe_filename(product)
+        if name is None:
+            continue
+        files = by_group.setdefault(product_group(product), {})
+        unique, counter = name, 1
+        while unique in files:
+            counter += 1
+            unique = f"{name}~{counter}"
+        files[unique] = index
+    order = sorted(by_group, key=_group_order)
+    group_of = bytearray(count)
+    slot_of = array("q", bytes(8 * count))
+    groups: dict[str, NameList] = {}
+    for position, group in enumerate(order, start=1):
+        ordered = sorted(by_group.pop(group).items())
+        groups[group] = NameList([name for name, _ in ordered], (index for _, index in ordered))
+        for slot, (_, index) in enumerate(ordered):
+            group_of[index] = position
+            slot_of[index] = slot
+        del ordered
+    return Placement(groups, group_of, slot_of, tuple(order))
+
+
 @dataclass(frozen=True)
 class Layout:
-    """An observation's products arranged into directories.
+    """An observation's products arranged into directories (:func:`place_products` with the products
+    themselves in place of their indices).
 
-    groups: group directory name -> {file name -> product}, groups in display order (levels, then
-    product types, then ``other``), files sorted by name. Products are deduplicated by dataURI; two
-    different products with one file name get ``~2``, ``~3`` ... appended to the later names.
-    paths: dataURI -> path relative to the observation directory (``level2/x_cal.fits``).
+    groups: group directory name -> {file name -> product}; paths: dataURI -> path relative to the
+    observation directory (``level2/x_cal.fits``). Products are deduplicated by dataURI first.
     """
 
     groups: dict[str, dict[str, Any]]
@@ -241,24 +343,16 @@ class Layout:
 
 def layout_products(products: Iterable[ProductLike]) -> Layout:
     """Arrange ``products`` into group directories; see :class:`Layout`."""
-    by_group: dict[str, dict[str, Any]] = {}
-    paths: dict[str, str] = {}
+    first: dict[str, ProductLike] = {}
     for product in products:
-        uri = product.data_uri
-        if not uri or uri in paths:
-            continue
-        name = safe_filename(product)
-        if name is None:
-            continue
-        group = product_group(product)
-        files = by_group.setdefault(group, {})
-        unique, counter = name, 1
-        while unique in files:
-            counter += 1
-            unique = f"{name}~{counter}"
-        files[unique] = product
-        paths[uri] = f"{group}/{unique}"
-    groups = {group: dict(sorted(by_group[group].items())) for group in sorted(by_group, key=_group_order)}
+        if product.data_uri and product.data_uri not in first:
+            first[product.data_uri] = product
+    unique = list(first.values())
+    placement = place_products(unique)
+    groups = {group: {name: unique[index] for name, index in zip(names, names.indices, strict=True)}
+              for group, names in placement.groups.items()}
+    paths = {product.data_uri: placement.path(index) for index, product in enumerate(unique)
+             if placement.group_of[index]}
     return Layout(groups, paths)
 
 
@@ -278,23 +372,57 @@ def text_value(value: Any) -> str | None:
 
 
 _XATTR_FIELD = re.compile(r"[A-Za-z0-9_]{1,200}")
-FIELD_XATTR_PREFIX = "user.mast_"
 OWN_XATTR_PREFIX = "user.mastfs."
 
 
 def field_xattrs(fields: Mapping[str, Any]) -> dict[str, bytes]:
     """``user.mast_<field>`` -> UTF-8 text for every non-null field whose name is a plain identifier."""
-    result: dict[str, bytes] = {}
-    for key, value in fields.items():
-        text = text_value(value)
-        if text is not None and _XATTR_FIELD.fullmatch(key):
-            result[FIELD_XATTR_PREFIX + key] = text.encode("utf-8", "replace")
-    return result
+    return {"user." + name: text_value(value).encode("utf-8", "replace")  # type: ignore[union-attr]
+            for name, value in mast_fields(fields).items()}
+
+
+def mast_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``mast_<field>`` -> value (as MAST sent it) for every non-null field whose name is a plain
+    identifier: the fields the xattrs show, for callers that keep Python values."""
+    return {"mast_" + key: value for key, value in fields.items()
+            if text_value(value) is not None and _XATTR_FIELD.fullmatch(key)}
 
 
 def observation_json(observation: ObservationLike) -> bytes:
     """Content of ``observation.json``: every field of the observation row, nulls included."""
     return (json.dumps(dict(observation.fields), indent=2, default=str, allow_nan=False) + "\n").encode()
+
+
+def csv_lines(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    """CSV text (UTF-8, ``\n`` line ends) of ``rows`` of field values (nulls as empty cells, values as
+    :func:`text_value` writes them), headed by ``header`` unless it is empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(header)
+    for row in rows:
+        writer.writerow([text_value(value) or "" for value in row])
+    return buffer.getvalue().encode("utf-8")
+
+
+def products_csv_header(columns: Sequence[str]) -> bytes:
+    """The first line of ``products.csv``: every column of the product rows, then ``mastfs_path``."""
+    return csv_lines([*columns, "mastfs_path"], [])
+
+
+def products_csv_rows(columns: Sequence[Sequence[Any]], paths: Sequence[str]) -> bytes:
+    """Lines of ``products.csv`` (no header) from column-wise values (``columns[c][row]``, every column
+    of the header in order), each row ended by its path relative to the observation directory
+    (``paths[row]``; empty for products not shown)."""
+    cells = [_text_column(values) for values in columns]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(zip(*cells, paths, strict=True))
+    return buffer.getvalue().encode("utf-8")
+
+
+def _text_column(values: Sequence[Any]) -> list[str]:
+    """A column's values as CSV cells (:func:`text_value`, nulls empty); plain text passes as it is."""
+    return [value if type(value) is str else (text_value(value) or "") for value in values]
 
 
 def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> bytes:
@@ -304,14 +432,36 @@ def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> b
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
-    header = [*columns, "mastfs_path"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for product in products:
-        row = [text_value(product.fields.get(column)) or "" for column in columns]
-        writer.writerow([*row, paths.get(product.data_uri, "")])
-    return buffer.getvalue().encode("utf-8")
+    values = [[product.fields.get(column) for product in products] for column in columns]
+    return products_csv_header(list(columns)) + products_csv_rows(
+        values, [paths.get(product.data_uri, "") for product in products])
+
+
+def planned_csv(observations: Sequence[ObservationLike]) -> bytes:
+    """Content of ``planned.csv``: one row per planned observation left out of a listing, every field
+    of its row (union of the rows' columns in first-seen order)."""
+    columns: dict[str, None] = {}
+    for observation in observations:
+        columns.update(dict.fromkeys(observation.fields))
+    return csv_lines(list(columns), ([observation.fields.get(column) for column in columns]
+                                     for observation in observations))
+
+
+def is_planned(observation: ObservationLike, now_mjd: float) -> bool:
+    """Whether an observation row describes an observation not yet executed: ``calib_level`` -1 (how
+    CAOM marks planned observations), or no time of observation at all and a release date in the
+    future."""
+    level = observation.fields.get("calib_level")
+    if level is not None and not isinstance(level, bool):
+        try:
+            if float(level) == -1:
+                return True
+        except (TypeError, ValueError):
+            pass
+    fields = observation.fields
+    release = fields.get("t_obs_release")
+    return (fields.get("t_min") is None and fields.get("t_max") is None
+            and isinstance(release, (int, float)) and not isinstance(release, bool) and release > now_mjd)
 
 
 MJD_UNIX_EPOCH = 40587.0
@@ -350,6 +500,8 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
     /obs/<obs_id>/                    the same observation directory, reached directly by its obs_id
     /target/<name>/                   observations around the position the name resolves to
     /cone/<ra>,<dec>[,<radius_deg>]/  observations in that cone
+    .../planned.csv                   in a program, target or cone directory holding planned
+                                      observations: the ones left out of it (below)
 
 - `<id>` is a proposal id as MAST writes it: decimal digits without leading zeros (`2733`, not
   `02733`). Only observations of the configured collections (`--collection`, JWST by default) appear.
@@ -362,6 +514,12 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
   (ENOENT, one log line).
 - `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
   0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
+
+Planned observations (not executed yet: CAOM's `calib_level` -1, or no observation time at all and a
+release date in the future) have no products, so they are not shown as empty directories. A program,
+target or cone directory holding some lists them instead in `planned.csv` (one row each, every field
+of its row), so nothing is left out silently; `/obs/<planned obs_id>` does not exist (ENOENT, one log
+line).
 
 Names that cannot be valid (a non-numeric program id, a malformed cone, hidden names such as `.git`
 or `.Trash-1000`, `autorun.inf`, `desktop.ini`, names with control characters or `% * ; ' "`) do not
@@ -382,6 +540,13 @@ exist, and never cost a request to MAST.
 - A product without a `productType` is placed by its file name too (`_thumb.jpg` thumbnail,
   other images preview, `_asn.json` and `_pool.csv` info).
 - A JWST level-3 observation lists its member exposures' products too: thousands of files.
+- Observations of any size list completely: a JWST mosaic with about 300,000 products (mostly
+  guide-star files in `auxiliary/`) lists every one (`find DIR -type f | wc -l`, `ls -l auxiliary/`).
+  Its first listing takes as long as MAST needs to answer (tens of pages of 10,000 rows, minutes on
+  the real archive); later ones come from the cache. A listing is all or nothing: when MAST's pages
+  do not add up to the number of rows it announced (rows shifting while it pages), mastfs asks again
+  and, failing that, answers EIO (with a log line), never a listing with products missing. One answer
+  may hold at most 5 million rows (a cap against a server paging forever).
 - Products are deduplicated by `dataURI`; if two different products share a file name in one
   directory, the later ones are shown as `<name>~2`, `<name>~3` ...
 - The same product under several observations is one file for the cache: reading it through either
@@ -422,4 +587,13 @@ Listings and rows are cached on disk across remounts: observations released long
 ids for `--ttl-negative` (10 minutes). When MAST cannot be reached, what was seen before still
 lists; what was never seen fails with EIO after `--deadline` (never ENOENT). The kernel keeps
 entries and attributes for 60 seconds. `mastfs refresh PATH` drops cached metadata for a subtree.
+
+## Slow queries
+
+Large queries take minutes on MAST's side. A listing waits for its query up to `--query-timeout`
+(600 seconds) while MAST is answering, then fails with EIO; a MAST that cannot be reached at all fails
+within `--deadline`. MAST's "timed out, try again" answers are asked again with backoff within that
+time. While you wait, `mastfs status` shows the queries in flight (what, for how long, pages so far),
+and Ctrl-C ends the `ls` at once (EINTR): the query goes on in the daemon, and the next `ls` of the
+same directory waits for that one rather than starting over.
 """

@@ -30,8 +30,10 @@ slack for a loaded 2-core machine and operations made of a few network steps. Pa
 TODO(issue 12): this is 5x the deadline while the docs promise EIO within the deadline; issue 12 changes
 how the deadline bounds a FUSE request (per request, slot waits included), then this limit can become
 the deadline plus a stated margin."""
-FAULT_MOUNT = {"deadline": f"{DEADLINE:g}s", "retries": 3}
-"""Settings of mounts under faults: a short deadline and few retries keep failing cases fast."""
+FAULT_MOUNT = {"deadline": f"{DEADLINE:g}s", "query_timeout": f"{DEADLINE:g}s", "retries": 3}
+"""Settings of mounts under faults: a short deadline and few retries keep failing cases fast. A server
+that accepts and never answers looks like a slow MAST query, which may take up to --query-timeout (600 s
+by default), so these mounts set the query timeout to the deadline too."""
 
 
 _BIG_TWIN: list[Twin] = []
@@ -148,9 +150,11 @@ def product_path(twin, obs_id: str, uri: str) -> str:
 
 
 def big_program_obs_ids(twin) -> list[str]:
-    """The obs_ids of the twin's 520-observation program (a supply of fresh, small observations)."""
-    return sorted(row["obs_id"] for row in twin.catalog.observation_rows()
-                  if str(row["proposal_id"]) == twin_catalog.BIG_PROGRAM)
+    """The obs_ids of the twin's 520-observation program (a supply of fresh, small observations): each
+    once, executed ones only (not its planned observation), and not SHARED_OBS_ID (two rows)."""
+    return sorted({row["obs_id"] for row in twin.catalog.observation_rows()
+                   if str(row["proposal_id"]) == twin_catalog.BIG_PROGRAM and row["calib_level"] != -1
+                   and row["obs_id"] != twin_catalog.SHARED_OBS_ID})
 
 
 def science_product(twin, obs_id: str, *, in_s3: bool | None = None) -> str:

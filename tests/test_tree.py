@@ -42,6 +42,11 @@ async def ino_of(tree, path):
     return ino
 
 
+async def listing(tree, ino):
+    """What readdirplus hands out of directory ``ino``: (name, attributes) of each entry."""
+    return [(node.name, await tree.attributes(node)) for node in await tree.listdir(ino)]
+
+
 def requests(twin, key=None):
     stats = twin.stats()
     if key is None:
@@ -55,7 +60,7 @@ def test_inodes_are_stable_per_path(clean_twin, tmp_path):
         first = await ino_of(tree, obs_path)
         assert await ino_of(tree, obs_path) == first
         program_ino = await ino_of(tree, f"/program/{PROGRAM}")
-        listed = dict(await tree.listdir(program_ino))
+        listed = dict(await listing(tree, program_ino))
         assert listed[OBS].ino == first
         assert (await tree.lookup(program_ino, OBS)).ino == first
         assert await ino_of(tree, f"/obs/{OBS}") != first  # one directory is never shown under two names
@@ -72,7 +77,7 @@ def test_one_product_ref_per_data_uri(clean_twin, tmp_path):
         for obs_id in ("jw02733-o001_t001_nircam_clear-f090w", "jw02733-o001_t001_nircam_clear-f187n"):
             node = await tree.resolve_path(f"/program/{PROGRAM}/{obs_id}")
             contents = await node.contents(tree)
-            handles.append(await tree.open(await ino_of(tree, f"{node.path_text}/{contents.layout.paths[SHARED_URI]}")))
+            handles.append(await tree.open(await ino_of(tree, f"{node.path_text}/{namespace.layout_products(contents.products).paths[SHARED_URI]}")))
         first, second = (tree._handles[h].ref for h in handles)
         assert first is second and first.uri == SHARED_URI
         data = await tree.read(handles[0], 0, 100)
@@ -91,7 +96,7 @@ def test_product_refs_are_bounded_and_made_again_alike(clean_twin, tmp_path, mon
     async def body(tree):
         level2 = f"/program/{PROGRAM}/{OBS}/level2"
         level2_ino = await ino_of(tree, level2)
-        names = [name for name, _ in await tree.listdir(level2_ino)][:5]
+        names = [name for name, _ in await listing(tree, level2_ino)][:5]
         versions = {}
         for name in names:
             handle = await tree.open(await ino_of(tree, f"{level2}/{name}"))
@@ -114,7 +119,7 @@ def test_concurrent_cold_listings_share_one_query(clean_twin, tmp_path):
         results = []
 
         async def list_it():
-            results.append(await tree.listdir(obs_ino))
+            results.append(await listing(tree, obs_ino))
 
         async with trio.open_nursery() as nursery:
             for _ in range(5):
@@ -128,7 +133,7 @@ def test_concurrent_cold_listings_share_one_query(clean_twin, tmp_path):
 def test_attributes_of_groups_and_files(clean_twin, tmp_path):
     async def body(tree):
         level2 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level2")
-        entries = await tree.listdir(level2)
+        entries = await listing(tree, level2)
         assert len(entries) == 80
         for _name, attributes in entries:
             assert stat.S_ISREG(attributes.mode) and stat.S_IMODE(attributes.mode) == 0o444
@@ -181,13 +186,13 @@ def test_exclusive_open_is_refused_once_logged(clean_twin, tmp_path, caplog):
 def test_refresh_asks_mast_again(clean_twin, tmp_path):
     async def body(tree):
         obs_path = f"/program/{PROGRAM}/{OBS}"
-        await tree.listdir(await ino_of(tree, obs_path))
+        await listing(tree, await ino_of(tree, obs_path))
         clean_twin.reset_stats()
-        await tree.listdir(await ino_of(tree, obs_path))
+        await listing(tree, await ino_of(tree, obs_path))
         assert requests(clean_twin) == 0
         inodes = await tree.refresh(obs_path)
         assert await ino_of(tree, obs_path) in inodes
-        await tree.listdir(await ino_of(tree, obs_path))
+        await listing(tree, await ino_of(tree, obs_path))
         assert requests(clean_twin, "invoke:Mast.Caom.Products") == 1
 
     run_with_tree(clean_twin, tmp_path, body)
@@ -250,7 +255,7 @@ def test_forgotten_nodes_leave_memory_and_keep_their_numbers(clean_twin, tmp_pat
         program = await ino_of(tree, f"/program/{PROGRAM}")
         obs = (await tree.lookup(program, OBS)).ino
         level3 = (await tree.lookup(obs, "level3")).ino
-        listed = await tree.listdir(level3)
+        listed = await listing(tree, level3)
         assert tree.stats()["nodes"] >= len(listed) + 3
         for _, attributes in listed[:2]:
             tree.remember(attributes.ino)  # readdir handed out two entries; the listing then ends
@@ -281,8 +286,8 @@ def test_an_open_listing_keeps_its_entries_while_another_closes(clean_twin, tmp_
 
     async def body(tree):
         level3 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level3")
-        first = await tree.listdir(level3)
-        second = await tree.listdir(level3)
+        first = await listing(tree, level3)
+        second = await listing(tree, level3)
         tree.release_listing([attributes.ino for _, attributes in first])
         for _, attributes in second:  # handed out after the first listing closed
             tree.remember(attributes.ino)
@@ -301,3 +306,59 @@ def test_inode_numbers_are_the_same_in_every_mount(clean_twin, tmp_path):
 
     first = run_with_tree(clean_twin, tmp_path, body)
     assert run_with_tree(clean_twin, tmp_path, body) == first > ROOT_INODE
+
+
+def test_planned_observations_leave_the_listing_for_planned_csv(clean_twin, tmp_path):
+    async def body(tree):
+        program = await ino_of(tree, f"/program/{PROGRAM}")
+        names = [name for name, _ in await listing(tree, program)]
+        assert twin_catalog.PLANNED_2733_OBS_ID not in names and "planned.csv" in names
+        planned = (await tree.lookup(program, "planned.csv")).ino
+        handle = await tree.open(planned)
+        text = bytes(await tree.read(handle, 0, 1 << 20)).decode()
+        tree.release(handle)
+        assert twin_catalog.PLANNED_2733_OBS_ID in text and "calib_level" in text.splitlines()[0]
+        with pytest.raises(NotFound):
+            await tree.lookup(await ino_of(tree, "/obs"), twin_catalog.PLANNED_2733_OBS_ID)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_a_failed_s3_lookup_is_asked_again_on_the_next_open(clean_twin, tmp_path):
+    async def body(tree):
+        level2 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level2")
+        name, attributes = (await listing(tree, level2))[0]
+        clean_twin.faults.add("path_lookup", "status", code=503)
+        handle = await tree.open(attributes.ino)
+        tree.release(handle)
+        clean_twin.faults.clear()
+        clean_twin.reset_stats()
+        handle = await tree.open(attributes.ino)
+        tree.release(handle)
+        assert requests(clean_twin, "path_lookup") >= 1  # not remembered as "not in S3"
+        source = (await tree.getxattr(attributes.ino, "user.mastfs.source")).decode()
+        assert source.startswith("s3://"), source
+
+    run_with_tree(clean_twin, tmp_path, body, retries=2, deadline=2.0)
+
+
+def test_products_csv_is_made_part_by_part_and_adds_up(clean_twin, tmp_path):
+    async def body(tree):
+        obs = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
+        csv_ino = (await tree.lookup(obs, "products.csv")).ino
+        size = (await tree.getattr(csv_ino)).size
+        handle = await tree.open(csv_ino)
+        pieces, offset = [], 0
+        while offset < size:  # kernel-sized reads crossing the parts' borders
+            piece = bytes(await tree.read(handle, offset, 131072))
+            pieces.append(piece)
+            offset += len(piece)
+        tree.release(handle)
+        text = b"".join(pieces).decode()
+        assert len(text.encode()) == size
+        rows = text.splitlines()
+        contents = await (await tree.resolve_path(f"/program/{PROGRAM}/{OBS}")).contents(tree)
+        assert len(rows) == len(contents.products) + 1 > 3000
+        assert rows[0].endswith(",mastfs_path")
+
+    run_with_tree(clean_twin, tmp_path, body)
