@@ -1010,7 +1010,8 @@ class Tree:
         it is asked of MAST again. Returns the inode numbers whose kernel caches should be invalidated.
         """
         node = await self.resolve_path(path)
-        below = [n for n in self._nodes.values() if n.path[: len(node.path)] == node.path]
+        # the node itself even when the kernel forgot it (resolve_path then made a fresh one)
+        below = [node, *(n for n in self._nodes.values() if n is not node and n.path[: len(node.path)] == node.path)]
         if isinstance(node, RootDir):
             await self.archive.forget_all()
         else:

@@ -208,6 +208,24 @@ def test_refresh_asks_mast_again(clean_twin, tmp_path):
     run_with_tree(clean_twin, tmp_path, body)
 
 
+def test_refresh_of_a_directory_the_kernel_forgot_asks_mast_again(clean_twin, tmp_path):
+    """Under memory pressure the kernel forgets inodes at any time; ``mastfs refresh`` of such a
+    directory must still drop its cached answer."""
+
+    async def body(tree):
+        program_path = f"/program/{PROGRAM}"
+        program = await ino_of(tree, program_path)
+        await tree.listdir(program)
+        tree.forget(program, 1)  # the kernel drops its one reference: the node leaves memory
+        assert tree.stats()["kernel_inodes"] == 1  # /program only
+        clean_twin.reset_stats()
+        await tree.refresh(program_path)
+        await tree.listdir(await ino_of(tree, program_path))
+        assert requests(clean_twin, "invoke:Mast.Caom.Filtered") >= 1
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
 def test_unknown_things_are_not_found(clean_twin, tmp_path):
     async def body(tree):
         for path in ("/program/99999", f"/program/{PROGRAM}/jw02733-o099_t001_none", "/obs/jw09999-o001_x",
