@@ -171,14 +171,15 @@ async def test_a_million_row_product_list_is_refused_after_one_page(clean_twin):
 
 
 @trio_test
-async def test_a_long_answer_under_the_cap_is_paged_through(clean_twin):
-    clean_twin.faults.add("invoke", "endless_paging", pages=5)  # 5 pages of 1,000 rows, repeating
+async def test_paging_that_does_not_add_up_is_refused_not_stored(clean_twin):
+    """5 pages of 1,000 rows claimed, the real answer ends in page 4 with 59 rows (then repeats): the rows
+    cannot add up to what was announced, so the answer is asked again, then refused (complete or nothing)."""
+    clean_twin.faults.add("invoke", "endless_paging", pages=5)
     async with mast_client(clean_twin) as client:
         client.product_pagesize = 1000
-        products = await client.products([obsid_of(clean_twin, OBS)])
-    assert total_requests(clean_twin) == 5
-    assert len(products) == len({row["dataURI"] for row in clean_twin.catalog.product_rows(
-        obsid_of(clean_twin, OBS))})
+        with pytest.raises(BadResponse, match="holds 59 rows"):
+            await client.products([obsid_of(clean_twin, OBS)])
+    assert total_requests(clean_twin) == 3 * 4  # three tries, each stopped at the short page 4
 
 
 def test_crafted_product_names_never_become_unsafe_file_names(twin):
