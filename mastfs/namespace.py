@@ -577,8 +577,11 @@ exist, and never cost a request to MAST.
   `user.mastfs.cached_bytes` (how many of its bytes the local cache holds) and, once the file was
   opened in this mount, `user.mastfs.source` (where its bytes come from: `s3://<bucket>/<key>` or
   the HTTPS download URL).
-- An unknown attribute is ENODATA; setting or removing any attribute is EPERM. `security.*` and
-  `system.posix_acl_*` are answered at once, without asking MAST.
+- An unknown `user.` attribute is ENODATA; setting or removing any attribute is EPERM. Names outside
+  `user.` (`security.selinux`, `system.posix_acl_*`, `trusted.*`) are EOPNOTSUPP ("not supported on
+  this filesystem"), at once, without asking MAST: `ls -l` asks every file for `security.selinux` and
+  stops asking for the rest of the filesystem after one EOPNOTSUPP (with ENODATA it asked each of
+  thousands of files, a FUSE round trip each).
 
 ## Caching
 
