@@ -18,8 +18,16 @@ exclusive programs and the OPO row; BIG_PROGRAM alternates per observation. Size
 times `scale` (FITS rounded to 2880-byte blocks, with a floor that keeps every file valid). File bytes
 come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU).
 
-All public methods are thread-safe: the catalog is immutable after construction apart from its
-memo caches, whose races are benign.
+Versions: every product has an HTTPS copy and (with an ``s3_key``) an S3 copy, each at a *revision*
+(0 at start). :meth:`Catalog.reprocess` moves one or both copies to a new revision, as STScI's
+reprocessing does (same dataURI, new bytes, new Last-Modified, possibly a new size); while only one copy
+moved, the S3 copy lags behind (or leads). :meth:`Catalog.etag` is the S3 ETag of a copy's bytes
+(see :func:`s3_etag`), the same on both copies of one revision. :meth:`Catalog.misreport_size` and
+:meth:`Catalog.make_dynamic` alter what rows and downloads state about a product (size off by some bytes;
+no size and no Content-Length, generated on the fly and so absent from S3).
+
+All public methods are thread-safe: construction builds everything, later changes (reprocessing, size
+switches) replace whole entries under a lock, and memo caches' races are benign.
 """
 
 from __future__ import annotations
@@ -28,9 +36,10 @@ import functools
 import hashlib
 import logging
 import math
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from mastfs.twin import fitsgen
@@ -40,6 +49,16 @@ logger = logging.getLogger(__name__)
 
 PIECE_SIZE = 1 << 20
 """Default size of the pieces :meth:`Catalog.pieces` streams a product body in (1 MiB)."""
+
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+"""Objects larger than this are taken as uploaded in parts of MULTIPART_PART_SIZE (the AWS CLI's and
+boto3's defaults), so their S3 ETag is ``md5(part md5s)-N``; smaller ones have the content md5."""
+MULTIPART_PART_SIZE = 8 * 1024 * 1024
+REPROCESS_SHIFT = 7919
+"""Pattern offset added per revision: a reprocessed product's data bytes differ from the previous ones."""
+REPROCESS_SECONDS = 86_400
+"""Last-Modified moves this much per revision."""
+COPIES = ("http", "s3")
 
 PROGRAM_2733 = "2733"
 OBS_2733_MIRI_F1130W = "jw02733-o002_t001_miri_f1130w"
@@ -255,6 +274,34 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def s3_etag(part_md5s: list[bytes], size: int) -> str:
+    """The quoted ETag S3 gives an object of ``size`` bytes whose MULTIPART_PART_SIZE parts have these
+    md5 digests: the content md5 up to MULTIPART_THRESHOLD (one-part upload), else
+    ``md5(concatenated part md5s)-N``."""
+    if size <= MULTIPART_THRESHOLD:
+        whole = part_md5s[0].hex() if part_md5s else hashlib.md5(b"", usedforsecurity=False).hexdigest()
+        return f'"{whole}"'
+    combined = hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
+    return f'"{combined}-{len(part_md5s)}"'
+
+
+def _remade(maker: Callable[[], GeneratedFile], size: int, revision: int, seed: int) -> GeneratedFile:
+    """The file ``maker`` builds, as of reprocessing ``revision``: ``size`` bytes, data pattern moved by
+    ``revision * REPROCESS_SHIFT``. Raises ValueError for products whose maker takes no pattern offset
+    (text files) or a size the format cannot have."""
+    shift = seed + revision * REPROCESS_SHIFT
+    if isinstance(maker, functools.partial) and maker.func is _build_jwst_fits:
+        cards, images, shape, wcs, _, _ = maker.args
+        return _build_jwst_fits(cards, images, shape, wcs, size, shift)
+    if isinstance(maker, functools.partial) and maker.func is fitsgen.build_fits:
+        spec, _, _ = maker.args
+        return fitsgen.build_fits(spec, size, shift)
+    if isinstance(maker, functools.partial) and maker.func is fitsgen.build_jpeg:
+        _, _, comment = maker.args
+        return fitsgen.build_jpeg(size, shift, comment)
+    raise ValueError("only FITS and JPEG products can be reprocessed")
+
+
 def _polygon(ra: float, dec: float, half_width_deg: float) -> str:
     """STC-S square footprint centred on (ra, dec)."""
     dra = half_width_deg / math.cos(math.radians(dec))
@@ -382,7 +429,13 @@ class Catalog:
         self._product_base_rows: dict[str, dict] = {}
         self._makers: dict[str, Callable[[], GeneratedFile]] = {}
         self._next_id: dict[str, int] = {}
-        self._sha256: dict[str, str] = {}
+        self._digests: dict[tuple[str, int], dict[str, str]] = {}
+        self._lock = threading.Lock()
+        self._revisions: dict[tuple[str, str], tuple[int, TwinProduct]] = {}  # (uri, copy) -> (revision, product)
+        self._revision_sizes: dict[tuple[str, int], int] = {}
+        self._row_sizes: dict[str, int] = {}  # uri -> size the rows state after reprocessing
+        self._size_errors: dict[str, int] = {}  # uri -> bytes the rows' size is off by
+        self._dynamic: set[str] = set()
         self._generated = functools.lru_cache(maxsize=_GENERATED_CACHE_SIZE)(self._build_file)
         self._build_2733()
         self._build_exclusive()
@@ -401,47 +454,144 @@ class Catalog:
 
     def product_rows(self, obsid: str) -> list[dict]:
         """Mast.Caom.Products rows of the observation with this `obsid` (str or int); [] if unknown."""
-        return [dict(row) for row in self._rows_by_obsid.get(str(obsid).strip(), ())]
+        rows = [dict(row) for row in self._rows_by_obsid.get(str(obsid).strip(), ())]
+        if self._row_sizes or self._size_errors or self._dynamic:
+            for row in rows:
+                uri = row["dataURI"]
+                if uri in self._dynamic:
+                    row["size"] = None
+                elif row["size"] is not None and (uri in self._row_sizes or uri in self._size_errors):
+                    row["size"] = self._row_sizes.get(uri, row["size"]) + self._size_errors.get(uri, 0)
+        return rows
 
-    def product(self, uri: str) -> TwinProduct | None:
-        """The product with this dataURI, or None."""
-        return self._products.get(uri)
+    def product(self, uri: str, copy: str = "http") -> TwinProduct | None:
+        """The product with this dataURI as its ``copy`` ("http" or "s3") stands now (size and mtime of
+        that copy's revision; a dynamic product has no s3_key and no Content-Length), or None."""
+        product = self._products.get(uri)
+        if product is None:
+            return None
+        revision = self._revisions.get((uri, copy))
+        if revision is not None:
+            product = revision[1]
+        if uri in self._dynamic:
+            product = replace(product, s3_key=None, send_content_length=False)
+        return product
+
+    def revision(self, uri: str, copy: str = "http") -> int:
+        """The revision (0: never reprocessed) of a product's ``copy``. Raises KeyError for unknown uris."""
+        if uri not in self._products:
+            raise KeyError(uri)
+        revision = self._revisions.get((uri, copy))
+        return 0 if revision is None else revision[0]
+
+    def reprocess(self, uri: str, resize: int = 0, copies: str = "both") -> dict:
+        """Reprocess a product: its ``copies`` ("both", "s3" or "http") get new bytes (the data pattern
+        moves), a Last-Modified one day later and, with ``resize`` (bytes, a multiple of 2880 for FITS),
+        a new size; so a new ETag. Only FITS and JPEG products can be reprocessed (their makers take a
+        pattern offset). Raises KeyError for an unknown uri, ValueError for a bad ``copies``, a product
+        that cannot be reprocessed or a size the format cannot have. Returns :meth:`describe`."""
+        if copies not in ("both", *COPIES):
+            raise ValueError(f"copies must be both, s3 or http, not {copies!r}")
+        base = self._products[uri]
+        targets = COPIES if copies == "both" else (copies,)
+        with self._lock:
+            number = max(self.revision(uri, c) for c in COPIES) + 1
+            for copy in targets:
+                size = self.product(uri, copy).size + resize  # type: ignore[union-attr]
+                _remade(self._makers[uri], size, number, _crc(uri))  # raises before anything changes
+                product = replace(base, size=size, mtime=base.mtime + number * REPROCESS_SECONDS)
+                self._revision_sizes[(uri, number)] = size  # both copies of one revision share bytes
+                self._revisions[(uri, copy)] = (number, product)
+            if "http" in targets:
+                self._row_sizes[uri] = self._revisions[(uri, "http")][1].size
+        return self.describe(uri)
+
+    def misreport_size(self, uri: str, delta: int) -> None:
+        """Make the product rows state a size ``delta`` bytes off the file's (0: the truth again).
+        Raises KeyError for an unknown uri."""
+        if uri not in self._products:
+            raise KeyError(uri)
+        with self._lock:
+            self._size_errors[uri] = delta
+
+    def make_dynamic(self, uri: str) -> None:
+        """Serve the product as a file generated on the fly: null ``size`` in rows, no Content-Length and
+        no ranges on HTTPS, not in S3 (path_lookup 404). Raises KeyError for an unknown uri."""
+        if uri not in self._products:
+            raise KeyError(uri)
+        with self._lock:
+            self._dynamic.add(uri)
+
+    def describe(self, uri: str) -> dict:
+        """``{"uri", "http": {...}, "s3": {...}}`` with each copy's revision, size, mtime, ETag and
+        sha256 (s3 None when the product is not in the cloud). Raises KeyError for unknown uris."""
+        answer: dict = {"uri": uri}
+        for copy in COPIES:
+            product = self.product(uri, copy)
+            if product is None:
+                raise KeyError(uri)
+            if copy == "s3" and not product.s3_key:
+                answer[copy] = None
+                continue
+            answer[copy] = {"revision": self.revision(uri, copy), "size": product.size, "mtime": product.mtime,
+                            "etag": self.etag(uri, copy), "sha256": self.sha256(uri, copy)}
+        return answer
+
+    def etag(self, uri: str, copy: str = "http") -> str:
+        """The quoted S3 ETag of a copy's bytes (:func:`s3_etag`), computed once per revision by
+        streaming :meth:`read`. Raises KeyError for an unknown uri."""
+        return self._digest(uri, copy, "etag")
 
     def products(self) -> Iterable[TwinProduct]:
         """Every product once (unique by uri), in construction order."""
         return self._products.values()
 
-    def read(self, uri: str, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the product, clipped to its size; O(length).
+    def read(self, uri: str, offset: int, length: int, copy: str = "http") -> bytes:
+        """Bytes [offset, offset+length) of the product's ``copy`` as it stands now, clipped to its
+        size; O(length).
 
         Raises KeyError for an unknown uri, ValueError for a negative offset or length.
         """
-        return self._generated(uri).read(offset, length)
+        return self._generated(uri, self.revision(uri, copy)).read(offset, length)
 
-    def pieces(self, uri: str, offset: int, length: int, piece_size: int = PIECE_SIZE) -> Iterator[bytes]:
-        """Bytes [offset, offset+length) of the product (clipped to its size) in pieces of at most
-        ``piece_size`` bytes, each read when asked for. Raises KeyError for an unknown uri."""
+    def pieces(self, uri: str, offset: int, length: int, piece_size: int = PIECE_SIZE, copy: str = "http",
+               revision: int | None = None) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of the product's ``copy`` (clipped to its size) in pieces of at
+        most ``piece_size`` bytes, each read when asked for; ``revision`` pins the revision (default: the
+        copy's revision now), so a body started before a reprocessing ends with the bytes it began
+        with. Raises KeyError for an unknown uri."""
+        generated = self._generated(uri, self.revision(uri, copy) if revision is None else revision)
         position, end = offset, offset + length
         while position < end:
-            data = self.read(uri, position, min(piece_size, end - position))
+            data = generated.read(position, min(piece_size, end - position))
             if not data:
                 return
             yield bytes(data)
             position += len(data)
 
-    def sha256(self, uri: str) -> str:
-        """Hex SHA-256 of the product's bytes, computed by streaming `read`; memoised.
+    def sha256(self, uri: str, copy: str = "http") -> str:
+        """Hex SHA-256 of the bytes of the product's ``copy``, computed by streaming `read`; memoised per
+        revision.
 
         Raises KeyError for an unknown uri.
         """
-        digest = self._sha256.get(uri)
-        if digest is None:
-            generated = self._generated(uri)
+        return self._digest(uri, copy, "sha256")
+
+    def _digest(self, uri: str, copy: str, kind: str) -> str:
+        revision = self.revision(uri, copy)
+        key = (uri, revision)
+        digests = self._digests.get(key)
+        if digests is None:
+            generated = self._generated(uri, revision)
             hasher = hashlib.sha256()
-            for offset in range(0, generated.size, _SHA_CHUNK):
-                hasher.update(generated.read(offset, _SHA_CHUNK))
-            digest = self._sha256[uri] = hasher.hexdigest()
-        return digest
+            parts = []
+            for offset in range(0, generated.size, MULTIPART_PART_SIZE):
+                part = generated.read(offset, MULTIPART_PART_SIZE)
+                hasher.update(part)
+                parts.append(hashlib.md5(part, usedforsecurity=False).digest())
+            digests = self._digests[key] = {"sha256": hasher.hexdigest(),
+                                            "etag": s3_etag(parts, generated.size)}
+        return digests[kind]
 
     def resolve_name(self, name: str) -> list[dict]:
         """SANTA `resolvedCoordinate` entries for `name` (case and blanks ignored); [] if unresolvable."""
@@ -551,11 +701,14 @@ class Catalog:
         self._observations[row["obs_id"]] = entry
         return entry
 
-    def _build_file(self, uri: str) -> GeneratedFile:
-        """Generate (not read) the bytes description of a product; memoised by the LRU in __init__."""
-        generated = self._makers[uri]()
-        assert generated.size == self._products[uri].size, uri
-        return generated
+    def _build_file(self, uri: str, revision: int = 0) -> GeneratedFile:
+        """Generate (not read) the bytes description of a product's revision; memoised by the LRU in
+        __init__."""
+        if revision == 0:
+            generated = self._makers[uri]()
+            assert generated.size == self._products[uri].size, uri
+            return generated
+        return _remade(self._makers[uri], self._revision_sizes[(uri, revision)], revision, _crc(uri))
 
     # ------------------------------------------------------------------ JWST products
 
