@@ -24,6 +24,7 @@ import trio
 
 from ..errors import BadResponse, NotFound, Retryable, Unauthorized
 from ..retry import RetryPolicy
+from ..versions import ObjectVersion, VersionChanged, content_range_total
 from . import fetch_one_range
 
 log = logging.getLogger(__name__)
@@ -66,26 +67,31 @@ class HttpFetcher:
         self.ignored_ranges = 0
         """How many answers ignored the Range header (200 instead of 206)."""
 
-    async def fetch(self, uri: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the file ``uri``, exactly ``end - start`` of them.
+    async def fetch(self, uri: str, start: int, end: int, version: ObjectVersion | None = None) -> bytes:
+        """Bytes ``[start, end)`` of the file ``uri``, exactly ``end - start`` of them (of ``version``
+        only, when given: see :meth:`fetch_blocks`).
 
         Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
         once; retries 5xx, 429, timeouts, resets, short bodies and wrong Content-Range answers under the
         policy, then raises Unavailable. Cancellation closes the connection and propagates.
         """
-        return await fetch_one_range(self.fetch_blocks, uri, start, end)
+        return await fetch_one_range(self.fetch_blocks, uri, start, end, version)
 
-    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
+    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]],
+                           version: ObjectVersion | None = None) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as
         possible, awaiting ``deliver(block)`` for each, in order, as soon as it is complete (the next
         block is read after ``deliver`` returns, so it can apply backpressure).
 
-        Errors as :meth:`fetch`. A retried failure resumes at the first block not yet delivered; the
-        policy's attempts and deadline apply to each block. Raises ValueError on empty or unordered bounds.
+        With ``version``, every request carries its conditions (``If-Match``, else
+        ``If-Unmodified-Since``) and every answer's ETag / Last-Modified must be the version's: a 412 or
+        another validator raises VersionChanged (not retried). Other errors as :meth:`fetch`. A retried
+        failure resumes at the first block not yet delivered; the policy's attempts and deadline apply
+        to each block. Raises ValueError on empty or unordered bounds.
         """
         if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
             raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
-        run = _Run(uri, bounds)
+        run = _Run(uri, bounds, version)
         try:
             while run.position < len(bounds) - 1:
                 what = f"download of {uri} [{bounds[run.position]}, {bounds[run.position + 1]})"
@@ -96,12 +102,17 @@ class HttpFetcher:
             await run.close()
 
     async def head(self, uri: str) -> int | None:
-        """The size of ``uri`` in bytes, or None when the server does not say.
+        """The size of ``uri`` in bytes, or None when the server does not say. Raises like :meth:`stat`."""
+        return (await self.stat(uri)).size
+
+    async def stat(self, uri: str) -> ObjectVersion:
+        """The version of ``uri`` the server states now: size, ETag, Last-Modified.
 
         HEAD first; when it carries no Content-Length, a one-byte ranged GET reads the total from its
-        Content-Range. Raises like :meth:`fetch`.
+        Content-Range (size None when that fails too: only a whole download tells). Raises like
+        :meth:`fetch`.
         """
-        return await self._policy.run(lambda: self._head_once(uri), what=f"size of {uri}")
+        return await self._policy.run(lambda: self._stat_once(uri), what=f"version of {uri}")
 
     # ------------------------------------------------------------------ one attempt each
 
@@ -130,13 +141,18 @@ class HttpFetcher:
 
     async def _open(self, run: _Run) -> None:
         start, end = run.bounds[run.position], run.bounds[-1]
+        conditions = run.version.conditions() if run.version is not None else {}
         request = self._http.build_request("GET", self._url, params={"uri": run.uri},
-                                           headers={**self._headers, "Range": f"bytes={start}-{end - 1}"})
+                                           headers={**self._headers, **conditions, "Range": f"bytes={start}-{end - 1}"})
         try:
             response = await self._http.send(request, stream=True, follow_redirects=True)
         except httpx.TooManyRedirects as exc:
             raise BadResponse(f"download of {run.uri}: too many redirects") from exc
         run.attach(response)
+        if response.status_code == 412 and run.version is not None:
+            raise VersionChanged(f"{run.uri}: the file changed on MAST (HTTP 412 to If-Match {run.version.etag})")
+        if run.version is not None and response.status_code in (200, 206):
+            run.version.check(response.headers.get("ETag"), response.headers.get("Last-Modified"), run.uri)
         if response.status_code == 206:
             _check_content_range(response, start, end)
             run.exact = True
@@ -152,7 +168,7 @@ class HttpFetcher:
         else:
             raise self._error_for(response, run.uri)
 
-    async def _head_once(self, uri: str) -> int | None:
+    async def _stat_once(self, uri: str) -> ObjectVersion:
         try:
             response = await self._http.head(self._url, params={"uri": uri}, headers=self._headers,
                                              follow_redirects=True)
@@ -160,17 +176,14 @@ class HttpFetcher:
                 raise self._error_for(response, uri)
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit():
-                return int(length)
+                return _version_of(response, int(length))
             headers = {**self._headers, "Range": "bytes=0-0"}
             async with self._http.stream("GET", self._url, params={"uri": uri}, headers=headers,
                                          follow_redirects=True) as probe:
                 if probe.status_code == 206:
-                    match = _CONTENT_RANGE.fullmatch(probe.headers.get("Content-Range", ""))
-                    if match and match.group(3) != "*":
-                        return int(match.group(3))
-                    return None
-                if probe.status_code == 200:
-                    return None  # no length and no ranges: only a full download would tell
+                    return _version_of(probe, content_range_total(probe.headers.get("Content-Range")))
+                if probe.status_code == 200:  # no length and no ranges: only a whole download tells
+                    return _version_of(probe, None)
                 raise self._error_for(probe, uri)
         except httpx.TimeoutException as exc:
             raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
@@ -199,9 +212,10 @@ class _Run:
     """The state of one :meth:`HttpFetcher.fetch_blocks` call: the open response (if any), the bytes
     received but not yet handed over, and the index of the next block."""
 
-    def __init__(self, uri: str, bounds: Sequence[int]) -> None:
+    def __init__(self, uri: str, bounds: Sequence[int], version: ObjectVersion | None) -> None:
         self.uri = uri
         self.bounds = bounds
+        self.version = version
         self.position = 0
         self.response: httpx.Response | None = None
         self.chunks: AsyncIterator[bytes] | None = None
@@ -285,6 +299,11 @@ def _check_content_range(response: httpx.Response, start: int, end: int) -> None
     length = response.headers.get("Content-Length")
     if length is not None and length.strip() != str(end - start):
         raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Length {length}")
+
+
+def _version_of(response: httpx.Response, size: int | None) -> ObjectVersion:
+    return ObjectVersion(size=size, etag=response.headers.get("ETag"),
+                         last_modified=response.headers.get("Last-Modified"))
 
 
 def _retry_after(response: httpx.Response) -> float | None:

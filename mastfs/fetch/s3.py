@@ -23,6 +23,7 @@ from botocore.config import Config
 from ..config import Settings
 from ..errors import BadResponse, NotFound, Retryable
 from ..retry import RetryPolicy
+from ..versions import ObjectVersion, VersionChanged, from_s3
 from . import fetch_one_range
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ class S3Fetcher:
         self._client: Any = None
         self._client_lock = trio.Lock()
 
-    async def fetch(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of object ``key``, exactly ``end - start`` of them.
+    async def fetch(self, key: str, start: int, end: int, version: ObjectVersion | None = None) -> bytes:
+        """Bytes ``[start, end)`` of object ``key``, exactly ``end - start`` of them (of ``version`` only,
+        when given: see :meth:`fetch_blocks`).
 
         Raises NotFound when the object is not in the bucket (the file is not in the cloud; a 403 on
         an anonymous read means the same), BadResponse on 416 or another client error; retries 5xx,
@@ -59,21 +61,43 @@ class S3Fetcher:
         Unavailable. On cancellation the worker thread is abandoned (its result discarded; it ends at the
         latest at botocore's read timeout) and its limiter slot stays taken until then.
         """
-        return await fetch_one_range(self.fetch_blocks, key, start, end)
+        return await fetch_one_range(self.fetch_blocks, key, start, end, version)
 
-    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
+    async def stat(self, key: str) -> ObjectVersion:
+        """The version of object ``key`` now (HeadObject with ``ChecksumMode=ENABLED``: size, ETag,
+        VersionId, LastModified, additional checksums). Raises like :meth:`fetch`."""
+        client = await self._get_client()
+        where = f"s3://{self._bucket}/{key}"
+
+        def head() -> ObjectVersion:
+            try:
+                return from_s3(client.head_object(Bucket=self._bucket, Key=key, ChecksumMode="ENABLED"))
+            except botocore.exceptions.ClientError as exc:
+                raise _translate_client_error(exc, where) from exc
+            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise Retryable(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+        async def once() -> ObjectVersion:
+            return await trio.to_thread.run_sync(head, limiter=self._limiter, abandon_on_cancel=True)
+
+        return await self._policy.run(once, what=f"version of {where}")
+
+    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]],
+                           version: ObjectVersion | None = None) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
         only after failures), awaiting ``deliver(block)`` for each, in order, as soon as it is read (the
         next block is read after ``deliver`` returns, so it can apply backpressure).
 
-        One worker-thread hop per block. Errors as :meth:`fetch`; a retried failure resumes at the first
-        block not yet delivered, and the policy's attempts and deadline apply to each block. Raises
-        ValueError on empty or unordered bounds.
+        With ``version``, each GetObject carries ``IfMatch`` (and its VersionId) and its ETag must be the
+        version's: a 412 or another ETag raises VersionChanged (not retried). One worker-thread hop per
+        block. Other errors as :meth:`fetch`; a retried failure resumes at the first block not yet
+        delivered, and the policy's attempts and deadline apply to each block. Raises ValueError on empty
+        or unordered bounds.
         """
         if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
             raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
         client = await self._get_client()
-        run = _Run(key, bounds)
+        run = _Run(key, bounds, version)
         try:
             while run.position < len(bounds) - 1:
                 what = f"s3://{self._bucket}/{key} [{bounds[run.position]}, {bounds[run.position + 1]})"
@@ -89,7 +113,8 @@ class S3Fetcher:
         try:
             body, skip, block = await trio.to_thread.run_sync(
                 self._next_block_sync, client, run.key, run.body, run.skip, run.bounds[run.position],
-                run.bounds[run.position + 1], run.bounds[-1], limiter=self._limiter, abandon_on_cancel=True)
+                run.bounds[run.position + 1], run.bounds[-1], run.version, limiter=self._limiter,
+                abandon_on_cancel=True)
         except Exception:  # the thread closed the body: the next attempt opens a new request
             run.busy = False
             run.body, run.skip = None, 0
@@ -125,15 +150,23 @@ class S3Fetcher:
         return session.client("s3", region_name=self._region, endpoint_url=self._endpoint, config=config)
 
     def _next_block_sync(self, client: Any, key: str, body: Any, skip: int, start: int, end: int,
-                         run_end: int) -> tuple[Any, int, bytes]:
+                         run_end: int, version: ObjectVersion | None) -> tuple[Any, int, bytes]:
         """Worker thread: bytes [start, end) from the open ``body`` (None: open a GetObject of
-        [start, run_end) first). Returns (body still open or None, bytes still to skip, block). Closes
-        the body itself on failure and after the run's last byte."""
+        [start, run_end) first, conditional on ``version``). Returns (body still open or None, bytes
+        still to skip, block). Closes the body itself on failure and after the run's last byte."""
         where = f"s3://{self._bucket}/{key}"
         try:
             if body is None:
-                response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}")
+                conditions: dict[str, str] = {}
+                if version is not None and version.etag:
+                    conditions["IfMatch"] = version.etag
+                    if version.version_id:
+                        conditions["VersionId"] = version.version_id
+                response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}",
+                                             **conditions)
                 body = response["Body"]
+                if version is not None:
+                    version.check(response.get("ETag"), None, where)
                 if response["ResponseMetadata"]["HTTPStatusCode"] == 200 and "ContentRange" not in response:
                     log.debug("%s: the server ignored the Range header; reading from its start", where)
                     skip = start
@@ -155,6 +188,8 @@ class S3Fetcher:
             if body is not None:
                 body.close()
             if isinstance(exc, botocore.exceptions.ClientError):
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed" and version is not None:
+                    raise VersionChanged(f"{where}: the object changed (412 to If-Match {version.etag})") from exc
                 raise _translate_client_error(exc, where) from exc
             if isinstance(exc, botocore.exceptions.BotoCoreError | urllib3.exceptions.HTTPError | OSError):
                 raise Retryable(f"{where}: {type(exc).__name__}: {exc}") from exc
@@ -164,9 +199,10 @@ class S3Fetcher:
 class _Run:
     """The state of one :meth:`S3Fetcher.fetch_blocks` call (only touched on the trio thread)."""
 
-    def __init__(self, key: str, bounds: Sequence[int]) -> None:
+    def __init__(self, key: str, bounds: Sequence[int], version: ObjectVersion | None) -> None:
         self.key = key
         self.bounds = bounds
+        self.version = version
         self.position = 0
         self.body: Any = None
         self.skip = 0
