@@ -147,12 +147,9 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
             await archive.aclose()
 
 
-def cached_bytes(cache: Any, ref: Any) -> int:
-    """How many bytes of ``ref`` the block cache holds (blocks on disk, not yet re-verified)."""
-    from .blockcache import block_count, block_span
-
-    return sum(end - start for start, end in (block_span(index, ref.size) for index in range(block_count(ref.size))
-                                                if cache.contains(ref, index)))
+def cached_bytes(cache: Any, uri: str) -> int:
+    """How many bytes of the product ``uri`` the block cache holds (blocks on disk, not yet re-verified)."""
+    return cache.product_bytes(uri)
 
 
 # ------------------------------------------------------------------------------------------ mounting

@@ -30,10 +30,11 @@ and builds the S3 client in it; leaving the block lets fetched blocks reach the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -43,6 +44,7 @@ from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
 from .fetch.http import HttpFetcher
 from .fetch.s3 import S3Fetcher
+from .versions import ObjectVersion
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ RECENT_PRODUCTS = 10
 STORE_GRACE = 5.0
 """Seconds a closing ByteReader waits for fetched blocks to reach the disk before cancelling the rest."""
 SOURCES = ("auto", "s3", "http")
+PINS_KEPT = 10_000
+"""How many products' latest pinned versions the reader remembers (to drop an old version's memory blocks)."""
 
 BlockKey = tuple[str, int]
 
@@ -142,7 +146,8 @@ class ByteReader:
         self._memory_bytes = 0
         self._flights: dict[BlockKey, _Flight] = {}
         self._verifying: dict[str, trio.Event] = {}
-        self._not_in_cloud: set[str] = set()
+        self._not_in_cloud: set[str] = set()  # uris
+        self._pinned: OrderedDict[str, str] = OrderedDict()  # uri -> version key of its latest pin
         self._mismatched: set[str] = set()
         self._active: dict[str, dict[str, Any]] = {}
         self._bytes_fetched = {"s3": 0, "http": 0}
@@ -178,8 +183,61 @@ class ByteReader:
     # ------------------------------------------------------------------ reading
 
     def open_stream(self, ref: ProductRef) -> ReadStream:
-        """A fresh read stream (one per open file handle) for ``ref``."""
+        """A fresh read stream (one per open file handle) for ``ref`` (a pinned ref: see :meth:`pin`)."""
         return ReadStream(ref)
+
+    async def pin(self, ref: ProductRef) -> ProductRef:
+        """``ref`` as the server states it now: its version (ETag, VersionId, Last-Modified, checksums)
+        and true size, asked of the source its reads will use (one HeadObject or HEAD; a file that
+        states no length is downloaded whole, at most the cache's size, and identified by its sha256).
+        Blocks of the product's other versions leave the cache and memory, so a changed file is read
+        from its start and no old block is served again.
+
+        Raises NotFound, Unauthorized, Unavailable, BadResponse; MastfsError when a file of unknown
+        length is larger than the cache.
+        """
+        source = self._source_for(ref)
+        version = None
+        if source == "s3":
+            assert self._s3 is not None and ref.s3_key is not None
+            try:
+                version = await self._s3.stat(ref.s3_key)
+            except NotFound:
+                if self._source == "s3":
+                    raise
+                log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
+                self._not_in_cloud.add(ref.uri)
+        if version is None:
+            version = await self._http.stat(ref.uri)
+        if version.size is None:
+            pinned = await self._fetch_whole(ref)
+        else:
+            pinned = replace(ref, size=version.size, version=version)
+        if await self._cache.drop_superseded(pinned):
+            log.info("%s changed on MAST: its cached blocks of older versions were dropped", ref.uri)
+        previous = self._pinned.pop(pinned.uri, None)
+        if previous is not None and previous != pinned.version_key:
+            self._forget_memory(previous)
+        self._pinned[pinned.uri] = pinned.version_key
+        while len(self._pinned) > PINS_KEPT:
+            self._pinned.popitem(last=False)
+        return pinned
+
+    async def _fetch_whole(self, ref: ProductRef) -> ProductRef:
+        """Download a file that states no length whole (bounded by the cache size); store its blocks under
+        a version named by the content's sha256; the pinned ref."""
+        data = await self._http.fetch_whole(ref.uri, self._cache.size_limit)
+        digest = hashlib.sha256(data).hexdigest()
+        pinned = replace(ref, size=len(data), sha256=digest, version=ObjectVersion(size=len(data)))
+        self._counts["requests"] += 1
+        self._bytes_fetched["http"] += len(data)
+        for index in range(block_count(len(data))):
+            start, end = block_span(index, len(data))
+            block = data[start:end]
+            self._remember((pinned.version_key, index), block)
+            await self._cache.store(pinned, index, block)
+        return pinned
+
 
     async def read(self, stream: ReadStream, offset: int, length: int) -> bytes:
         """Exactly ``min(length, size - offset)`` verified bytes of the stream's product from ``offset``
@@ -404,16 +462,16 @@ class ByteReader:
                 assert self._s3 is not None and ref.s3_key is not None
                 try:
                     self._counts["requests"] += 1
-                    await self._s3.fetch_blocks(ref.s3_key, bounds, deliver)
+                    await self._s3.fetch_blocks(ref.s3_key, bounds, deliver, ref.version)
                     return
                 except NotFound:
                     if self._source == "s3" or run.delivered:
                         raise
                     log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
-                    self._not_in_cloud.add(ref.version_key)
+                    self._not_in_cloud.add(ref.uri)
                     run.source = progress["source"] = "http"
             self._counts["requests"] += 1
-            await self._http.fetch_blocks(ref.uri, bounds[run.delivered:], deliver)
+            await self._http.fetch_blocks(ref.uri, bounds[run.delivered:], deliver, ref.version)
         finally:
             self._transfer_ended(ref)
 
@@ -467,7 +525,7 @@ class ByteReader:
                 raise NotFound(f"{ref.uri}: not in the cloud (source is s3 only)")
             return "s3"
         cloud = self._s3 is not None and ref.s3_key and not ref.exclusive
-        return "s3" if cloud and ref.version_key not in self._not_in_cloud else "http"
+        return "s3" if cloud and ref.uri not in self._not_in_cloud else "http"
 
     def _note_recent(self, uri: str, source: str) -> None:
         self._recent[uri] = source

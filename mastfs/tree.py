@@ -32,13 +32,16 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import trio
 
 from . import namespace
-from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .errors import InvalidName, MastfsError, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .versions import VersionChanged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,8 +50,11 @@ ROOT_INODE = 1
 FORGOTTEN_KEPT = 4096
 """How many nodes the kernel forgot stay findable by inode number (a safety margin, not a cache)."""
 REFS_KEPT = 10_000
-"""How many products' ProductRefs (cache identity, S3 key) are kept; one made again on a later open has
-the same identity, so its cached blocks are found."""
+"""How many products' pinned ProductRefs (version, true size, S3 key) and true sizes are kept."""
+PIN_TTL = 60.0
+"""Seconds an open reuses the version the previous open of the same product pinned (the kernel keeps
+attributes for as long); later opens, and every open after ``mastfs refresh`` or after a read found the
+file changed, ask the server again (one HEAD)."""
 MEMO_SWEEP_EVERY = 256
 """Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
@@ -99,6 +105,7 @@ class OpenFile:
     content: bytes | None = None
     ref: Any = None
     stream: Any = None
+    changed: bool = False  # this open found another version or size than the kernel was shown
 
 
 @dataclass
@@ -408,9 +415,15 @@ class ProductFile(Node):
         return stat.S_IFREG | 0o444
 
     def mtime(self, tree: Tree) -> float:
+        learned = tree.truths.get(self.product.data_uri)
+        if learned is not None and learned[1] is not None:
+            return learned[1]
         return self.observation_dir.mtime(tree)
 
     async def size(self, tree: Tree) -> int:
+        learned = tree.truths.get(self.product.data_uri)
+        if learned is not None:
+            return learned[0]
         if self.resolved_size is None:
             size = await tree.archive.resolved_size(self.product)
             if size is None:
@@ -426,10 +439,9 @@ class ProductFile(Node):
         ref = tree.refs.get(self.product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
             values[own + "source"] = tree.source_of(ref).encode()
-        elif self.resolved_size is not None:  # the cache identity needs only uri and size
-            ref = tree.make_ref(uri=self.product.data_uri, size=self.resolved_size)
-        if ref is not None:
-            values[own + "cached_bytes"] = str(tree.cached_bytes(ref)).encode()
+            if ref.version is not None and ref.version.etag:
+                values[own + "etag"] = ref.version.etag.encode()
+        values[own + "cached_bytes"] = str(tree.cached_bytes(self.product.data_uri)).encode()
         return values
 
 
@@ -451,7 +463,7 @@ class Tree:
     archive: the Archive (``program``, ``observation``, ``products``, ``target``, ``cone``, ``s3_keys``,
     ``resolved_size``, ``known_programs``, ``forget``). reader: the ByteReader (``open_stream``,
     ``read``). ``product_ref(uri=, size=, s3_key=, exclusive=)`` makes a ProductRef; ``cache_usage()``
-    returns ``(used_bytes, limit_bytes)`` of the block cache (for statfs); ``cached_bytes(ref)`` how much
+    returns ``(used_bytes, limit_bytes)`` of the block cache (for statfs); ``cached_bytes(uri)`` how much
     of a product it holds.
     """
 
@@ -477,7 +489,10 @@ class Tree:
         self.readme = namespace.README_TEXT.encode()
         self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
         self.refs: OrderedDict[str, Any] = OrderedDict()
-        """dataURI -> ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
+        """dataURI -> pinned ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
+        self.truths: OrderedDict[str, tuple[int, float | None]] = OrderedDict()
+        """dataURI -> (true size, Last-Modified) the server stated at the latest pin (at most REFS_KEPT)."""
+        self._pinned_at: dict[str, float] = {}
         self.make_ref = product_ref
         self._cache_usage = cache_usage
         self.cached_bytes = cached_bytes
@@ -721,31 +736,57 @@ class Tree:
                 self.log_once(("token", node.product.data_uri), logging.WARNING,
                               "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
                 raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
+            shown = self.truths.get(node.product.data_uri)
             ref = await self.product_ref(node)
-            handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref))
+            changed = shown is None or shown != self.truths.get(node.product.data_uri)
+            handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref), changed=changed)
         number = self._next_handle
         self._next_handle += 1
         self._handles[number] = handle
         return number
 
-    async def product_ref(self, node: ProductFile) -> Any:
-        """The one ProductRef of the node's dataURI (shared by every observation listing it), with its
-        S3 key looked up (once per directory listing) unless ``--source http``."""
+    async def product_ref(self, node: ProductFile, *, fresh: bool = False) -> Any:
+        """The pinned ProductRef of the node's dataURI (shared by every observation listing it): the
+        version and true size the server states (:meth:`ByteReader.pin`), reused for PIN_TTL seconds
+        unless ``fresh``. The S3 key is looked up once per directory listing unless ``--source http``.
+        A true size other than the row's is logged (WARNING, once per product) and shown from now on."""
         uri = node.product.data_uri
         ref = self.refs.get(uri)
-        if ref is not None:
+        if ref is not None and not fresh and time.monotonic() - self._pinned_at.get(uri, -PIN_TTL) < PIN_TTL:
             self.refs.move_to_end(uri)
             return ref
         s3_key = None
         if self.settings.source != "http":
             s3_key = (await node.group_dir.s3_keys(self)).get(uri)
-        size = await node.size(self)
-        ref = self.refs.get(uri)  # another task may have made it meanwhile
-        if ref is None:
-            ref = self.refs[uri] = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
-            while len(self.refs) > REFS_KEPT:  # a ref made again later has the same cache identity
-                self.refs.popitem(last=False)
-        return ref
+        base = self.make_ref(uri=uri, size=node.product.size or 0, s3_key=s3_key, exclusive=node.exclusive)
+        pinned = await self.reader.pin(base)
+        if ref is not None and ref.version_key != pinned.version_key:
+            log.warning("%s changed on MAST (now %d bytes, version %s); new opens read the new version",
+                        uri, pinned.size, pinned.version.tag if pinned.version else "?")
+        listed = node.product.size
+        if listed is not None and listed != pinned.size:
+            self.log_once(("true-size", uri, pinned.size), logging.WARNING,
+                          "MAST lists %s as %d bytes but the server has %d; showing %d", uri, listed,
+                          pinned.size, pinned.size)
+        self._learn(pinned)
+        return pinned
+
+    def _learn(self, pinned: Any) -> None:
+        uri = pinned.uri
+        self.refs[uri] = pinned
+        self.refs.move_to_end(uri)
+        self._pinned_at[uri] = time.monotonic()
+        self.truths[uri] = (pinned.size, _http_time(pinned.version.last_modified if pinned.version else None))
+        self.truths.move_to_end(uri)
+        while len(self.refs) > REFS_KEPT:
+            gone, _ = self.refs.popitem(last=False)
+            self._pinned_at.pop(gone, None)
+        while len(self.truths) > REFS_KEPT:
+            self.truths.popitem(last=False)
+
+    def forget_pin(self, uri: str) -> None:
+        """The next open of ``uri`` asks the server for its version again."""
+        self._pinned_at.pop(uri, None)
 
     async def read(self, handle: int, offset: int, length: int) -> bytes | memoryview:
         """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file), possibly as a
@@ -761,6 +802,18 @@ class Tree:
             self.log_once(("refused", open_file.ref.uri), logging.WARNING, "%s: %s (%s)",
                           open_file.node.path_text, exc, exc.reason)
             raise
+        except VersionChanged as exc:
+            self.forget_pin(open_file.ref.uri)
+            self.log_once(("changed", open_file.ref.version_key), logging.WARNING,
+                          "%s: the product changed on MAST while open (%s); this open file fails with EIO, "
+                          "open it again to read the new version", open_file.node.path_text, exc)
+            raise
+
+    def opened_changed(self, handle: int) -> bool:
+        """Whether opening ``handle`` found a version or size the kernel may not have seen (its cached
+        attributes and pages of the file are stale)."""
+        open_file = self._handles.get(handle)
+        return open_file is not None and open_file.changed
 
     def handle_path(self, handle: int) -> str:
         """The path of an open file handle (for log lines)."""
@@ -815,11 +868,31 @@ class Tree:
         self.forget_memos(node.path)
         for owner in self._enclosing_observation(node):  # a group or file: its listing is the observation's
             self.forget_memos(owner.path)
+        opened = [file for file in below if isinstance(file, ProductFile) and file.product.data_uri in self.refs]
         for file in below:
             if isinstance(file, ProductFile):
-                self.refs.pop(file.product.data_uri, None)
+                self.forget_pin(file.product.data_uri)
+        await self._repin(opened)
         log.info("refresh %s: its metadata will be asked of MAST again", node.path_text)
         return [n.ino for n in below]
+
+    async def _repin(self, files: list[ProductFile]) -> None:
+        """Ask the server again for the version and true size of products opened before (so ``stat``
+        shows them at once after a refresh); a product that cannot be asked now is forgotten."""
+        limiter = trio.CapacityLimiter(SIZE_RESOLVERS)
+
+        async def repin(file: ProductFile) -> None:
+            async with limiter:
+                try:
+                    await self.product_ref(file, fresh=True)
+                except MastfsError as exc:
+                    log.info("refresh: cannot ask for %s now (%s)", file.product.data_uri, exc)
+                    self.refs.pop(file.product.data_uri, None)
+                    self.truths.pop(file.product.data_uri, None)
+
+        async with trio.open_nursery() as nursery:
+            for file in {f.product.data_uri: f for f in files}.values():
+                nursery.start_soon(repin, file)
 
     @staticmethod
     def _enclosing_observation(node: Node) -> list[Node]:
@@ -856,6 +929,21 @@ class Tree:
             for child in (await node.entries(self)).values():
                 async for item in self._walk(child):
                     yield item
+
+
+def _http_time(text: str | None) -> float | None:
+    """Unix time of a Last-Modified value (HTTP date, or the ISO form S3 answers carry); None if absent
+    or unparsable."""
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _never_present(name: str) -> bool:

@@ -22,7 +22,7 @@ import httpcore
 import httpx
 import trio
 
-from ..errors import BadResponse, NotFound, Retryable, Unauthorized
+from ..errors import BadResponse, MastfsError, NotFound, Retryable, Unauthorized
 from ..retry import RetryPolicy
 from ..versions import ObjectVersion, VersionChanged, content_range_total
 from . import fetch_one_range
@@ -100,6 +100,32 @@ class HttpFetcher:
                 await deliver(block)
         finally:
             await run.close()
+
+    async def fetch_whole(self, uri: str, most: int) -> bytes:
+        """The whole file ``uri`` (for files that state no length: no ranges, no validators). Raises
+        MastfsError when it is longer than ``most`` bytes; otherwise like :meth:`fetch`."""
+        return await self._policy.run(lambda: self._whole_once(uri, most), what=f"download of {uri}")
+
+    async def _whole_once(self, uri: str, most: int) -> bytes:
+        try:
+            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=self._headers,
+                                         follow_redirects=True) as response:
+                if response.status_code != 200:
+                    raise self._error_for(response, uri)
+                parts, got = [], 0
+                async for chunk in response.aiter_raw():
+                    got += len(chunk)
+                    if got > most:
+                        raise MastfsError(f"{uri} states no length and is larger than the block cache ({most} "
+                                          "bytes); raise --cache-size")
+                    parts.append(chunk)
+                return b"".join(parts)
+        except httpx.TimeoutException as exc:
+            raise Retryable(f"download of {uri}: timed out ({type(exc).__name__})") from exc
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise Retryable(f"download of {uri}: {type(exc).__name__}: {exc}") from exc
+        except httpx.TooManyRedirects as exc:
+            raise BadResponse(f"download of {uri}: too many redirects") from exc
 
     async def head(self, uri: str) -> int | None:
         """The size of ``uri`` in bytes, or None when the server does not say. Raises like :meth:`stat`."""
