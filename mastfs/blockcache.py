@@ -346,6 +346,12 @@ class BlockCache:
         await self.drop(ref)
         return False
 
+    async def discard(self, ref: ProductRef, index: int) -> None:
+        """Delete block ``index`` of ``ref`` from disk (nothing when it is not there)."""
+        key = (ref.version_key, index)
+        if key in self._lru:
+            await self._run(_unlink_all, self._forget(key))
+
     async def drop(self, ref: ProductRef) -> None:
         """Delete every block of ``ref`` from disk."""
         await self._drop_version(ref.version_key)

@@ -44,6 +44,7 @@ from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
 from .fetch.http import HttpFetcher
 from .fetch.s3 import S3Fetcher
+from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .versions import ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ RECENT_PRODUCTS = 10
 STORE_GRACE = 5.0
 """Seconds a closing ByteReader waits for fetched blocks to reach the disk before cancelling the rest."""
 SOURCES = ("auto", "s3", "http")
+FITS_CHECKS_KEPT = 64
+"""How many product versions' FITS checks (per-record sums of blocks of HDUs not yet complete) are kept."""
 PINS_KEPT = 10_000
 """How many products' latest pinned versions the reader remembers (to drop an old version's memory blocks)."""
 
@@ -148,6 +151,8 @@ class ByteReader:
         self._verifying: dict[str, trio.Event] = {}
         self._not_in_cloud: set[str] = set()  # uris
         self._pinned: OrderedDict[str, str] = OrderedDict()  # uri -> version key of its latest pin
+        self._fits: OrderedDict[str, FitsCheck] = OrderedDict()  # version key -> its FITS check
+        self._hdu_failures: dict[tuple[str, int], int] = {}  # (version key, HDU start) -> failed checks
         self._mismatched: set[str] = set()
         self._active: dict[str, dict[str, Any]] = {}
         self._bytes_fetched = {"s3": 0, "http": 0}
@@ -408,6 +413,12 @@ class ByteReader:
         except BaseException:
             self._fail([flight], Unavailable(f"read of {flight.ref.uri} interrupted: mastfs is stopping"))
             raise
+        if data is not None:
+            try:
+                self._check_fits(flight.ref, flight.index, data)
+            except HduMismatch as exc:
+                await self._drop_span(flight.ref, exc)
+                data = None
         if data is None:
             await self._transfer([flight])
             return
@@ -425,7 +436,17 @@ class ByteReader:
         try:
             async with self._transfer_slots:
                 try:
-                    await self._fetch_run(ref, run)
+                    while True:
+                        try:
+                            await self._fetch_run(ref, run)
+                            break
+                        except HduMismatch as exc:
+                            await self._drop_span(ref, exc)
+                            if self._hdu_failures[(ref.version_key, exc.span[0])] > 1:
+                                log.error("%s: %s again after fetching it again; reads of it fail (EIO) until "
+                                          "the archive serves it right", ref.uri, exc)
+                                raise IntegrityError(f"{ref.uri}: {exc}") from exc
+                            log.warning("%s: %s; its blocks were dropped and are fetched again", ref.uri, exc)
                 except Exception as exc:
                     self._count_error(exc, f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}")
                     self._fail(flights[run.delivered:], exc)
@@ -435,15 +456,18 @@ class ByteReader:
     async def _fetch_run(self, ref: ProductRef, run: _RunProgress) -> None:
         """Fetch the run's blocks from the source the policy picks, falling back from S3 to HTTPS."""
         flights = run.flights
-        bounds = [block_start(flight.index) for flight in flights] + [block_span(flights[-1].index, ref.size)[1]]
+        bounds = [block_start(flight.index) for flight in flights[run.delivered:]]
+        bounds.append(block_span(flights[-1].index, ref.size)[1])
         run.source = self._source_for(ref)
         progress = self._transfer_started(ref, run.source)
+        delivered_before = run.delivered
 
         async def deliver(data: bytes) -> None:
             flight = flights[run.delivered]
             start, end = block_span(flight.index, ref.size)
             if len(data) != end - start:
                 raise IntegrityError(f"{ref.uri}: fetcher handed over {len(data)} bytes for block {flight.index}")
+            self._check_fits(ref, flight.index, data)
             run.delivered += 1
             self._bytes_fetched[run.source] += len(data)
             self._note_recent(ref.uri, run.source)
@@ -471,7 +495,7 @@ class ByteReader:
                     self._not_in_cloud.add(ref.uri)
                     run.source = progress["source"] = "http"
             self._counts["requests"] += 1
-            await self._http.fetch_blocks(ref.uri, bounds[run.delivered:], deliver, ref.version)
+            await self._http.fetch_blocks(ref.uri, bounds[run.delivered - delivered_before:], deliver, ref.version)
         finally:
             self._transfer_ended(ref)
 
@@ -563,6 +587,44 @@ class ByteReader:
         blocks read ahead of the stream (older in the LRU, but not yet read) stay."""
         if key in self._memory:
             self._memory.move_to_end(key, last=False)
+
+    def _check_fits(self, ref: ProductRef, index: int, data: bytes) -> None:
+        """Feed a block about to be handed over to the product's FITS check (DATASUM and CHECKSUM of each
+        HDU once all its blocks passed; see :mod:`mastfs.fitscheck`); headers found in blocks seen
+        before are parsed from their memory copies. Raises HduMismatch (counted per HDU)."""
+        if not applies_to(ref.uri, ref.size) or self._cache.is_verified(ref):
+            return
+        vk = ref.version_key
+        check = self._fits.get(vk)
+        if check is None:
+            check = self._fits[vk] = FitsCheck(ref.size)
+            while len(self._fits) > FITS_CHECKS_KEPT:
+                self._fits.popitem(last=False)
+        self._fits.move_to_end(vk)
+        try:
+            check.add(block_start(index), data, self._memory.get((vk, index + 1), b""))
+            while check.next_header < ref.size:  # a header in a block that passed before it was known
+                at = block_index(check.next_header)
+                seen = self._memory.get((vk, at)) if at != index else None
+                before = check.next_header
+                if seen is not None:
+                    check.add(block_start(at), seen, self._memory.get((vk, at + 1), b""))
+                if check.next_header == before:
+                    break  # not at hand, or the header runs past the bytes at hand
+        except HduMismatch as exc:
+            key = (vk, exc.span[0])
+            self._hdu_failures[key] = self._hdu_failures.get(key, 0) + 1
+            self._errors["IntegrityError"] = self._errors.get("IntegrityError", 0) + 1
+            raise
+
+    async def _drop_span(self, ref: ProductRef, mismatch: HduMismatch) -> None:
+        """Drop every block (memory and disk) holding bytes of a failed HDU, so it is fetched again."""
+        first, last = block_index(mismatch.span[0]), block_index(mismatch.span[1] - 1)
+        for index in range(first, last + 1):
+            key = (ref.version_key, index)
+            if key in self._memory:
+                self._memory_bytes -= len(self._memory.pop(key))
+            await self._cache.discard(ref, index)
 
     def _forget_memory(self, version_key: str) -> None:
         for key in [key for key in self._memory if key[0] == version_key]:

@@ -737,7 +737,11 @@ class Tree:
                               "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
                 raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
             shown = self.truths.get(node.product.data_uri)
-            ref = await self.product_ref(node)
+            try:
+                ref = await self.product_ref(node)
+            except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
+                self._log_refused(node, exc)
+                raise
             changed = shown is None or shown != self.truths.get(node.product.data_uri)
             handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref), changed=changed)
         number = self._next_handle
@@ -798,9 +802,8 @@ class Tree:
             return open_file.content[offset:offset + length]
         try:
             return await self.reader.read_view(open_file.stream, offset, length)
-        except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
-            self.log_once(("refused", open_file.ref.uri), logging.WARNING, "%s: %s (%s)",
-                          open_file.node.path_text, exc, exc.reason)
+        except Unauthorized as exc:
+            self._log_refused(open_file.node, exc)
             raise
         except VersionChanged as exc:
             self.forget_pin(open_file.ref.uri)
@@ -808,6 +811,10 @@ class Tree:
                           "%s: the product changed on MAST while open (%s); this open file fails with EIO, "
                           "open it again to read the new version", open_file.node.path_text, exc)
             raise
+
+    def _log_refused(self, node: Any, exc: Unauthorized) -> None:
+        self.log_once(("refused", node.product.data_uri), logging.WARNING, "%s: %s (%s)", node.path_text, exc,
+                      exc.reason)
 
     def opened_changed(self, handle: int) -> bool:
         """Whether opening ``handle`` found a version or size the kernel may not have seen (its cached
