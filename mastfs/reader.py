@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -45,6 +44,8 @@ from .errors import IntegrityError, MastfsError, NotFound, Unavailable
 from .fetch.http import HttpFetcher
 from .fetch.s3 import S3Fetcher
 from .fitscheck import FitsCheck, HduMismatch, applies_to
+from .lru import LRU
+from .singleflight import SingleFlight
 from .versions import ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -142,21 +143,19 @@ class ByteReader:
         self._transfers = max(1, transfers)
         self._transfer_slots = trio.CapacityLimiter(self._transfers)
         self._unstored = trio.Semaphore(UNSTORED_BLOCKS)
-        self._memory_limit = memory_limit
         self._max_readahead = max(0, max_readahead)
         self._run_blocks = max(1, run_blocks)
-        self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
-        self._memory_bytes = 0
+        self._memory: LRU[BlockKey, bytes] = LRU(memory_limit, weigh=len)
         self._flights: dict[BlockKey, _Flight] = {}
-        self._verifying: dict[str, trio.Event] = {}
+        self._verifying: SingleFlight[str, bool | None] = SingleFlight()
         self._not_in_cloud: set[str] = set()  # uris
-        self._pinned: OrderedDict[str, str] = OrderedDict()  # uri -> version key of its latest pin
-        self._fits: OrderedDict[str, FitsCheck] = OrderedDict()  # version key -> its FITS check
+        self._pinned: LRU[str, str] = LRU(PINS_KEPT)  # uri -> version key of its latest pin
+        self._fits: LRU[str, FitsCheck] = LRU(FITS_CHECKS_KEPT)  # version key -> its FITS check
         self._hdu_failures: dict[tuple[str, int], int] = {}  # (version key, HDU start) -> failed checks
         self._mismatched: set[str] = set()
         self._active: dict[str, dict[str, Any]] = {}
         self._bytes_fetched = {"s3": 0, "http": 0}
-        self._recent: OrderedDict[str, str] = OrderedDict()  # uri -> source of its latest bytes, newest last
+        self._recent: LRU[str, str] = LRU(RECENT_PRODUCTS)  # uri -> source of its latest bytes, newest last
         self._counts = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "requests": 0, "readahead_blocks": 0}
         self._errors: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -220,12 +219,10 @@ class ByteReader:
             pinned = replace(ref, size=version.size, version=version)
         if await self._cache.drop_superseded(pinned):
             log.info("%s changed on MAST: its cached blocks of older versions were dropped", ref.uri)
-        previous = self._pinned.pop(pinned.uri, None)
+        previous = self._pinned.peek(pinned.uri)
         if previous is not None and previous != pinned.version_key:
             self._forget_memory(previous)
-        self._pinned[pinned.uri] = pinned.version_key
-        while len(self._pinned) > PINS_KEPT:
-            self._pinned.popitem(last=False)
+        self._pinned.put(pinned.uri, pinned.version_key)
         return pinned
 
     async def _fetch_whole(self, ref: ProductRef) -> ProductRef:
@@ -340,11 +337,11 @@ class ByteReader:
         return {
             "in_flight": [dict(entry) for entry in self._active.values()],
             "bytes_fetched": dict(self._bytes_fetched),
-            "recent": [{"uri": uri, "source": source} for uri, source in reversed(self._recent.items())],
+            "recent": [{"uri": uri, "source": source} for uri, source in reversed(list(self._recent.items()))],
             "cache": {
                 **self._counts,
-                "memory_bytes": self._memory_bytes,
-                "memory_limit": self._memory_limit,
+                "memory_bytes": self._memory.weight,
+                "memory_limit": self._memory.capacity,
                 "disk_bytes": used,
                 "disk_limit": limit,
                 "disk_blocks": self._cache.entries,
@@ -360,7 +357,6 @@ class ByteReader:
         key = (ref.version_key, index)
         data = self._memory.get(key)
         if data is not None:
-            self._memory.move_to_end(key)
             self._cache.touch(ref, index)
             self._counts["memory_hits"] += 1
             return data
@@ -541,7 +537,22 @@ class ByteReader:
         else:
             log.error("%s failed unexpectedly", what, exc_info=exc)
 
+    def source_of(self, ref: ProductRef) -> str | None:
+        """Where the bytes of ``ref`` are read from now, by the same decision reads follow:
+        ``s3://<bucket>/<key>`` or the HTTPS download URL (HTTPS for exclusive products, products found
+        missing from S3 and ``source`` "http"); None when no allowed source has them (``source`` "s3"
+        and no S3 copy)."""
+        try:
+            source = self._source_for(ref)
+        except NotFound:
+            return None
+        if source == "s3":
+            assert self._s3 is not None and ref.s3_key
+            return self._s3.location(ref.s3_key)
+        return self._http.location(ref.uri)
+
     def _source_for(self, ref: ProductRef) -> str:
+        """"s3" or "http" for ``ref`` per ``source`` (see the class); NotFound when neither may serve it."""
         if self._source == "http":
             return "http"
         if self._source == "s3":
@@ -552,10 +563,7 @@ class ByteReader:
         return "s3" if cloud and ref.uri not in self._not_in_cloud else "http"
 
     def _note_recent(self, uri: str, source: str) -> None:
-        self._recent[uri] = source
-        self._recent.move_to_end(uri)
-        if len(self._recent) > RECENT_PRODUCTS:
-            self._recent.popitem(last=False)
+        self._recent.put(uri, source)
 
     def _transfer_started(self, ref: ProductRef, source: str) -> dict[str, Any]:
         entry = self._active.get(ref.version_key)
@@ -574,19 +582,13 @@ class ByteReader:
 
     def _remember(self, key: BlockKey, data: bytes) -> None:
         """Keep a block in the in-memory LRU, dropping the oldest beyond the byte cap."""
-        if len(data) > self._memory_limit or key in self._memory:
-            return
-        self._memory[key] = data
-        self._memory_bytes += len(data)
-        while self._memory_bytes > self._memory_limit:
-            _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= len(old)
+        if key not in self._memory:
+            self._memory.put(key, data)
 
     def _demote(self, key: BlockKey) -> None:
         """Make a block a sequential stream has left behind the first to leave the memory LRU, so the
         blocks read ahead of the stream (older in the LRU, but not yet read) stay."""
-        if key in self._memory:
-            self._memory.move_to_end(key, last=False)
+        self._memory.demote(key)
 
     def _check_fits(self, ref: ProductRef, index: int, data: bytes) -> None:
         """Feed a block about to be handed over to the product's FITS check (DATASUM and CHECKSUM of each
@@ -597,18 +599,16 @@ class ByteReader:
         vk = ref.version_key
         check = self._fits.get(vk)
         if check is None:
-            check = self._fits[vk] = FitsCheck(ref.size)
-            while len(self._fits) > FITS_CHECKS_KEPT:
-                self._fits.popitem(last=False)
-        self._fits.move_to_end(vk)
+            check = FitsCheck(ref.size)
+            self._fits.put(vk, check)
         try:
-            check.add(block_start(index), data, self._memory.get((vk, index + 1), b""))
+            check.add(block_start(index), data, self._memory.peek((vk, index + 1)) or b"")
             while check.next_header < ref.size:  # a header in a block that passed before it was known
                 at = block_index(check.next_header)
-                seen = self._memory.get((vk, at)) if at != index else None
+                seen = self._memory.peek((vk, at)) if at != index else None
                 before = check.next_header
                 if seen is not None:
-                    check.add(block_start(at), seen, self._memory.get((vk, at + 1), b""))
+                    check.add(block_start(at), seen, self._memory.peek((vk, at + 1)) or b"")
                 if check.next_header == before:
                     break  # not at hand, or the header runs past the bytes at hand
         except HduMismatch as exc:
@@ -622,29 +622,23 @@ class ByteReader:
         first, last = block_index(mismatch.span[0]), block_index(mismatch.span[1] - 1)
         for index in range(first, last + 1):
             key = (ref.version_key, index)
-            if key in self._memory:
-                self._memory_bytes -= len(self._memory.pop(key))
+            self._memory.pop(key)
             await self._cache.discard(ref, index)
 
     def _forget_memory(self, version_key: str) -> None:
         for key in [key for key in self._memory if key[0] == version_key]:
-            self._memory_bytes -= len(self._memory.pop(key))
+            self._memory.pop(key)
 
     async def _verify_product(self, ref: ProductRef) -> bool | None:
         """Whole-file sha256 check of a complete product, one at a time per product (see
         :meth:`BlockCache.verify_product`); on a mismatch also forget its blocks in memory."""
-        vk = ref.version_key
-        while vk in self._verifying:
-            await self._verifying[vk].wait()
-        finished = self._verifying[vk] = trio.Event()
-        try:
-            result = await self._cache.verify_product(ref)
-        finally:
-            del self._verifying[vk]
-            finished.set()
+        return await self._verifying.run(ref.version_key, lambda: self._verify_once(ref))
+
+    async def _verify_once(self, ref: ProductRef) -> bool | None:
+        result = await self._cache.verify_product(ref)
         if result is False:
-            self._mismatched.add(vk)
-            self._forget_memory(vk)
+            self._mismatched.add(ref.version_key)
+            self._forget_memory(ref.version_key)
             self._errors["IntegrityError"] = self._errors.get("IntegrityError", 0) + 1
         return result
 

@@ -14,30 +14,22 @@ the first block not yet handed over.
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import quote
 
 import httpcore
 import httpx
 import trio
 
-from ..errors import BadResponse, MastfsError, NotFound, Retryable, Unauthorized
+from ..errors import BadResponse, MastfsError, Retryable
+from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
 from ..versions import ObjectVersion, VersionChanged, content_range_total
-from . import fetch_one_range
+from . import check_bounds
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-LOGIN_HINT = (
-    "this file is exclusive-access: get a token at https://auth.mast.stsci.edu/token and set MAST_API_TOKEN "
-    "(or --token-file) before mounting"
-)
-REFUSED_HINT = (
-    "MAST refused the token (expired, revoked or without rights to this program): get a new one at "
-    "https://auth.mast.stsci.edu/token"
-)
 _CLOSE_TIMEOUT = 2.0
 RECEIVE_SIZE = 1024 * 1024
 """Bytes httpcore asks the socket for at once. Its default, 64 KiB, costs a round of h11 parsing and a
@@ -67,15 +59,9 @@ class HttpFetcher:
         self.ignored_ranges = 0
         """How many answers ignored the Range header (200 instead of 206)."""
 
-    async def fetch(self, uri: str, start: int, end: int, version: ObjectVersion | None = None) -> bytes:
-        """Bytes ``[start, end)`` of the file ``uri``, exactly ``end - start`` of them (of ``version``
-        only, when given: see :meth:`fetch_blocks`).
-
-        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
-        once; retries 5xx, 429, timeouts, resets, short bodies and wrong Content-Range answers under the
-        policy, then raises Unavailable. Cancellation closes the connection and propagates.
-        """
-        return await fetch_one_range(self.fetch_blocks, uri, start, end, version)
+    def location(self, uri: str) -> str:
+        """The download URL of ``uri`` (for users: ``user.mastfs.source``)."""
+        return f"{self._url}?uri={quote(uri, safe=':/')}"
 
     async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]],
                            version: ObjectVersion | None = None) -> None:
@@ -85,12 +71,15 @@ class HttpFetcher:
 
         With ``version``, every request carries its conditions (``If-Match``, else
         ``If-Unmodified-Since``) and every answer's ETag / Last-Modified must be the version's: a 412 or
-        another validator raises VersionChanged (not retried). Other errors as :meth:`fetch`. A retried
-        failure resumes at the first block not yet delivered; the policy's attempts and deadline apply
-        to each block. Raises ValueError on empty or unordered bounds.
+        another validator raises VersionChanged (not retried).
+
+        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
+        once; retries 408/425/429/5xx, timeouts, resets, short bodies and wrong Content-Range answers under
+        the policy, then raises Unavailable; cancellation closes the connection and propagates. A retried
+        failure resumes at the first block not yet delivered; the policy's attempts and deadline apply to
+        each block. Raises ValueError on empty or unordered bounds.
         """
-        if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
-            raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
+        check_bounds(bounds)
         run = _Run(uri, bounds, version)
         try:
             while run.position < len(bounds) - 1:
@@ -103,8 +92,19 @@ class HttpFetcher:
 
     async def fetch_whole(self, uri: str, most: int) -> bytes:
         """The whole file ``uri`` (for files that state no length: no ranges, no validators). Raises
-        MastfsError when it is longer than ``most`` bytes; otherwise like :meth:`fetch`."""
+        MastfsError when it is longer than ``most`` bytes; otherwise like :meth:`fetch_blocks`."""
         return await self._policy.run(lambda: self._whole_once(uri, most), what=f"download of {uri}")
+
+    async def stat(self, uri: str) -> ObjectVersion:
+        """The version of ``uri`` the server states now: size, ETag, Last-Modified.
+
+        HEAD first; when it carries no Content-Length, a one-byte ranged GET reads the total from its
+        Content-Range (size None when that fails too: only a whole download tells). Raises like
+        :meth:`fetch_blocks`.
+        """
+        return await self._policy.run(lambda: self._stat_once(uri), what=f"version of {uri}")
+
+    # ------------------------------------------------------------------ one attempt each
 
     async def _whole_once(self, uri: str, most: int) -> bytes:
         try:
@@ -127,20 +127,30 @@ class HttpFetcher:
         except httpx.TooManyRedirects as exc:
             raise BadResponse(f"download of {uri}: too many redirects") from exc
 
-    async def head(self, uri: str) -> int | None:
-        """The size of ``uri`` in bytes, or None when the server does not say. Raises like :meth:`stat`."""
-        return (await self.stat(uri)).size
+    async def _stat_once(self, uri: str) -> ObjectVersion:
+        try:
+            response = await self._http.head(self._url, params={"uri": uri}, headers=self._headers,
+                                             follow_redirects=True)
+            if response.status_code != 200:
+                raise self._error_for(response, uri)
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit():
+                return _version_of(response, int(length))
+            headers = {**self._headers, "Range": "bytes=0-0"}
+            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=headers,
+                                         follow_redirects=True) as probe:
+                if probe.status_code == 206:
+                    return _version_of(probe, content_range_total(probe.headers.get("Content-Range")))
+                if probe.status_code == 200:  # no length and no ranges: only a whole download tells
+                    return _version_of(probe, None)
+                raise self._error_for(probe, uri)
+        except httpx.TimeoutException as exc:
+            raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise Retryable(f"size of {uri}: {type(exc).__name__}: {exc}") from exc
+        except httpx.TooManyRedirects as exc:
+            raise BadResponse(f"size of {uri}: too many redirects") from exc
 
-    async def stat(self, uri: str) -> ObjectVersion:
-        """The version of ``uri`` the server states now: size, ETag, Last-Modified.
-
-        HEAD first; when it carries no Content-Length, a one-byte ranged GET reads the total from its
-        Content-Range (size None when that fails too: only a whole download tells). Raises like
-        :meth:`fetch`.
-        """
-        return await self._policy.run(lambda: self._stat_once(uri), what=f"version of {uri}")
-
-    # ------------------------------------------------------------------ one attempt each
 
     async def _next_block(self, run: _Run) -> bytes:
         """The run's next block, opening (or re-opening) the request as needed; closes it on failure."""
@@ -180,7 +190,8 @@ class HttpFetcher:
         if run.version is not None and response.status_code in (200, 206):
             run.version.check(response.headers.get("ETag"), response.headers.get("Last-Modified"), run.uri)
         if response.status_code == 206:
-            _check_content_range(response, start, end)
+            check_content_range(f"download of {run.uri}", start, end, response.headers.get("Content-Range"),
+                                response.headers.get("Content-Length"))
             run.exact = True
         elif response.status_code == 200:
             length = response.headers.get("Content-Length", "")
@@ -194,44 +205,10 @@ class HttpFetcher:
         else:
             raise self._error_for(response, run.uri)
 
-    async def _stat_once(self, uri: str) -> ObjectVersion:
-        try:
-            response = await self._http.head(self._url, params={"uri": uri}, headers=self._headers,
-                                             follow_redirects=True)
-            if response.status_code != 200:
-                raise self._error_for(response, uri)
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit():
-                return _version_of(response, int(length))
-            headers = {**self._headers, "Range": "bytes=0-0"}
-            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=headers,
-                                         follow_redirects=True) as probe:
-                if probe.status_code == 206:
-                    return _version_of(probe, content_range_total(probe.headers.get("Content-Range")))
-                if probe.status_code == 200:  # no length and no ranges: only a whole download tells
-                    return _version_of(probe, None)
-                raise self._error_for(probe, uri)
-        except httpx.TimeoutException as exc:
-            raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise Retryable(f"size of {uri}: {type(exc).__name__}: {exc}") from exc
-        except httpx.TooManyRedirects as exc:
-            raise BadResponse(f"size of {uri}: too many redirects") from exc
-
     def _error_for(self, response: httpx.Response, uri: str) -> Exception:
         """The domain error for a non-success answer (returned, for the caller to raise)."""
-        status = response.status_code
-        if status in (401, 403):
-            if self._has_token:
-                return Unauthorized(f"{uri}: access refused (HTTP {status})", reason=REFUSED_HINT)
-            return Unauthorized(f"{uri}: login required (HTTP {status})", reason=LOGIN_HINT)
-        if status == 404:
-            return NotFound(f"{uri}: no such file in the archive")
-        if status == 416:
-            return BadResponse(f"{uri}: range not satisfiable (the file is shorter than its listed size?)")
-        if status == 429 or status >= 500:
-            return Retryable(f"{uri}: HTTP {status}", retry_after=_retry_after(response))
-        return BadResponse(f"{uri}: unexpected HTTP {status}")
+        return error_for_status(response.status_code, f"download of {uri}", has_token=self._has_token,
+                                retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
 
 class _Run:
@@ -316,26 +293,6 @@ class _Run:
                 await response.aclose()
 
 
-def _check_content_range(response: httpx.Response, start: int, end: int) -> None:
-    """Raise Retryable unless the 206's Content-Range (and Content-Length, if any) are the request's."""
-    header = response.headers.get("Content-Range", "")
-    match = _CONTENT_RANGE.fullmatch(header.strip())
-    if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1:
-        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Range {header!r}")
-    length = response.headers.get("Content-Length")
-    if length is not None and length.strip() != str(end - start):
-        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Length {length}")
-
-
 def _version_of(response: httpx.Response, size: int | None) -> ObjectVersion:
     return ObjectVersion(size=size, etag=response.headers.get("ETag"),
                          last_modified=response.headers.get("Last-Modified"))
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds (delta form only), or None."""
-    value = response.headers.get("Retry-After", "").strip()
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
