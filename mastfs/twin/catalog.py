@@ -16,7 +16,8 @@ one (see docs/twin.md and /work/shared/reference/MAST_API.md):
 Ids (obsid, objID, obsID, parent_obsid) are JSON strings in program 2733 and numbers in the HST and
 exclusive programs and the OPO row; BIG_PROGRAM alternates per observation. Sizes are real-world sizes
 times `scale` (FITS rounded to 2880-byte blocks, with a floor that keeps every file valid). File bytes
-come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU).
+come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU); each FITS
+product's data sums (for CHECKSUM/DATASUM) are memoised for the catalog's life.
 
 All public methods are thread-safe: the catalog is immutable after construction apart from its
 memo caches, whose races are benign.
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from mastfs.twin import fitsgen
-from mastfs.twin.fitsgen import FitsSpec, GeneratedFile, ImageExt
+from mastfs.twin.fitsgen import ChecksumMemo, FitsSpec, GeneratedFile, ImageExt
 
 logger = logging.getLogger(__name__)
 
@@ -361,9 +362,11 @@ def _jwst_primary_cards(
 
 
 def _build_jwst_fits(cards: Callable[[], tuple], images: tuple[ImageExt, ...], shape: tuple[int, int],
-                     wcs: tuple[float, float, float] | None, size: int, shift: int) -> GeneratedFile:
+                     wcs: tuple[float, float, float] | None, size: int, shift: int,
+                     memo: ChecksumMemo) -> GeneratedFile:
     """A JWST FITS product; its header cards are computed only now, when the file is first read."""
-    return fitsgen.build_fits(FitsSpec(primary_cards=cards(), images=images, base_shape=shape, wcs=wcs), size, shift)
+    spec = FitsSpec(primary_cards=cards(), images=images, base_shape=shape, wcs=wcs)
+    return fitsgen.build_fits(spec, size, shift, memo)
 
 
 class Catalog:
@@ -561,7 +564,7 @@ class Catalog:
 
     def _jwst_fits_maker(self, uri: str, size: int, cards: Callable[[], tuple], images: tuple[ImageExt, ...],
                          shape: tuple[int, int], wcs: tuple[float, float, float] | None) -> Callable[[], GeneratedFile]:
-        return functools.partial(_build_jwst_fits, cards, images, shape, wcs, size, _crc(uri))
+        return functools.partial(_build_jwst_fits, cards, images, shape, wcs, size, _crc(uri), ChecksumMemo())
 
     def _jpeg_maker(self, uri: str, size: int, comment: str) -> Callable[[], GeneratedFile]:
         return functools.partial(fitsgen.build_jpeg, size, _crc(uri), comment)
@@ -1095,7 +1098,7 @@ class Catalog:
                     fitsgen.build_fits,
                     FitsSpec(primary_cards=cards, images=images, base_shape=shape, filler_extname="WCSCORR",
                              filler_column="WCS_DATA", wcs=(ra0, dec0, 0.04 * _ARCSEC)),
-                    size, _crc(uri))
+                    size, _crc(uri), ChecksumMemo())
                 s3_key = None if suffix == "trl" else f"hst/public/{assoc[:4]}/{assoc}/{filename}"
                 row = {
                     "obsID": file_obsid, "obs_collection": "HST", "dataproduct_type": "image", "obs_id": rootname,
