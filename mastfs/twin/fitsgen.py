@@ -33,6 +33,8 @@ from typing import Protocol
 
 import numpy as np
 
+from mastfs.twin.sky import Sky, Wcs
+
 BLOCK = 2880
 PATTERN_SIZE = 1 << 20
 _PATTERN = random.Random(0x6D617374).randbytes(PATTERN_SIZE)
@@ -73,7 +75,8 @@ class FitsSpec:
     base_shape: tuple[int, int]  # (ny, nx) of every image at full (real-world) size
     filler_extname: str = "ASDF"
     filler_column: str = "ASDF_METADATA"
-    wcs: tuple[float, float, float] | None = None  # (ra, dec, pixel scale in deg) for SCI headers
+    wcs: tuple[float, float, float] | None = None  # (ra, dec, pixel scale in deg at base_shape) for SCI headers
+    sky: Sky | None = None  # what the image data show (with `wcs`); pattern bytes when None
 
 
 def fits_min_size(images: Sequence[ImageExt]) -> int:
@@ -367,13 +370,21 @@ def _fit_shape(images: Sequence[ImageExt], base_shape: tuple[int, int], budget: 
     return ny, nx
 
 
-def build_fits(spec: FitsSpec, size: int, shift: int, memo: ChecksumMemo | None = None) -> GeneratedFile:
-    """A valid FITS file of exactly `size` bytes (a multiple of 2880, >= fits_min_size(spec.images)).
+def fitted_wcs(wcs: tuple[float, float, float], base_shape: tuple[int, int],
+               shape: tuple[int, int]) -> tuple[float, float, float]:
+    """The (ra, dec, pixel scale) of an image shrunk from `base_shape` to `shape`: it covers the same sky
+    with larger pixels."""
+    ra, dec, scale = wcs
+    return ra, dec, scale * base_shape[1] / shape[1]
 
-    Image data and filler data come from the data pattern (offset by `shift`); data padding is zeros.
-    Every HDU carries CHECKSUM and DATASUM, computed when its header is first read (sums kept in `memo`).
-    Raises ValueError if the size is impossible or the primary header exceeds two blocks.
-    """
+
+def image_shape(spec: FitsSpec, size: int) -> tuple[int, int]:
+    """(ny, nx) of the images `build_fits(spec, size, ...)` makes. Raises ValueError as build_fits does."""
+    return _layout(spec, size)[1]
+
+
+def _layout(spec: FitsSpec, size: int) -> tuple[HduHeader, tuple[int, int]]:
+    """The primary header and the image shape of a file of `size` bytes; raises ValueError if impossible."""
     if size % BLOCK:
         raise ValueError(f"FITS size {size} is not a multiple of {BLOCK}")
     primary_cards = (
@@ -386,21 +397,37 @@ def build_fits(spec: FitsSpec, size: int, shift: int, memo: ChecksumMemo | None 
     primary = HduHeader(primary_cards, 0, 0)
     if primary.size > _PRIMARY_HEADER_MAX_BLOCKS * BLOCK:
         raise ValueError("primary header longer than two blocks")
-    headers_size = primary.size + BLOCK * (len(spec.images) + 1)
-    budget = size - headers_size - BLOCK  # keep at least one block for the filler's data
+    budget = size - primary.size - BLOCK * (len(spec.images) + 1) - BLOCK  # >= 1 block of filler data
     if budget < 0:
         raise ValueError(f"size {size} too small")
-    ny, nx = _fit_shape(spec.images, spec.base_shape, budget)
-    segments: list[bytes | int | HduHeader] = [primary]
+    return primary, _fit_shape(spec.images, spec.base_shape, budget)
+
+
+def build_fits(spec: FitsSpec, size: int, shift: int, memo: ChecksumMemo | None = None) -> GeneratedFile:
+    """A valid FITS file of exactly `size` bytes (a multiple of 2880, >= fits_min_size(spec.images)).
+
+    Image data show `spec.sky` (else they are pattern bytes); filler data come from the data pattern
+    (offset by `shift`); data padding is zeros. Shrunk images keep the sky `spec.wcs` covers.
+    Every HDU carries CHECKSUM and DATASUM, computed when its header is first read (sums kept in `memo`).
+    Raises ValueError if the size is impossible or the primary header exceeds two blocks.
+    """
+    primary, (ny, nx) = _layout(spec, size)
+    headers_size = primary.size + BLOCK * (len(spec.images) + 1)
+    wcs = fitted_wcs(spec.wcs, spec.base_shape, (ny, nx)) if spec.wcs else None
+    segments: list[bytes | int | DataSource | HduHeader] = [primary]
     position = primary.size
     for image in spec.images:
         nbytes = ny * nx * image.bytes_per_pixel
-        header = HduHeader(tuple(_image_cards(image, (ny, nx), spec.wcs)), position + BLOCK, pad_to_block(nbytes))
-        segments += [header, nbytes, bytes(pad_to_block(nbytes) - nbytes)]
+        cards = tuple(_image_cards(image, (ny, nx), wcs))
+        header = HduHeader(cards, position + HduHeader(cards, 0, 0).size, pad_to_block(nbytes))
+        data: int | DataSource = nbytes
+        if spec.sky is not None and wcs is not None:
+            data = spec.sky.plane(image.extname, image.bitpix, image.bunit, image.leading, Wcs(*wcs, (ny, nx)))
+        segments += [header, data, bytes(pad_to_block(nbytes) - nbytes)]
         position += header.size + pad_to_block(nbytes)
     filler = size - headers_size - _image_data_bytes(spec.images, ny, nx)
-    filler_header = HduHeader(tuple(_filler_cards(spec.filler_extname, spec.filler_column, filler)),
-                              position + BLOCK, filler)
+    cards = tuple(_filler_cards(spec.filler_extname, spec.filler_column, filler))
+    filler_header = HduHeader(cards, position + HduHeader(cards, 0, 0).size, filler)
     segments += [filler_header, filler]
     generated = GeneratedFile(segments, shift, memo)
     assert generated.size == size
@@ -418,16 +445,21 @@ _JPEG_IMAGE = base64.b64decode(
     "ujCzLopnd+nGtDnCKjK0XihUE/P6CEovMKHzopPB1DY+hTbXmmfZMrdLks/SfqGjVQdOteaCy2N9F62fpS+ZXBzDAdC6ebvfQVV6"
     "pyr3SCjnnBben//Z"
 )
-"""A real 64x64 baseline JPEG (a swirled ring, made once with ImageMagick); previews are this image padded."""
+"""A real 64x64 baseline JPEG (a swirled ring, made once with ImageMagick): the image of previews too small
+for a rendered one."""
 _COM_MAX_PAYLOAD = 65533
 
 
-def build_jpeg(size: int, shift: int, comment: str) -> GeneratedFile:
-    """A valid JPEG of exactly `size` bytes: a small real image whose extra bytes are pattern bytes in COM
-    (comment) segments, which decoders skip. Raises ValueError if `size` cannot hold the image."""
+def build_jpeg(size: int, shift: int, comment: str,
+               picture: Callable[[int], bytes | None] | None = None) -> GeneratedFile:
+    """A valid JPEG of exactly `size` bytes: a real image whose extra bytes are pattern bytes in COM
+    (comment) segments, which decoders skip. `picture(budget)` draws the image in at most `budget` bytes
+    (None: it cannot); without one, or when it cannot, a small built-in image is used.
+    Raises ValueError if `size` cannot hold the image."""
     note = comment.encode("ascii", "replace")[:200]
-    app0_end = 4 + int.from_bytes(_JPEG_IMAGE[4:6], "big")  # SOI, then the APP0 (JFIF) segment
-    head, body = _JPEG_IMAGE[:app0_end], _JPEG_IMAGE[app0_end:]
+    image = (picture(size - 8 - len(note)) if picture else None) or _JPEG_IMAGE
+    app0_end = 4 + int.from_bytes(image[4:6], "big")  # SOI, then the APP0 (JFIF) segment
+    head, body = image[:app0_end], image[app0_end:]
     rest = size - len(head) - len(body) - 4 - len(note)
     if rest < 0:
         raise ValueError(f"JPEG size {size} too small")
