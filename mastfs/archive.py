@@ -26,9 +26,8 @@ import logging
 import os
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import diskcache
@@ -36,8 +35,10 @@ import trio
 
 from .config import Settings
 from .errors import BadResponse, NotFound, Unavailable
+from .lru import LRU
 from .mast.client import MastClient
 from .mast.models import Observation, Product
+from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,6 @@ _POSITION = _Codec(list, tuple)
 _PLAIN = _Codec(_identity, _identity)
 
 
-@dataclass
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-    finished: bool = False
-    result: Any = None
-    error: BaseException | None = None
-
-
 class Archive:
     """Cached, TTL'd MAST metadata (see the module docstring for the policy).
 
@@ -116,8 +109,8 @@ class Archive:
         self._cache: diskcache.Cache | None = None
         self._open_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(4)
-        self._memory: OrderedDict[str, _Entry] = OrderedDict()
-        self._flights: dict[str, _Flight] = {}
+        self._memory: LRU[str, _Entry] = LRU(MEMORY_ENTRIES)
+        self._flights: SingleFlight[str, Any] = SingleFlight()
         self._outage = False
         # Keys are scoped by MAST host and collections: a twin and the real archive may share a cache dir.
         self._host = hashlib.sha1(settings.mast_url.rstrip("/").encode()).hexdigest()[:8]
@@ -213,7 +206,7 @@ class Archive:
         stale: dict[str, str | None] = {}
         wanted = []
         for uri in uris:
-            entry = self._memory_get(self._key("s3", uri))
+            entry = self._memory.get(self._key("s3", uri))
             if entry is not None and entry.expires > now:
                 keys[uri] = entry.value
             else:
@@ -223,14 +216,14 @@ class Archive:
             for uri, entry in zip(wanted, loaded, strict=True):
                 if entry is None:
                     continue
-                self._memory_put(self._key("s3", uri), entry)
+                self._memory.put(self._key("s3", uri), entry)
                 (keys if entry.expires > now else stale)[uri] = entry.value
         missing = [uri for uri in uris if uri not in keys]
         if not missing:
             return keys
         batch_key = "s3-batch:" + hashlib.sha1("\n".join(sorted(missing)).encode()).hexdigest()
         try:
-            found = await self._single_flight(batch_key, lambda: self._lookup_s3(missing))
+            found = await self._flights.run(batch_key, lambda: self._lookup_s3(missing))
         except (Unavailable, BadResponse) as exc:
             self._note_outage(exc)
             found = {uri: stale.get(uri) for uri in missing}
@@ -253,7 +246,7 @@ class Archive:
         keys = [self._key(kind, ident)]
         if kind == "target":  # the name's position and the observations around it
             keys = [self._key("target", " ".join(ident.split()).lower())]
-            position = self._memory_get(keys[0]) or (await self._load_many(keys, _POSITION))[0]
+            position = self._memory.get(keys[0]) or (await self._load_many(keys, _POSITION))[0]
             if position is not None and not position.missing:
                 keys.append(self._cone_key(*position.value, TARGET_RADIUS_DEG))
         for key in keys:
@@ -303,9 +296,9 @@ class Archive:
 
     async def _cached(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[Any]],
                       ttl_of: Callable[[Any], float]) -> Any:
-        entry = self._memory_get(key)
+        entry = self._memory.get(key)
         if entry is None or entry.expires <= self._clock():
-            entry = await self._single_flight(key, lambda: self._refresh(key, codec, fetch, ttl_of))
+            entry = await self._flights.run(key, lambda: self._refresh(key, codec, fetch, ttl_of))
         if entry.missing:
             raise NotFound(f"{key.split('/', 1)[0]} {key.rsplit('/', 1)[-1]!r} does not exist "
                            f"(remembered)")
@@ -315,10 +308,10 @@ class Archive:
                        ttl_of: Callable[[Any], float]) -> _Entry:
         """A fresh entry for ``key``: from memory or disk if unexpired, else from MAST (stored), else
         the stale one when MAST fails. Raises MAST's error when there is nothing to fall back on."""
-        entry = self._memory_get(key) or (await self._load_many([key], codec))[0]
+        entry = self._memory.get(key) or (await self._load_many([key], codec))[0]
         now = self._clock()
         if entry is not None and entry.expires > now:
-            self._memory_put(key, entry)
+            self._memory.put(key, entry)
             return entry
         try:
             value = await fetch()
@@ -329,7 +322,7 @@ class Archive:
                 raise
             self._note_outage(exc)
             log.debug("serving stale %s", key)
-            self._memory_put(key, _Entry(entry.value, now + STALE_RETRY_INTERVAL, entry.missing))
+            self._memory.put(key, _Entry(entry.value, now + STALE_RETRY_INTERVAL, entry.missing))
             return entry
         else:
             fresh = _Entry(value, now + ttl_of(value))
@@ -364,42 +357,6 @@ class Archive:
                     cache.set(key, json.dumps(sorted(seen | {pid})), retry=True)
 
         await self._cache_call(index)
-
-    async def _single_flight(self, key: str, produce: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``produce()`` once for all concurrent callers of ``key``; each gets its result or error.
-        If the task producing it is cancelled, a waiting caller takes over."""
-        while (flight := self._flights.get(key)) is not None:
-            await flight.done.wait()
-            if flight.finished:
-                if flight.error is not None:
-                    raise flight.error
-                return flight.result
-        flight = _Flight()
-        self._flights[key] = flight
-        try:
-            flight.result = await produce()
-            flight.finished = True
-            return flight.result
-        except Exception as exc:
-            flight.error, flight.finished = exc, True
-            raise
-        finally:
-            del self._flights[key]
-            flight.done.set()
-
-    # --- memory layer --------------------------------------------------------------------------------
-
-    def _memory_get(self, key: str) -> _Entry | None:
-        entry = self._memory.get(key)
-        if entry is not None:
-            self._memory.move_to_end(key)
-        return entry
-
-    def _memory_put(self, key: str, entry: _Entry) -> None:
-        self._memory[key] = entry
-        self._memory.move_to_end(key)
-        while len(self._memory) > MEMORY_ENTRIES:
-            self._memory.popitem(last=False)
 
     # --- disk layer (worker threads) -----------------------------------------------------------------
 
@@ -456,7 +413,7 @@ class Archive:
     async def _store_many(self, items: list[tuple[str, _Entry, _Codec]]) -> None:
         """Put entries in memory, and on disk in one transaction."""
         for key, entry, _codec in items:
-            self._memory_put(key, entry)
+            self._memory.put(key, entry)
 
         def store(cache: diskcache.Cache) -> None:
             records = [(key, json.dumps({"value": None if entry.missing else codec.encode(entry.value),

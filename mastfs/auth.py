@@ -22,6 +22,16 @@ ENV_TOKEN = "MAST_API_TOKEN"
 KEYRING_SERVICE = "astroquery:mast.stsci.edu.token"
 KEYRING_USER = "masttoken"
 TOKEN_URL = "https://auth.mast.stsci.edu/token"
+#: The reason given when exclusive-access data is read without a token (logged, never the token itself).
+LOGIN_HINT = (
+    f"this file is exclusive-access: get a token at {TOKEN_URL} and set MAST_API_TOKEN "
+    "(or --token-file) before mounting"
+)
+#: The reason given when MAST refuses the token in use.
+REFUSED_HINT = (
+    "MAST refused the token (expired, revoked or without rights to this program): get a new one at "
+    f"{TOKEN_URL}"
+)
 REDACTED = "<redacted>"
 
 

@@ -204,10 +204,6 @@ class BlockCache:
         present = self._by_version.get(ref.version_key)
         return present is not None and len(present) == block_count(ref.size)
 
-    def is_verified(self, ref: ProductRef) -> bool:
-        """True when the product's blocks on disk matched its whole-file sha256 and none changed since."""
-        return ref.version_key in self._verified
-
     async def load(self, ref: ProductRef, index: int) -> bytes | None:
         """The verified bytes of block ``index`` of ``ref``, or None (a miss).
 

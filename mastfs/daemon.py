@@ -129,7 +129,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
 
     os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
     os.chmod(settings.cache_dir, 0o700)  # blocks of exclusive-access data may live here
-    policy = RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+    policy = RetryPolicy.from_settings(settings)
     async with make_http_client(settings) as http:
         client = MastClient(http, settings, token_provider=lambda: token)
         archive = Archive(client, settings)
@@ -373,14 +373,6 @@ def run_foreground(settings: Settings, mountpoint: str) -> int:
 
 def _log_path(settings: Settings) -> str:
     return settings.log_file or os.path.join(settings.cache_dir, "mastfs.log")
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return "".join(handle.readlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def start_background(settings: Settings, mountpoint: str) -> int:

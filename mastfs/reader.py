@@ -31,7 +31,6 @@ and builds the S3 client in it; leaving the block lets fetched blocks reach the 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -43,6 +42,8 @@ from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
 from .fetch.http import HttpFetcher
 from .fetch.s3 import S3Fetcher
+from .lru import LRU
+from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +136,16 @@ class ByteReader:
         self._transfers = max(1, transfers)
         self._transfer_slots = trio.CapacityLimiter(self._transfers)
         self._unstored = trio.Semaphore(UNSTORED_BLOCKS)
-        self._memory_limit = memory_limit
         self._max_readahead = max(0, max_readahead)
         self._run_blocks = max(1, run_blocks)
-        self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
-        self._memory_bytes = 0
+        self._memory: LRU[BlockKey, bytes] = LRU(memory_limit, weigh=len)
         self._flights: dict[BlockKey, _Flight] = {}
-        self._verifying: dict[str, trio.Event] = {}
+        self._verifying: SingleFlight[str, bool | None] = SingleFlight()
         self._not_in_cloud: set[str] = set()
         self._mismatched: set[str] = set()
         self._active: dict[str, dict[str, Any]] = {}
         self._bytes_fetched = {"s3": 0, "http": 0}
-        self._recent: OrderedDict[str, str] = OrderedDict()  # uri -> source of its latest bytes, newest last
+        self._recent: LRU[str, str] = LRU(RECENT_PRODUCTS)  # uri -> source of its latest bytes, newest last
         self._counts = {"memory_hits": 0, "disk_hits": 0, "misses": 0, "requests": 0, "readahead_blocks": 0}
         self._errors: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
@@ -277,11 +276,11 @@ class ByteReader:
         return {
             "in_flight": [dict(entry) for entry in self._active.values()],
             "bytes_fetched": dict(self._bytes_fetched),
-            "recent": [{"uri": uri, "source": source} for uri, source in reversed(self._recent.items())],
+            "recent": [{"uri": uri, "source": source} for uri, source in reversed(list(self._recent.items()))],
             "cache": {
                 **self._counts,
-                "memory_bytes": self._memory_bytes,
-                "memory_limit": self._memory_limit,
+                "memory_bytes": self._memory.weight,
+                "memory_limit": self._memory.capacity,
                 "disk_bytes": used,
                 "disk_limit": limit,
                 "disk_blocks": self._cache.entries,
@@ -297,7 +296,6 @@ class ByteReader:
         key = (ref.version_key, index)
         data = self._memory.get(key)
         if data is not None:
-            self._memory.move_to_end(key)
             self._cache.touch(ref, index)
             self._counts["memory_hits"] += 1
             return data
@@ -459,7 +457,22 @@ class ByteReader:
         else:
             log.error("%s failed unexpectedly", what, exc_info=exc)
 
+    def source_of(self, ref: ProductRef) -> str | None:
+        """Where the bytes of ``ref`` are read from now, by the same decision reads follow:
+        ``s3://<bucket>/<key>`` or the HTTPS download URL (HTTPS for exclusive products, products found
+        missing from S3 and ``source`` "http"); None when no allowed source has them (``source`` "s3"
+        and no S3 copy)."""
+        try:
+            source = self._source_for(ref)
+        except NotFound:
+            return None
+        if source == "s3":
+            assert self._s3 is not None and ref.s3_key
+            return self._s3.location(ref.s3_key)
+        return self._http.location(ref.uri)
+
     def _source_for(self, ref: ProductRef) -> str:
+        """"s3" or "http" for ``ref`` per ``source`` (see the class); NotFound when neither may serve it."""
         if self._source == "http":
             return "http"
         if self._source == "s3":
@@ -470,10 +483,7 @@ class ByteReader:
         return "s3" if cloud and ref.version_key not in self._not_in_cloud else "http"
 
     def _note_recent(self, uri: str, source: str) -> None:
-        self._recent[uri] = source
-        self._recent.move_to_end(uri)
-        if len(self._recent) > RECENT_PRODUCTS:
-            self._recent.popitem(last=False)
+        self._recent.put(uri, source)
 
     def _transfer_started(self, ref: ProductRef, source: str) -> dict[str, Any]:
         entry = self._active.get(ref.version_key)
@@ -492,39 +502,28 @@ class ByteReader:
 
     def _remember(self, key: BlockKey, data: bytes) -> None:
         """Keep a block in the in-memory LRU, dropping the oldest beyond the byte cap."""
-        if len(data) > self._memory_limit or key in self._memory:
-            return
-        self._memory[key] = data
-        self._memory_bytes += len(data)
-        while self._memory_bytes > self._memory_limit:
-            _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= len(old)
+        if key not in self._memory:
+            self._memory.put(key, data)
 
     def _demote(self, key: BlockKey) -> None:
         """Make a block a sequential stream has left behind the first to leave the memory LRU, so the
         blocks read ahead of the stream (older in the LRU, but not yet read) stay."""
-        if key in self._memory:
-            self._memory.move_to_end(key, last=False)
+        self._memory.demote(key)
 
     def _forget_memory(self, version_key: str) -> None:
         for key in [key for key in self._memory if key[0] == version_key]:
-            self._memory_bytes -= len(self._memory.pop(key))
+            self._memory.pop(key)
 
     async def _verify_product(self, ref: ProductRef) -> bool | None:
         """Whole-file sha256 check of a complete product, one at a time per product (see
         :meth:`BlockCache.verify_product`); on a mismatch also forget its blocks in memory."""
-        vk = ref.version_key
-        while vk in self._verifying:
-            await self._verifying[vk].wait()
-        finished = self._verifying[vk] = trio.Event()
-        try:
-            result = await self._cache.verify_product(ref)
-        finally:
-            del self._verifying[vk]
-            finished.set()
+        return await self._verifying.run(ref.version_key, lambda: self._verify_once(ref))
+
+    async def _verify_once(self, ref: ProductRef) -> bool | None:
+        result = await self._cache.verify_product(ref)
         if result is False:
-            self._mismatched.add(vk)
-            self._forget_memory(vk)
+            self._mismatched.add(ref.version_key)
+            self._forget_memory(ref.version_key)
             self._errors["IntegrityError"] = self._errors.get("IntegrityError", 0) + 1
         return result
 

@@ -10,11 +10,14 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from .errors import Retryable, Unavailable
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +35,11 @@ class RetryPolicy:
     base_delay: float = 0.2
     max_delay: float = 5.0
     deadline: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        """The daemon's policy: ``settings.retries`` attempts within ``settings.deadline`` seconds."""
+        return cls(attempts=settings.retries, deadline=settings.deadline)
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before try number ``attempt + 1`` (attempt counts from 1)."""

@@ -29,16 +29,16 @@ import logging
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import trio
 
 from . import namespace
 from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .lru import LRU
+from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,16 +105,6 @@ class OpenFile:
 class _Memo:
     value: Any
     expires: float
-
-
-class _Flight:
-    """One load in progress: later callers wait for it and share its value or its error."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: Any = None
-        self.loaded = False
-        self.error: Exception | None = None
 
 
 # ------------------------------------------------------------------------------------------------ nodes
@@ -423,9 +413,11 @@ class ProductFile(Node):
         values = namespace.field_xattrs(self.product.fields)
         own = namespace.OWN_XATTR_PREFIX
         values[own + "uri"] = self.product.data_uri.encode()
-        ref = tree.refs.get(self.product.data_uri)
+        ref = tree.refs.peek(self.product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
-            values[own + "source"] = tree.source_of(ref).encode()
+            source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
+            if source is not None:
+                values[own + "source"] = source.encode()
         elif self.resolved_size is not None:  # the cache identity needs only uri and size
             ref = tree.make_ref(uri=self.product.data_uri, size=self.resolved_size)
         if ref is not None:
@@ -476,7 +468,7 @@ class Tree:
         self.mount_time = time.time()
         self.readme = namespace.README_TEXT.encode()
         self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
-        self.refs: OrderedDict[str, Any] = OrderedDict()
+        self.refs: LRU[str, Any] = LRU(REFS_KEPT)
         """dataURI -> ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
         self.make_ref = product_ref
         self._cache_usage = cache_usage
@@ -484,10 +476,10 @@ class Tree:
         self._nodes: dict[int, Node] = {ROOT_INODE: RootDir(ROOT_INODE, ())}
         self._lookups: dict[int, int] = {}
         self._listed: dict[int, int] = {}
-        self._forgotten: OrderedDict[int, Node] = OrderedDict()
+        self._forgotten: LRU[int, Node] = LRU(FORGOTTEN_KEPT)
         self._memos: dict[tuple[str, ...], _Memo] = {}
         self._memos_added = 0
-        self._flights: dict[tuple[str, ...], _Flight] = {}
+        self._flights: SingleFlight[tuple[str, ...], Any] = SingleFlight()
         self._handles: dict[int, OpenFile] = {}
         self._next_handle = 1
         self._logged: set[Any] = set()
@@ -500,7 +492,7 @@ class Tree:
         kernel (:meth:`lookup`, :meth:`listdir`) registers it under its number."""
         ino = self._ino_of(path)
         fresh = cls(ino, path, *args)
-        existing = self._nodes.get(ino) or self._forgotten.get(ino)
+        existing = self._nodes.get(ino) or self._forgotten.peek(ino)
         if existing is not None and existing.same_as(fresh):
             return existing
         return fresh
@@ -511,7 +503,7 @@ class Tree:
         text = "/".join(path).encode("utf-8", "surrogateescape")
         while True:
             ino = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
-            holder = self._nodes.get(ino) or self._forgotten.get(ino)
+            holder = self._nodes.get(ino) or self._forgotten.peek(ino)
             if ino > ROOT_INODE and (holder is None or holder.path == path):
                 return ino
             text += b"\0"  # taken by another path (or the root's number): probe on
@@ -525,7 +517,7 @@ class Tree:
         numbers not handed out or forgotten long ago."""
         node = self._nodes.get(ino)
         if node is None:
-            node = self._forgotten.get(ino)
+            node = self._forgotten.peek(ino)
             if node is None:
                 raise NotFound(f"no inode {ino}")
             self._hand_out(node)
@@ -565,9 +557,7 @@ class Tree:
             return
         node = self._nodes.pop(ino, None)
         if node is not None:
-            self._forgotten[ino] = node
-            while len(self._forgotten) > FORGOTTEN_KEPT:
-                self._forgotten.popitem(last=False)
+            self._forgotten.put(ino, node)
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos."""
@@ -580,34 +570,18 @@ class Tree:
         Single flight: concurrent callers for one key share one ``load()`` and its value or error.
         Errors are not memoised.
         """
-        while True:
-            memo = self._memos.get(key)
-            if memo is not None and memo.expires > trio.current_time():
-                return memo.value
-            flight = self._flights.get(key)
-            if flight is None:
-                break
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            if flight.loaded:
-                return flight.value
-            # the loading task was cancelled: try again, maybe as the loader
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.value = await load()
-            flight.loaded = True
-            self._memos[key] = _Memo(flight.value, trio.current_time() + MEMO_TTL)
-            self._memos_added += 1
-            if self._memos_added % MEMO_SWEEP_EVERY == 0:
-                self._sweep_memos()
-            return flight.value
-        except Exception as exc:
-            flight.error = exc
-            raise
-        finally:
-            del self._flights[key]
-            flight.done.set()
+        memo = self._memos.get(key)
+        if memo is not None and memo.expires > trio.current_time():
+            return memo.value
+        return await self._flights.run(key, lambda: self._load_memo(key, load))
+
+    async def _load_memo(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
+        value = await load()
+        self._memos[key] = _Memo(value, trio.current_time() + MEMO_TTL)
+        self._memos_added += 1
+        if self._memos_added % MEMO_SWEEP_EVERY == 0:
+            self._sweep_memos()
+        return value
 
     def _sweep_memos(self) -> None:
         now = trio.current_time()
@@ -734,17 +708,15 @@ class Tree:
         uri = node.product.data_uri
         ref = self.refs.get(uri)
         if ref is not None:
-            self.refs.move_to_end(uri)
             return ref
         s3_key = None
         if self.settings.source != "http":
             s3_key = (await node.group_dir.s3_keys(self)).get(uri)
         size = await node.size(self)
         ref = self.refs.get(uri)  # another task may have made it meanwhile
-        if ref is None:
-            ref = self.refs[uri] = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
-            while len(self.refs) > REFS_KEPT:  # a ref made again later has the same cache identity
-                self.refs.popitem(last=False)
+        if ref is None:  # a ref dropped from the LRU and made again later has the same cache identity
+            ref = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
+            self.refs.put(uri, ref)
         return ref
 
     async def read(self, handle: int, offset: int, length: int) -> bytes | memoryview:
@@ -784,12 +756,6 @@ class Tree:
 
     async def listxattr(self, ino: int) -> list[str]:
         return list(self.node(ino).xattrs(self))
-
-    def source_of(self, ref: Any) -> str:
-        """Where the bytes of ``ref`` come from: ``s3://bucket/key`` or the HTTPS download URL."""
-        if getattr(ref, "s3_key", None) and self.settings.source != "http":
-            return f"s3://{self.settings.bucket}/{ref.s3_key}"
-        return f"{self.settings.mast_url.rstrip('/')}/api/v0.1/Download/file?uri={quote(ref.uri, safe=':/')}"
 
     # --------------------------------------------------------------------------------- whole mount
 

@@ -118,6 +118,10 @@ def test_product_missing_from_s3_falls_back_to_https(mount, clean_twin):
     assert sha256_of(path) == clean_twin.catalog.sha256(uri)
     assert endpoint_requests(clean_twin.stats(), "download") >= 1
     assert "not in the cloud" in mount.log_text()
+    # the xattr names the source the reads actually used, not the S3 key the archive lists
+    source = subprocess.run(["getfattr", "--only-values", "-n", "user.mastfs.source", path],
+                            capture_output=True, text=True, check=True).stdout
+    assert source.startswith(f"{clean_twin.mast_url.rstrip('/')}/api/v0.1/Download/file?uri="), source
 
 
 @pytest.mark.parametrize("uri", [twin_catalog.NULL_SIZE_URI, twin_catalog.NO_LENGTH_URI])
@@ -203,6 +207,9 @@ def test_exclusive_product_is_readable_with_a_token(twin, clean_twin, tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
         assert sha256_of(path) == twin.catalog.sha256(twin_catalog.EXCLUSIVE_URI)
         assert twin_catalog.VALID_TOKEN not in live.log_text()
+        # exclusive data is read over HTTPS (with the token), whatever S3 key the archive lists
+        assert b"/api/v0.1/Download/file?uri=" in os.getxattr(path, "user.mastfs.source")
+        assert twin_catalog.VALID_TOKEN.encode() not in os.getxattr(path, "user.mastfs.source")
 
 
 def test_refused_token_is_eacces(twin, clean_twin, tmp_path):

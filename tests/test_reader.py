@@ -157,6 +157,32 @@ def test_auto_falls_back_to_https_when_not_in_the_cloud_and_remembers(clean_twin
     assert requests(clean_twin, "s3:GetObject") == 1  # after the first miss, blocks go straight to HTTPS
 
 
+def test_source_of_is_the_source_reads_use(clean_twin, big, tmp_path):
+    """The reader's answer to "where do these bytes come from" (user.mastfs.source) follows its own
+    choice: S3 for public products with a key, HTTPS for exclusive ones, for ones found missing from
+    S3, and under --source http; nothing under --source s3 without a key."""
+    https = f"{clean_twin.mast_url.rstrip('/')}/api/v0.1/Download/file?uri={big.uri}"
+    ghost = ProductRef(big.uri, big.size, s3_key="jwst/public/no/such/object.fits")
+    exclusive = ProductRef(big.uri, big.size, s3_key=big.s3_key, exclusive=True)
+    keyless = ProductRef(big.uri, big.size)
+
+    async def main():
+        async with open_reader(clean_twin, tmp_path) as reader:
+            assert reader.source_of(big) == f"s3://{clean_twin.bucket}/{big.s3_key}"
+            assert reader.source_of(exclusive) == https
+            assert reader.source_of(keyless) == https
+            assert reader.source_of(ghost) == f"s3://{clean_twin.bucket}/{ghost.s3_key}"
+            await reader.read(reader.open_stream(ghost), 0, 2880)  # S3 says 404: HTTPS from now on
+            assert reader.source_of(ghost) == https
+        async with open_reader(clean_twin, tmp_path / "http", source="http") as reader:
+            assert reader.source_of(big) == https
+        async with open_reader(clean_twin, tmp_path / "s3", source="s3") as reader:
+            assert reader.source_of(big) == f"s3://{clean_twin.bucket}/{big.s3_key}"
+            assert reader.source_of(keyless) is None
+
+    trio.run(main)
+
+
 def test_s3_only_source_reports_missing_products(clean_twin, big, tmp_path):
     async def main():
         async with open_reader(clean_twin, tmp_path, source="s3") as reader:
@@ -364,7 +390,7 @@ def test_prefetch_fills_and_verifies_the_whole_product(clean_twin, big, tmp_path
     async def main():
         async with open_reader(clean_twin, tmp_path) as reader:
             await reader.prefetch(good, seen.append)
-            assert reader._cache.is_verified(good)
+            assert await reader._cache.verify_product(good) is True
             with pytest.raises(IntegrityError):
                 await reader.prefetch(bad)
             assert not any(reader._cache.contains(bad, i) for i in range(block_count(bad.size)))

@@ -7,13 +7,8 @@ from collections.abc import Awaitable, Callable, Sequence
 FetchBlocks = Callable[[str, Sequence[int], Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 
-async def fetch_one_range(fetch_blocks: FetchBlocks, name: str, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of ``name`` read through a fetcher's ``fetch_blocks`` as a single block;
-    raises whatever ``fetch_blocks`` raises."""
-    blocks: list[bytes] = []
-
-    async def keep(block: bytes) -> None:
-        blocks.append(block)
-
-    await fetch_blocks(name, (start, end), keep)
-    return blocks[0]
+def check_bounds(bounds: Sequence[int]) -> None:
+    """Raise ValueError unless ``bounds`` (block edges of one fetch) has two or more values rising
+    strictly from >= 0."""
+    if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")

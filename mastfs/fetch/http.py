@@ -14,29 +14,21 @@ the first block not yet handed over.
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import quote
 
 import httpcore
 import httpx
 import trio
 
-from ..errors import BadResponse, NotFound, Retryable, Unauthorized
+from ..errors import BadResponse, Retryable
+from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
-from . import fetch_one_range
+from . import check_bounds
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-LOGIN_HINT = (
-    "this file is exclusive-access: get a token at https://auth.mast.stsci.edu/token and set MAST_API_TOKEN "
-    "(or --token-file) before mounting"
-)
-REFUSED_HINT = (
-    "MAST refused the token (expired, revoked or without rights to this program): get a new one at "
-    "https://auth.mast.stsci.edu/token"
-)
 _CLOSE_TIMEOUT = 2.0
 RECEIVE_SIZE = 1024 * 1024
 """Bytes httpcore asks the socket for at once. Its default, 64 KiB, costs a round of h11 parsing and a
@@ -66,25 +58,22 @@ class HttpFetcher:
         self.ignored_ranges = 0
         """How many answers ignored the Range header (200 instead of 206)."""
 
-    async def fetch(self, uri: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the file ``uri``, exactly ``end - start`` of them.
-
-        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
-        once; retries 5xx, 429, timeouts, resets, short bodies and wrong Content-Range answers under the
-        policy, then raises Unavailable. Cancellation closes the connection and propagates.
-        """
-        return await fetch_one_range(self.fetch_blocks, uri, start, end)
+    def location(self, uri: str) -> str:
+        """The download URL of ``uri`` (for users: ``user.mastfs.source``)."""
+        return f"{self._url}?uri={quote(uri, safe=':/')}"
 
     async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as
         possible, awaiting ``deliver(block)`` for each, in order, as soon as it is complete (the next
         block is read after ``deliver`` returns, so it can apply backpressure).
 
-        Errors as :meth:`fetch`. A retried failure resumes at the first block not yet delivered; the
-        policy's attempts and deadline apply to each block. Raises ValueError on empty or unordered bounds.
+        Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
+        once; retries 408/425/429/5xx, timeouts, resets, short bodies and wrong Content-Range answers under
+        the policy, then raises Unavailable; cancellation closes the connection and propagates. A retried
+        failure resumes at the first block not yet delivered; the policy's attempts and deadline apply to
+        each block. Raises ValueError on empty or unordered bounds.
         """
-        if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
-            raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
+        check_bounds(bounds)
         run = _Run(uri, bounds)
         try:
             while run.position < len(bounds) - 1:
@@ -94,14 +83,6 @@ class HttpFetcher:
                 await deliver(block)
         finally:
             await run.close()
-
-    async def head(self, uri: str) -> int | None:
-        """The size of ``uri`` in bytes, or None when the server does not say.
-
-        HEAD first; when it carries no Content-Length, a one-byte ranged GET reads the total from its
-        Content-Range. Raises like :meth:`fetch`.
-        """
-        return await self._policy.run(lambda: self._head_once(uri), what=f"size of {uri}")
 
     # ------------------------------------------------------------------ one attempt each
 
@@ -138,7 +119,8 @@ class HttpFetcher:
             raise BadResponse(f"download of {run.uri}: too many redirects") from exc
         run.attach(response)
         if response.status_code == 206:
-            _check_content_range(response, start, end)
+            check_content_range(f"download of {run.uri}", start, end, response.headers.get("Content-Range"),
+                                response.headers.get("Content-Length"))
             run.exact = True
         elif response.status_code == 200:
             length = response.headers.get("Content-Length", "")
@@ -152,47 +134,10 @@ class HttpFetcher:
         else:
             raise self._error_for(response, run.uri)
 
-    async def _head_once(self, uri: str) -> int | None:
-        try:
-            response = await self._http.head(self._url, params={"uri": uri}, headers=self._headers,
-                                             follow_redirects=True)
-            if response.status_code != 200:
-                raise self._error_for(response, uri)
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit():
-                return int(length)
-            headers = {**self._headers, "Range": "bytes=0-0"}
-            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=headers,
-                                         follow_redirects=True) as probe:
-                if probe.status_code == 206:
-                    match = _CONTENT_RANGE.fullmatch(probe.headers.get("Content-Range", ""))
-                    if match and match.group(3) != "*":
-                        return int(match.group(3))
-                    return None
-                if probe.status_code == 200:
-                    return None  # no length and no ranges: only a full download would tell
-                raise self._error_for(probe, uri)
-        except httpx.TimeoutException as exc:
-            raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise Retryable(f"size of {uri}: {type(exc).__name__}: {exc}") from exc
-        except httpx.TooManyRedirects as exc:
-            raise BadResponse(f"size of {uri}: too many redirects") from exc
-
     def _error_for(self, response: httpx.Response, uri: str) -> Exception:
         """The domain error for a non-success answer (returned, for the caller to raise)."""
-        status = response.status_code
-        if status in (401, 403):
-            if self._has_token:
-                return Unauthorized(f"{uri}: access refused (HTTP {status})", reason=REFUSED_HINT)
-            return Unauthorized(f"{uri}: login required (HTTP {status})", reason=LOGIN_HINT)
-        if status == 404:
-            return NotFound(f"{uri}: no such file in the archive")
-        if status == 416:
-            return BadResponse(f"{uri}: range not satisfiable (the file is shorter than its listed size?)")
-        if status == 429 or status >= 500:
-            return Retryable(f"{uri}: HTTP {status}", retry_after=_retry_after(response))
-        return BadResponse(f"{uri}: unexpected HTTP {status}")
+        return error_for_status(response.status_code, f"download of {uri}", has_token=self._has_token,
+                                retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
 
 class _Run:
@@ -274,23 +219,3 @@ class _Run:
                 if chunks is not None:
                     await chunks.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
-
-
-def _check_content_range(response: httpx.Response, start: int, end: int) -> None:
-    """Raise Retryable unless the 206's Content-Range (and Content-Length, if any) are the request's."""
-    header = response.headers.get("Content-Range", "")
-    match = _CONTENT_RANGE.fullmatch(header.strip())
-    if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1:
-        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Range {header!r}")
-    length = response.headers.get("Content-Length")
-    if length is not None and length.strip() != str(end - start):
-        raise Retryable(f"answer for bytes {start}-{end - 1} had Content-Length {length}")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """The Retry-After header in seconds (delta form only), or None."""
-    value = response.headers.get("Retry-After", "").strip()
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None

@@ -9,7 +9,6 @@ exceptions are translated into mastfs errors inside the thread.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,14 +20,15 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from ..config import Settings
-from ..errors import BadResponse, NotFound, Retryable
+from ..errors import NotFound, Retryable
+from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
-from . import fetch_one_range
+from . import check_bounds
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "AccessDenied", "403"}
+_RETRYABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable"}
 _CHUNK = 1024 * 1024
 CONNECT_TIMEOUT = 5.0
 
@@ -45,38 +45,37 @@ class S3Fetcher:
         self._endpoint = settings.s3_endpoint or None
         self._region = settings.region
         self._transfers = max(1, settings.transfers)
-        self._policy = policy or RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+        self._policy = policy or RetryPolicy.from_settings(settings)
         self._limiter = trio.CapacityLimiter(self._transfers)
         self._client: Any = None
         self._client_lock = trio.Lock()
 
-    async def fetch(self, key: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of object ``key``, exactly ``end - start`` of them.
-
-        Raises NotFound when the object is not in the bucket (the file is not in the cloud; a 403 on
-        an anonymous read means the same), BadResponse on 416 or another client error; retries 5xx,
-        throttling, timeouts, resets, short bodies and wrong Content-Range under the policy, then raises
-        Unavailable. On cancellation the worker thread is abandoned (its result discarded; it ends at the
-        latest at botocore's read timeout) and its limiter slot stays taken until then.
-        """
-        return await fetch_one_range(self.fetch_blocks, key, start, end)
+    def location(self, key: str) -> str:
+        """``s3://<bucket>/<key>`` (for users: ``user.mastfs.source``)."""
+        return f"s3://{self._bucket}/{key}"
 
     async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
         only after failures), awaiting ``deliver(block)`` for each, in order, as soon as it is read (the
         next block is read after ``deliver`` returns, so it can apply backpressure).
 
-        One worker-thread hop per block. Errors as :meth:`fetch`; a retried failure resumes at the first
+        Raises NotFound when the object is not in the bucket (the file is not in the cloud; a 401/403 on
+        an anonymous read means the same), BadResponse on 416 or another client error; retries
+        408/425/429/5xx, throttling, timeouts, resets, short bodies and wrong Content-Range under the
+        policy, then raises Unavailable. On cancellation the worker thread is abandoned (its result
+        discarded; it ends at the latest at botocore's read timeout) and its limiter slot stays taken
+        until then.
+
+        One worker-thread hop per block. A retried failure resumes at the first
         block not yet delivered, and the policy's attempts and deadline apply to each block. Raises
         ValueError on empty or unordered bounds.
         """
-        if len(bounds) < 2 or bounds[0] < 0 or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
-            raise ValueError(f"bounds must rise strictly from >= 0: {list(bounds)!r}")
+        check_bounds(bounds)
         client = await self._get_client()
         run = _Run(key, bounds)
         try:
             while run.position < len(bounds) - 1:
-                what = f"s3://{self._bucket}/{key} [{bounds[run.position]}, {bounds[run.position + 1]})"
+                what = f"{self.location(key)} [{bounds[run.position]}, {bounds[run.position + 1]})"
                 block = await self._policy.run(lambda: self._next_block(client, run), what=what)
                 run.position += 1
                 await deliver(block)
@@ -129,7 +128,7 @@ class S3Fetcher:
         """Worker thread: bytes [start, end) from the open ``body`` (None: open a GetObject of
         [start, run_end) first). Returns (body still open or None, bytes still to skip, block). Closes
         the body itself on failure and after the run's last byte."""
-        where = f"s3://{self._bucket}/{key}"
+        where = self.location(key)
         try:
             if body is None:
                 response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}")
@@ -138,7 +137,7 @@ class S3Fetcher:
                     log.debug("%s: the server ignored the Range header; reading from its start", where)
                     skip = start
                 else:
-                    _check_content_range(response.get("ContentRange", ""), start, run_end, where)
+                    check_content_range(where, start, run_end, response.get("ContentRange"))
             while skip:
                 dropped = body.read(min(_CHUNK, skip))
                 if not dropped:
@@ -173,20 +172,19 @@ class _Run:
         self.busy = False
 
 
-def _check_content_range(header: str, start: int, end: int, where: str) -> None:
-    match = _CONTENT_RANGE.fullmatch(header.strip())
-    if not match or int(match.group(1)) != start or int(match.group(2)) != end - 1:
-        raise Retryable(f"{where}: answer for bytes {start}-{end - 1} had Content-Range {header!r}")
-
-
 def _translate_client_error(exc: botocore.exceptions.ClientError, where: str) -> Exception:
+    """NotFound for an object the anonymous reader cannot have (missing or refused: not in the cloud),
+    Retryable for throttling codes, else the shared HTTP status mapping."""
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if code in _MISSING_CODES or status in (403, 404):
+    metadata = exc.response.get("ResponseMetadata", {})
+    status = int(metadata.get("HTTPStatusCode") or 0)
+    if code in _MISSING_CODES or status in (401, 403, 404):
         return NotFound(f"{where}: not in the cloud ({code or status})")
-    if code == "InvalidRange" or status == 416:
-        return BadResponse(f"{where}: range not satisfiable")
-    if status == 429 or status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable"):
-        return Retryable(f"{where}: {code or status}", retry_after=None)
-    return BadResponse(f"{where}: {code or status}: {error.get('Message', '')}")
+    if code in _RETRYABLE_CODES:
+        return Retryable(f"{where}: {code}")
+    if code == "InvalidRange":
+        status = 416
+    retry_after = parse_retry_after(metadata.get("HTTPHeaders", {}).get("retry-after"))
+    return error_for_status(status, f"{where}: {code or status} {error.get('Message', '')}".rstrip(),
+                            has_token=False, retry_after=retry_after)

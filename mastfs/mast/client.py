@@ -9,10 +9,8 @@ The client caches nothing: that is the Archive's job.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -24,9 +22,10 @@ import httpx
 import trio
 
 from .. import __version__
-from ..auth import TOKEN_URL, auth_headers
+from ..auth import auth_headers
 from ..config import Settings
 from ..errors import BadResponse, NotFound, Retryable, Unauthorized, Unavailable
+from ..httpwire import error_for_status, parse_retry_after, unauthorized
 from ..retry import RetryPolicy
 from .models import (
     Identity,
@@ -55,7 +54,6 @@ FIRST_POLL_DELAY = 0.1
 MAX_POLL_DELAY = 2.0
 #: An unparsable body is retried this many times before it counts as a BadResponse.
 BAD_BODY_RETRIES = 2
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
 _AUTH_ERROR_WORDS = ("logged in", "authoriz", "authentic", "token", "permission", "forbidden")
 
 TokenProvider = Callable[[], "str | None"]
@@ -85,22 +83,6 @@ def _endpoint_name(url: str, mast_host: bool) -> str:
     return path.rsplit("/", 1)[-1] or "root"
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), None if absent or nonsense."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _is_auth_message(msg: str) -> bool:
     lowered = msg.lower()
     return any(word in lowered for word in _AUTH_ERROR_WORDS)
@@ -126,7 +108,7 @@ class MastClient:
         self._http = http
         self._settings = settings
         self._token_provider = token_provider or (lambda: None)
-        self._policy = RetryPolicy(attempts=settings.retries, deadline=settings.deadline)
+        self._policy = RetryPolicy.from_settings(settings)
         self._mast = settings.mast_url.rstrip("/")
         self.observation_pagesize = observation_pagesize
         self.product_pagesize = product_pagesize
@@ -141,11 +123,7 @@ class MastClient:
     # --- low level --------------------------------------------------------------------------------
 
     def _unauthorized(self, what: str) -> Unauthorized:
-        if self._token_provider():
-            return Unauthorized(f"{what}: MAST refused the token",
-                                reason=f"the token expired or lacks access; get a new one at {TOKEN_URL}")
-        return Unauthorized(f"{what}: exclusive-access data needs a MAST token",
-                            reason=f"get a token at {TOKEN_URL} and set MAST_API_TOKEN or --token-file")
+        return unauthorized(what, has_token=bool(self._token_provider()))
 
     async def _send(self, method: str, url: str, *, what: str, mast_host: bool = True,
                     **kwargs: Any) -> httpx.Response:
@@ -168,13 +146,8 @@ class MastClient:
         if status < 300:
             return response
         self._errors[endpoint] += 1
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            raise Retryable(f"{what}: HTTP {status}", retry_after=_retry_after(response))
-        if status in (401, 403):
-            raise self._unauthorized(what)
-        if status == 404:
-            raise NotFound(f"{what}: HTTP 404")
-        raise BadResponse(f"{what}: HTTP {status}")
+        raise error_for_status(status, what, has_token=mast_host and bool(self._token_provider()),
+                               retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
     async def _request_json(self, method: str, url: str, *, what: str, mast_host: bool = True,
                             policy: RetryPolicy | None = None, **kwargs: Any) -> Any:
