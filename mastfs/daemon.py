@@ -236,9 +236,31 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fusermount3", *args], capture_output=True, text=True, check=False)
 
 
+def python_module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args`` with this interpreter, except that the child never imports from its
+    current directory (where a folder named ``mastfs``, e.g. a clone of the repository, would shadow the
+    installed package)."""
+    bootstrap = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+                 f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", bootstrap, *args]
+
+
 def prepare_mountpoint(mountpoint: str) -> str | None:
-    """Check ``mountpoint`` is an empty directory, unmounting the dead remains of a crashed daemon
-    ("Transport endpoint is not connected") first. Returns a message saying what is wrong, or None."""
+    """Check ``mountpoint`` is an empty directory, creating it (with a note on stderr) when missing and
+    unmounting the dead remains of a crashed daemon ("Transport endpoint is not connected") first.
+    Returns a message naming what is wrong (a missing parent, a file in the way, ...), or None."""
+    if not os.path.lexists(mountpoint):
+        parent = os.path.dirname(mountpoint.rstrip("/")) or "/"
+        if not os.path.exists(parent):
+            return f"cannot create the mount point {mountpoint}: its parent directory {parent} does not exist"
+        if not os.path.isdir(parent):
+            return f"cannot create the mount point {mountpoint}: {parent} is a file, not a directory"
+        try:
+            os.mkdir(mountpoint)
+        except OSError as exc:
+            return f"cannot create the mount point {mountpoint}: {exc.strerror}"
+        print(f"mastfs: created the mount point {mountpoint}", file=sys.stderr)
+        return None
     if _mount_entry(mountpoint) is not None:
         try:
             os.statvfs(mountpoint)  # always answered by the filesystem's server (no kernel cache)
@@ -253,7 +275,7 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
         else:
             return f"{mountpoint} is already a mount point (mastfs umount {mountpoint} first?)"
     if not os.path.isdir(mountpoint):
-        return f"{mountpoint} is not a directory"
+        return f"{mountpoint} is a file, not a directory: mount on an empty directory"
     if os.listdir(mountpoint):
         return f"{mountpoint} is not empty; mount on an empty directory so no files are hidden"
     return None
@@ -360,7 +382,7 @@ def start_background(settings: Settings, mountpoint: str) -> int:
     start_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "mastfs.daemon", mountpoint],
+            python_module_command("mastfs.daemon", mountpoint),
             stdin=subprocess.PIPE, stdout=log_file, stderr=log_file, env=env, start_new_session=True,
         )
     assert child.stdin is not None

@@ -16,7 +16,8 @@ one (see docs/twin.md and /work/shared/reference/MAST_API.md):
 Ids (obsid, objID, obsID, parent_obsid) are JSON strings in program 2733 and numbers in the HST and
 exclusive programs and the OPO row; BIG_PROGRAM alternates per observation. Sizes are real-world sizes
 times `scale` (FITS rounded to 2880-byte blocks, with a floor that keeps every file valid). File bytes
-come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU).
+come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU); each FITS
+product's data sums (for CHECKSUM/DATASUM) are memoised for the catalog's life.
 
 Versions: every product has an HTTPS copy and (with an ``s3_key``) an S3 copy, each at a *revision*
 (0 at start). :meth:`Catalog.reprocess` moves one or both copies to a new revision, as STScI's
@@ -43,7 +44,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from mastfs.twin import fitsgen
-from mastfs.twin.fitsgen import FitsSpec, GeneratedFile, ImageExt
+from mastfs.twin.fitsgen import ChecksumMemo, FitsSpec, GeneratedFile, ImageExt
+from mastfs.twin.sky import Band, Field, Ring, Sky, Wcs, preview_jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ _MIN_JPEG_SIZE = 1024
 _GENERATED_CACHE_SIZE = 512
 _SHA_CHUNK = 8 << 20
 _MRP = "Minimum Recommended Products"
+_NGC_3132_FIELD = Field(151.7553, -40.4368, seed=3132, ring=Ring())
+"""The Southern Ring and its surroundings, as programs 2733 (JWST) and 11599 (HST) see them."""
 _ARCSEC = 1.0 / 3600.0
 
 
@@ -177,6 +181,7 @@ class _Program:
     id_base: int  # level-3 obsids are id_base + n, exposures' id_base + 100_000 + n, guide stars' + 200_000 + n
     exclusive: bool = False
     cal_ver: str = "1.11.3"
+    field: Field | None = None  # the sky its images show
 
     @property
     def data_rights(self) -> str:
@@ -270,6 +275,12 @@ def _mjd_to_datetime(mjd: float) -> datetime:
     return _MJD_EPOCH + timedelta(days=mjd)
 
 
+def _microns(filter_name: str, per_micron: int = 100) -> float:
+    """Central wavelength of a filter named like F1130W (JWST: 11.30 um) or F502N (HST, per_micron=1000)."""
+    digits = "".join(c for c in filter_name.split(";")[0] if c.isdigit())
+    return int(digits or "200") / per_micron
+
+
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
@@ -285,20 +296,21 @@ def s3_etag(part_md5s: list[bytes], size: int) -> str:
     return f'"{combined}-{len(part_md5s)}"'
 
 
-def _remade(maker: Callable[[], GeneratedFile], size: int, revision: int, seed: int) -> GeneratedFile:
+def _remade(maker: Callable[[], GeneratedFile], size: int, revision: int, seed: int,
+            memo: ChecksumMemo) -> GeneratedFile:
     """The file ``maker`` builds, as of reprocessing ``revision``: ``size`` bytes, data pattern moved by
-    ``revision * REPROCESS_SHIFT``. Raises ValueError for products whose maker takes no pattern offset
-    (text files) or a size the format cannot have."""
+    ``revision * REPROCESS_SHIFT`` (FITS: the filler HDU's data, so its DATASUM; ``memo`` keeps this
+    revision's sums). Raises ValueError for products whose maker takes no pattern offset (text files) or
+    a size the format cannot have."""
     shift = seed + revision * REPROCESS_SHIFT
     if isinstance(maker, functools.partial) and maker.func is _build_jwst_fits:
-        cards, images, shape, wcs, _, _ = maker.args
-        return _build_jwst_fits(cards, images, shape, wcs, size, shift)
+        cards, images, shape, wcs, sky = maker.args[:5]
+        return _build_jwst_fits(cards, images, shape, wcs, sky, size, shift, memo)
     if isinstance(maker, functools.partial) and maker.func is fitsgen.build_fits:
-        spec, _, _ = maker.args
-        return fitsgen.build_fits(spec, size, shift)
+        return fitsgen.build_fits(maker.args[0], size, shift, memo)
     if isinstance(maker, functools.partial) and maker.func is fitsgen.build_jpeg:
-        _, _, comment = maker.args
-        return fitsgen.build_jpeg(size, shift, comment)
+        _, _, comment, *picture = maker.args
+        return fitsgen.build_jpeg(size, shift, comment, *picture)
     raise ValueError("only FITS and JPEG products can be reprocessed")
 
 
@@ -408,9 +420,22 @@ def _jwst_primary_cards(
 
 
 def _build_jwst_fits(cards: Callable[[], tuple], images: tuple[ImageExt, ...], shape: tuple[int, int],
-                     wcs: tuple[float, float, float] | None, size: int, shift: int) -> GeneratedFile:
+                     wcs: tuple[float, float, float], sky: Sky, size: int, shift: int,
+                     memo: ChecksumMemo) -> GeneratedFile:
     """A JWST FITS product; its header cards are computed only now, when the file is first read."""
-    return fitsgen.build_fits(FitsSpec(primary_cards=cards(), images=images, base_shape=shape, wcs=wcs), size, shift)
+    return fitsgen.build_fits(_jwst_spec(cards, images, shape, wcs, sky), size, shift, memo)
+
+
+def _jwst_spec(cards: Callable[[], tuple], images: tuple[ImageExt, ...], shape: tuple[int, int],
+               wcs: tuple[float, float, float], sky: Sky) -> FitsSpec:
+    return FitsSpec(primary_cards=cards(), images=images, base_shape=shape, wcs=wcs, sky=sky)
+
+
+def _fitted_wcs(spec: Callable[[], FitsSpec], size: int) -> Wcs:
+    """The WCS (and shape) of the images of a FITS file of `size` bytes made from `spec()`."""
+    made = spec()
+    shape = fitsgen.image_shape(made, size)
+    return Wcs(*fitsgen.fitted_wcs(made.wcs, made.base_shape, shape), shape)
 
 
 class Catalog:
@@ -433,9 +458,11 @@ class Catalog:
         self._lock = threading.Lock()
         self._revisions: dict[tuple[str, str], tuple[int, TwinProduct]] = {}  # (uri, copy) -> (revision, product)
         self._revision_sizes: dict[tuple[str, int], int] = {}
+        self._revision_memos: dict[tuple[str, int], ChecksumMemo] = {}
         self._row_sizes: dict[str, int] = {}  # uri -> size the rows state after reprocessing
         self._size_errors: dict[str, int] = {}  # uri -> bytes the rows' size is off by
         self._dynamic: set[str] = set()
+        self._skies: dict[tuple[str, float], Sky] = {}
         self._generated = functools.lru_cache(maxsize=_GENERATED_CACHE_SIZE)(self._build_file)
         self._build_2733()
         self._build_exclusive()
@@ -498,7 +525,7 @@ class Catalog:
             number = max(self.revision(uri, c) for c in COPIES) + 1
             for copy in targets:
                 size = self.product(uri, copy).size + resize  # type: ignore[union-attr]
-                _remade(self._makers[uri], size, number, _crc(uri))  # raises before anything changes
+                _remade(self._makers[uri], size, number, _crc(uri), ChecksumMemo())  # raises before any change
                 product = replace(base, size=size, mtime=base.mtime + number * REPROCESS_SECONDS)
                 self._revision_sizes[(uri, number)] = size  # both copies of one revision share bytes
                 self._revisions[(uri, copy)] = (number, product)
@@ -708,16 +735,30 @@ class Catalog:
             generated = self._makers[uri]()
             assert generated.size == self._products[uri].size, uri
             return generated
-        return _remade(self._makers[uri], self._revision_sizes[(uri, revision)], revision, _crc(uri))
+        memo = self._revision_memos.setdefault((uri, revision), ChecksumMemo())
+        return _remade(self._makers[uri], self._revision_sizes[(uri, revision)], revision, _crc(uri), memo)
 
     # ------------------------------------------------------------------ JWST products
 
-    def _jwst_fits_maker(self, uri: str, size: int, cards: Callable[[], tuple], images: tuple[ImageExt, ...],
-                         shape: tuple[int, int], wcs: tuple[float, float, float] | None) -> Callable[[], GeneratedFile]:
-        return functools.partial(_build_jwst_fits, cards, images, shape, wcs, size, _crc(uri))
+    def _sky(self, program: _Program, microns: float) -> Sky:
+        """The program's field seen at `microns` (one shared Sky per program and band)."""
+        key = (program.proposal_id, round(microns, 3))
+        sky = self._skies.get(key)
+        if sky is None:
+            assert program.field is not None, program.proposal_id
+            sky = self._skies[key] = Sky(program.field, Band.for_wavelength(microns))
+        return sky
 
-    def _jpeg_maker(self, uri: str, size: int, comment: str) -> Callable[[], GeneratedFile]:
-        return functools.partial(fitsgen.build_jpeg, size, _crc(uri), comment)
+    def _jwst_fits_maker(self, uri: str, size: int, cards: Callable[[], tuple], images: tuple[ImageExt, ...],
+                         shape: tuple[int, int], wcs: tuple[float, float, float],
+                         sky: Sky) -> Callable[[], GeneratedFile]:
+        return functools.partial(_build_jwst_fits, cards, images, shape, wcs, sky, size, _crc(uri), ChecksumMemo())
+
+    def _jpeg_maker(self, uri: str, size: int, comment: str, sky: Sky | None = None, wcs: Wcs | None = None,
+                    largest: int = 512) -> Callable[[], GeneratedFile]:
+        """A JPEG of `size` bytes showing what an image with `wcs` shows of `sky` (if given)."""
+        picture = functools.partial(preview_jpeg, sky, wcs, largest=largest) if sky and wcs else None
+        return functools.partial(fitsgen.build_jpeg, size, _crc(uri), comment, picture)
 
     def _jwst_row(self, program: _Program, obsid_value: object, obs_id: str, description: str, product_type: str,
                   subgroup: str | None, calib_level: int, filters: str | None, recommended: bool = False,
@@ -750,6 +791,7 @@ class Catalog:
         obsid_value = id_style(exposure_ids[name])
         s3_dir = f"jwst/public/jw{program.padded}/{exposure.visit_id}"
         exp_type = "NRC_IMAGE" if exposure.instrument == "NIRCAM" else "MIR_IMAGE"
+        sky = self._sky(program, _microns(exposure.filter))
         uris = []
         fits_suffixes = (
             ("uncal", "RampModel", "uncalibrated", 1, "exposure (L1b): uncalibrated 4D exposure data"),
@@ -776,7 +818,7 @@ class Catalog:
             s3_key = None if program.exclusive or uri == HTTP_ONLY_URI else f"{s3_dir}/{filename}"
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=s3_key,
-                maker=self._jwst_fits_maker(uri, size, cards, images, exposure.shape, wcs),
+                maker=self._jwst_fits_maker(uri, size, cards, images, exposure.shape, wcs, sky),
                 row=self._jwst_row(program, obsid_value, name, description, "SCIENCE", suffix.upper(), level, filters,
                                    recommended=suffix == "cal")))
         if not program.exclusive:
@@ -787,7 +829,9 @@ class Catalog:
                 s3_key = f"{s3_dir}/{filename}" if product_type == "PREVIEW" else None
                 uris.append(self._add_product(
                     program=program, uri=uri, filename=filename, size=size, s3_key=s3_key,
-                    maker=self._jpeg_maker(uri, size, f"{name} calibrated preview"),
+                    maker=self._jpeg_maker(uri, size, f"{name} calibrated preview", sky,
+                                           Wcs(exposure.ra, exposure.dec, exposure.pixel_scale, exposure.shape),
+                                           512 if product_type == "PREVIEW" else 128),
                     row=self._jwst_row(program, obsid_value, name, f"{product_type.title()} image", product_type, None, 2, filters,
                                        versioned=False)))
         candidate = exposure_ids[name] - program.id_base - 100_000 + 1
@@ -824,6 +868,9 @@ class Catalog:
         first = members[0]
         exp_type = "NRC_IMAGE" if instrument == "NIRCAM" else "MIR_IMAGE"
         s3 = (lambda f: None) if program.exclusive else (lambda f: f"{level3.s3_dir}/{f}")
+        sky = self._sky(program, _microns(first.filter))
+        mosaic_wcs = (level3.ra, level3.dec, level3.pixel_scale)
+        i2d_wcs: Callable[[], Wcs] | None = None
         uris = []
         for suffix, datamodel, description, subgroup in (
             ("i2d", "ImageModel", "Level 3: resampled and combined 2D image", "I2D"),
@@ -842,10 +889,12 @@ class Catalog:
                 else ("MULTIPLE" if instrument == "NIRCAM" else "MIRIMAGE"),
                 filt=first.filter, pupil=first.pupil, start_mjd=start, duration=duration, ra=level3.ra,
                 dec=level3.dec, exp_type=exp_type)
+            if suffix == "i2d":
+                i2d_wcs = functools.partial(
+                    _fitted_wcs, functools.partial(_jwst_spec, cards, images, level3.mosaic, mosaic_wcs, sky), size)
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=s3(filename),
-                maker=self._jwst_fits_maker(uri, size, cards, images, level3.mosaic,
-                                            (level3.ra, level3.dec, level3.pixel_scale)),
+                maker=self._jwst_fits_maker(uri, size, cards, images, level3.mosaic, mosaic_wcs, sky),
                 row=self._jwst_row(program, obsid_value, obs_id, description, "SCIENCE", subgroup, 3, level3.filters,
                                    recommended=suffix == "i2d",
                                    documentation="https://jwst-pipeline.readthedocs.io/en/latest/jwst/data_products/"
@@ -856,7 +905,7 @@ class Catalog:
             size = self._scaled(380_000 + _crc(uri) % 200_000, _MIN_TEXT_SIZE)
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=s3(filename),
-                maker=functools.partial(_source_catalog_file, obs_id, level3.ra, level3.dec, size),
+                maker=functools.partial(_source_catalog_file, obs_id, sky, i2d_wcs, size),
                 row=self._jwst_row(program, obsid_value, obs_id, "Level 3: source catalog", "SCIENCE", "CAT", 3,
                                    level3.filters, recommended=True)))
         asn_name = f"jw{program.padded}-o{level3.observation:03d}_{program.asn_version}_image3_{_crc(obs_id) % 1000:05d}_asn.json"
@@ -887,7 +936,9 @@ class Catalog:
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size,
                 s3_key=None if product_type == "THUMBNAIL" else s3(filename),
-                maker=self._jpeg_maker(uri, size, f"{obs_id} level-3 preview"),
+                maker=self._jpeg_maker(uri, size, f"{obs_id} level-3 preview", sky,
+                                       Wcs(level3.ra, level3.dec, level3.pixel_scale, level3.mosaic),
+                                       512 if product_type == "PREVIEW" else 128),
                 row=self._jwst_row(program, obsid_value, obs_id, f"{product_type.title()} image", product_type, None, 3,
                                    level3.filters, recommended=True, versioned=False)))
         return uris
@@ -945,7 +996,8 @@ class Catalog:
                     ra=ra, dec=dec, exp_type=exp_type)
                 uris.append(self._add_product(
                     program=program, uri=uri, filename=filename, size=size, s3_key=f"{s3_dir}/{filename}",
-                    maker=self._jwst_fits_maker(uri, size, cards, images, shape, None),
+                    maker=self._jwst_fits_maker(uri, size, cards, images, shape, (ra, dec, 0.069 * _ARCSEC),
+                                                self._sky(program, 2.0)),
                     row=self._jwst_row(program, obsid_value, stem, f"guide star data: {exp_type.lower()}", "AUXILIARY",
                                        stem.split("_")[1].upper(), level, None)))
         return uris
@@ -1014,7 +1066,8 @@ class Catalog:
             proposal_id=PROGRAM_2733, pi="Pontoppidan, Klaus",
             title="Webb's First Images: the Southern Ring Nebula (NGC 3132)", proposal_type="ERO",
             target="NGC 3132", target_classification="Nebulae; Planetary nebulae",
-            release_mjd=59772.42, processed=datetime(2023, 5, 3, 15, 12, 56, tzinfo=timezone.utc), id_base=87_600_000)
+            release_mjd=59772.42, processed=datetime(2023, 5, 3, 15, 12, 56, tzinfo=timezone.utc), id_base=87_600_000,
+            field=_NGC_3132_FIELD)
         id_style: Callable[[int], object] = str
         exposure_ids: dict[str, int] = {}
         ra0, dec0 = 151.7553, -40.4368
@@ -1123,7 +1176,8 @@ class Catalog:
             }
             self._list_product(entry, self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=None,
-                maker=self._jpeg_maker(uri, size, f"{obs_id} {description}"), row=row))
+                maker=self._jpeg_maker(uri, size, f"{obs_id} {description}", self._sky(program, 2.0 if suffix == "a" else 11.3),
+                                       Wcs(ra, dec, 0.35 * _ARCSEC, (600, 800))), row=row))
 
     def _build_exclusive(self) -> None:
         program = _Program(
@@ -1131,7 +1185,7 @@ class Catalog:
             title="Dust formation in the colliding winds of WR 140 (twin exclusive access)", proposal_type="GO",
             target="WR 140", target_classification="Star; Wolf-Rayet star", release_mjd=66154.0,
             processed=datetime(2025, 3, 1, 9, 30, tzinfo=timezone.utc), id_base=230_000_100, exclusive=True,
-            cal_ver="1.17.1")
+            cal_ver="1.17.1", field=Field(305.116804, 43.854125, seed=140))
         ra0, dec0 = 305.116804, 43.854125
         exposure_ids: dict[str, int] = {}
         for index, (optical, filt, detector, em_range, scale) in enumerate((
@@ -1151,7 +1205,8 @@ class Catalog:
             proposal_id=HST_PROGRAM, pi="Twin, Hubble",
             title="WFC3 narrow-band imaging of the planetary nebula NGC 3132", proposal_type="GO",
             target="NGC 3132", target_classification="PLANETARY NEBULA", release_mjd=55504.3,
-            processed=datetime(2021, 11, 20, 4, 0, tzinfo=timezone.utc), id_base=2_003_740_000, cal_ver="3.6.2")
+            processed=datetime(2021, 11, 20, 4, 0, tzinfo=timezone.utc), id_base=2_003_740_000, cal_ver="3.6.2",
+            field=_NGC_3132_FIELD)
         ra0, dec0 = 151.75710, -40.43640
         for index, (filt, em_range) in enumerate((("F502N", (499.0, 506.0)), ("F656N", (654.0, 658.0)),
                                                   ("F814W", (699.0, 962.0)))):
@@ -1247,8 +1302,9 @@ class Catalog:
                 maker = functools.partial(
                     fitsgen.build_fits,
                     FitsSpec(primary_cards=cards, images=images, base_shape=shape, filler_extname="WCSCORR",
-                             filler_column="WCS_DATA", wcs=(ra0, dec0, 0.04 * _ARCSEC)),
-                    size, _crc(uri))
+                             filler_column="WCS_DATA", wcs=(ra0, dec0, 0.04 * _ARCSEC),
+                             sky=self._sky(program, _microns(filt, 1000))),
+                    size, _crc(uri), ChecksumMemo())
                 s3_key = None if suffix == "trl" else f"hst/public/{assoc[:4]}/{assoc}/{filename}"
                 row = {
                     "obsID": file_obsid, "obs_collection": "HST", "dataproduct_type": "image", "obs_id": rootname,
@@ -1264,7 +1320,8 @@ class Catalog:
             size = self._scaled(350_000, _MIN_JPEG_SIZE)
             self._list_product(entry, self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=None,
-                maker=self._jpeg_maker(uri, size, f"{assoc} drizzled preview"),
+                maker=self._jpeg_maker(uri, size, f"{assoc} drizzled preview", self._sky(program, _microns(filt, 1000)),
+                                       Wcs(ra0, dec0, 0.04 * _ARCSEC, (4200, 4200))),
                 row={"obsID": obsid, "obs_collection": "HST", "dataproduct_type": "image", "obs_id": assoc,
                      "description": "Preview-Full", "type": "S", "productType": "PREVIEW", "project": "HST",
                      "calib_level": 3, "filters": filt}))
@@ -1275,7 +1332,8 @@ class Catalog:
             proposal_id=BIG_PROGRAM, pi="Survey, Twin",
             title="Twin wide-field MIRI survey of GOODS-S (520 pointings)", proposal_type="GO",
             target="GOODS-S", target_classification="Galaxy; Extragalactic deep field", release_mjd=60197.0,
-            processed=datetime(2023, 9, 10, 12, 0, tzinfo=timezone.utc), id_base=330_000_000, cal_ver="1.11.4")
+            processed=datetime(2023, 9, 10, 12, 0, tzinfo=timezone.utc), id_base=330_000_000, cal_ver="1.11.4",
+            field=Field(53.1228, -27.8056, seed=5500, half_width=0.35, count=20000))
         ra0, dec0 = 53.1228, -27.8056
         scale = 0.11 * _ARCSEC
         for number in range(1, 521):
@@ -1322,20 +1380,36 @@ _CATALOG_COLUMNS = (("label", "int64"), ("xcentroid", "float64"), ("ycentroid", 
                     ("aper_total_abmag", "float64"), ("is_extended", "bool"))
 
 
-def _source_catalog_file(obs_id: str, ra: float, dec: float, size: int) -> GeneratedFile:
-    """A JWST-like source catalog (ECSV) with deterministic rows filling exactly `size` bytes."""
+def _source_catalog_file(obs_id: str, sky: Sky, i2d_wcs: Callable[[], Wcs], size: int) -> GeneratedFile:
+    """A JWST-like source catalog (ECSV) of the sources the level-3 mosaic shows, brightest first (labels as
+    in its segmentation map); rows past those are faint detections at the noise limit, to fill `size`."""
+    wcs = i2d_wcs()
+    sources = sky.catalog_sources(wcs)
+    ny, nx = wcs.shape
     seed = _crc(obs_id)
+    faint_flux = 3 * sky.band.noise * 2 * math.pi * (sky.band.fwhm_arcsec / 2.3548 / 206264.8) ** 2 * 1e6
 
     def row(index: int) -> list[str]:
-        mix = (seed + index * 2654435761) & 0xFFFFFFFF
-        x, y = mix % 4096 + (mix >> 20) / 4096.0, (mix >> 12) % 4096 + (mix & 0xFF) / 256.0
-        flux = 0.01 + (mix % 100_000) / 1000.0
-        return [str(index + 1), f"{x:.4f}", f"{y:.4f}", f"{ra + (x - 2048) * 3e-5:.8f}",
-                f"{dec + (y - 2048) * 3e-5:.8f}", f"{flux:.6f}", f"{23.9 - 2.5 * math.log10(flux):.4f}",
-                "True" if mix % 7 == 0 else "False"]
+        if index < len(sources):
+            label, x, y, ra, dec, flux, extended = sources[index]
+        else:
+            mix = (seed + index * 2654435761) & 0xFFFFFFFF
+            x, y = (mix % 65536) / 65536 * (nx - 1), (mix >> 16) / 65536 * (ny - 1)
+            ra_pixel, dec_pixel = _pixel_to_sky(wcs, x, y)
+            label, ra, dec, flux, extended = sky.field.count + index + 1, ra_pixel, dec_pixel, faint_flux, False
+        return [str(label), f"{x:.4f}", f"{y:.4f}", f"{ra:.8f}", f"{dec:.8f}", f"{flux:.6e}",
+                f"{-2.5 * math.log10(flux / 3631.0):.4f}", "True" if extended else "False"]
 
     meta = {"version": "1.11.3", "aperture_params": "{aperture_radii: [1.8, 2.6, 3.4]}", "obs_id": obs_id}
     return fitsgen.build_text(fitsgen.ecsv_catalog(_CATALOG_COLUMNS, row, meta, size))
+
+
+def _pixel_to_sky(wcs: Wcs, x: float, y: float) -> tuple[float, float]:
+    """Inverse TAN projection of zero-based pixel (x, y) (small fields: linear is within 1e-6 deg)."""
+    crpix1, crpix2 = wcs.crpix
+    dec = wcs.dec + (y + 1 - crpix2) * wcs.scale
+    ra = wcs.ra - (x + 1 - crpix1) * wcs.scale / math.cos(math.radians(dec))
+    return ra, dec
 
 
 # -------------------------------------------------------------------------------------------------------
