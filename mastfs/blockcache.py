@@ -243,6 +243,11 @@ class BlockCache:
         present = self._by_version.get(ref.version_key)
         return present is not None and len(present) == block_count(ref.size)
 
+    def is_verified(self, ref: ProductRef) -> bool:
+        """True when the product's blocks on disk passed its whole-file checks and none changed since
+        (the reader then skips its per-HDU FITS sums)."""
+        return ref.version_key in self._verified
+
     async def load(self, ref: ProductRef, index: int) -> bytes | None:
         """The verified bytes of block ``index`` of ``ref``, or None (a miss).
 
