@@ -46,7 +46,7 @@ from .fetch.s3 import S3Fetcher
 from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .lru import LRU
 from .singleflight import SingleFlight
-from .versions import ObjectVersion
+from .versions import ObjectVersion, VersionChanged
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +255,16 @@ class ByteReader:
     async def read_view(self, stream: ReadStream, offset: int, length: int) -> bytes | memoryview:
         """Like :meth:`read`, but a read inside one block returns a read-only memoryview of the cached
         block instead of a copy (for the FUSE adapter: pyfuse3 accepts any buffer). The view keeps its
-        block alive while referenced."""
+        block alive while referenced.
+
+        Raises VersionChanged once a later pin found another version of the product: an open file
+        never serves bytes of two versions, nor old bytes after a newer open saw the new ones."""
         ref = stream.ref
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length ({offset}, {length})")
+        latest = self._pinned.peek(ref.uri)
+        if ref.version is not None and latest is not None and latest != ref.version_key:
+            raise VersionChanged(f"{ref.uri}: a newer version was opened since this file was")
         end = min(offset + length, ref.size)
         if offset >= end:
             return b""

@@ -20,7 +20,6 @@ from mastfs.twin.server import Twin
 pytestmark = pytest.mark.mount
 
 OBS = twin_catalog.OBS_2733_MIRI_F1130W
-PRODUCTS = f"program/{twin_catalog.PROGRAM_2733}/{OBS}"
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +36,16 @@ def fresh(own_twin):
     own_twin.faults.clear()
 
 
-def path_of(mount, uri: str) -> str:
-    """The file of ``uri`` in OBS, found through the mount's products.csv."""
+def path_of(mount, uri: str, obs: str = OBS) -> str:
+    """The file of ``uri`` in observation ``obs``, found through the mount's products.csv."""
     import csv
 
-    obs_dir = mount.join(PRODUCTS)
+    obs_dir = mount.join(f"program/{twin_catalog.PROGRAM_2733}/{obs}")
     with open(os.path.join(obs_dir, "products.csv"), encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
             if row["dataURI"] == uri and row["mastfs_path"]:
                 return os.path.join(obs_dir, row["mastfs_path"])
-    raise AssertionError(f"{uri} not shown in {OBS}")
+    raise AssertionError(f"{uri} not shown in {obs}")
 
 
 def uris_of(twin, suffix: str) -> list[str]:
@@ -160,3 +159,110 @@ def test_a_206_body_from_another_offset_is_caught_by_the_hdu_checksums(fresh, tm
         assert hashlib.sha256(whole(path_of(mount, segm))).hexdigest() == fresh.catalog.sha256(segm, "s3")
         # block 1 came from the cache; block 0 shared the failed HDU, so it was dropped and is fetched again
         assert fresh.stats()["total_bytes_sent"] <= 65536
+
+
+
+READERS = 8
+REPROCESSING_COUNTS: dict[str, int] = {}
+"""Totals of the reprocessing race (printed by the test; docs/reliability.md quotes a run)."""
+
+
+def race_pool(twin) -> list[tuple[str, str]]:
+    """(obs_id, uri) of the multi-block level-3 FITS products of program 2733 no other test here uses."""
+    pool = []
+    for row in twin.catalog.observation_rows():
+        if str(row["proposal_id"]) != twin_catalog.PROGRAM_2733 or row["obs_id"] in (OBS, "jw02733-o002_t001_miri_f1800w"):
+            continue
+        for product in twin.catalog.product_rows(row["obsid"]):
+            uri = product["dataURI"]
+            if row["obs_id"] in uri and uri.endswith(".fits") and twin.catalog.product(uri).size > 65536:
+                pool.append((row["obs_id"], uri))
+    return sorted(set(pool))
+
+
+def test_reprocessing_during_reads_never_yields_a_file_made_of_two_versions(fresh, tmp_path):
+    """Hypothesis draws reprocessings (which product, which copies, whether the size changes, whether the
+    user refreshes) applied while 8 threads read products through the mount, each read a new open: half
+    read the FITS header only (so a product is often partly cached when it changes), half read it whole.
+    Every whole read must equal exactly one version the twin ever served, or fail with EIO."""
+    import random
+    import threading
+    import time
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    totals = REPROCESSING_COUNTS
+    totals.update(whole_reads=0, header_reads=0, eio=0, mixed=0, reprocessings=0, versions_seen=0)
+    seen: set[str] = set()
+    pool = race_pool(fresh)
+    assert len(pool) >= 15
+
+    with mounted(fresh, tmp_path) as mount:
+        fresh_products = iter(pool)
+
+        step = st.tuples(st.integers(0, 2), st.sampled_from(["both", "s3", "http"]),
+                         st.sampled_from([0, 0, 0, 2880]), st.booleans())
+
+        @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(step, min_size=1, max_size=4))
+        def race(steps):
+            products = [next(fresh_products) for _ in range(3)]  # never read before: nothing cached yet
+            uris = [uri for _, uri in products]
+            paths = {uri: path_of(mount, uri, obs) for obs, uri in products}
+            known = {uri: {fresh.catalog.sha256(uri, "s3")} for uri in uris}
+            stop = threading.Event()
+            results: list[tuple[str, str | None]] = []
+            lock = threading.Lock()
+
+            def reader(seed: int) -> None:
+                pick = random.Random(seed)
+                while not stop.is_set():
+                    uri = pick.choice(uris)
+                    try:
+                        if pick.random() < 0.5:
+                            with open(paths[uri], "rb") as handle:
+                                handle.read(2880)
+                            digest = "header"
+                        else:
+                            digest = hashlib.sha256(whole(paths[uri])).hexdigest()
+                    except OSError as exc:
+                        assert exc.errno == errno.EIO, exc
+                        digest = None
+                    with lock:
+                        results.append((uri, digest))
+
+            threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(READERS)]
+            for thread in threads:
+                thread.start()
+            try:
+                for which, copies, resize, user_refreshes in steps:
+                    time.sleep(0.2)
+                    uri = uris[which]
+                    new = fresh.catalog.reprocess(uri, resize=resize, copies=copies)
+                    known[uri].add(new["s3"]["sha256"])
+                    totals["reprocessings"] += 1
+                    if user_refreshes:
+                        mount.control({"op": "refresh", "path": paths[uri]})
+                time.sleep(0.3)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(timeout=60)
+            for uri, digest in results:
+                if digest == "header":
+                    totals["header_reads"] += 1
+                elif digest is None:
+                    totals["eio"] += 1
+                else:
+                    totals["whole_reads"] += 1
+                    if digest in known[uri]:
+                        seen.add(digest)
+                    else:
+                        totals["mixed"] += 1
+            assert totals["mixed"] == 0
+
+        race()
+    totals["versions_seen"] = len(seen)
+    print(f"\nreprocessing race: {totals}")
+    assert totals["mixed"] == 0 and totals["whole_reads"] > 100 and totals["versions_seen"] > 5
