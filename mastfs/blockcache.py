@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .versions import ObjectVersion
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,12 @@ class ProductRef:
 
     def checks(self) -> dict[str, Any]:
         """What a complete copy can be checked against: size, and when known sha256, the content MD5
-        (a plain-MD5 ETag) and S3 additional checksums (name -> base64)."""
+        (a plain-MD5 ETag), S3 additional checksums (name -> base64), and whether it is FITS (HDU
+        DATASUM/CHECKSUM, checked by ``mastfs cache verify``)."""
         version = self.version
         return {
             "size": self.size,
+            "fits": applies_to(self.uri, self.size),
             "sha256": self.sha256,
             "md5": version.content_md5 if version is not None else None,
             "s3": dict(version.checksums) if version is not None else {},
@@ -418,14 +421,14 @@ class BlockCache:
                 await self._run(_unlink_all, self._forget(key))
         for vk in list(self._by_version):
             checks = await self._run(_read_checks, self._version_dir(vk))
-            if checks is None or not _has_digest(checks) or vk in self._verified:
+            if checks is None or not (_has_digest(checks) or checks.get("fits")) or vk in self._verified:
                 continue
             if len(self._by_version.get(vk, ())) != block_count(checks["size"]):
                 continue
             paths = [self._path(vk, index) for index in range(block_count(checks["size"]))]
             marker = os.path.join(self._version_dir(vk), _VERIFIED_MARKER)
             outcome, _ = await self._run(self._hash_product_sync, paths, bytes.fromhex(vk), checks["size"], checks,
-                                         marker)
+                                         marker, bool(checks.get("fits")))
             if outcome == "unreadable":
                 continue
             report.products_checked += 1
@@ -591,10 +594,12 @@ class BlockCache:
         return "corrupt", len(data)
 
     def _hash_product_sync(self, paths: list[str], raw_vk: bytes, size: int, checks: dict[str, Any],
-                           marker: str) -> tuple[str, int]:
-        """``("match" | "unreadable" | name of the failed check, bad block index)``; writes ``marker``
-        on a match."""
+                           marker: str, fits: bool = False) -> tuple[str, int]:
+        """``("match" | "unreadable" | name of the failed check, bad block index)``; with ``fits`` also
+        each HDU's DATASUM and CHECKSUM; writes ``marker`` on a match."""
         hashers = _whole_file_hashers(checks)
+        hdus = FitsCheck(size) if fits else None
+        previous: tuple[int, bytes] | None = None
         for index, path in enumerate(paths):
             start, end = block_span(index, size)
             data = self._read_sync(path, raw_vk, index, end - start)
@@ -602,6 +607,14 @@ class BlockCache:
                 return "unreadable", index
             for hasher in hashers.values():
                 hasher.update(data)
+            if hdus is not None:
+                try:
+                    if previous is not None and hdus.next_header < start:  # a header across the boundary
+                        hdus.add(*previous, more=data)
+                    hdus.add(start, data)
+                except HduMismatch as exc:
+                    return f"FITS {exc}", index
+                previous = (start, data)
         for name, hasher in hashers.items():
             if hasher.result() != hasher.expected:
                 return name, -1

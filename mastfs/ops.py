@@ -262,7 +262,8 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
 
     While a mount uses that cache directory, ``stats`` asks its daemon (opening the cache here would
     disturb the daemon's unfinished writes) and ``clear`` and ``verify`` refuse (raise MastfsError:
-    unmount first). ``verify`` returns 1 when it found (and removed) corrupt blocks.
+    unmount first). ``verify`` returns 1 when it found (and removed) corrupt blocks or whole files that
+    failed a check.
     """
     import trio
 
@@ -299,10 +300,13 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
         else:
             report = await cache.verify()
             print(f"verified {report.blocks} blocks ({human_bytes(report.bytes)}) in {settings.cache_dir}: "
-                  f"{report.corrupt} corrupt removed, {report.stray_files} unfinished writes removed", file=out)
+                  f"{report.corrupt} corrupt removed ({report.mixed} of another version), "
+                  f"{report.stray_files} unfinished writes removed; {report.products_checked} whole files checked "
+                  f"(MD5 ETag, S3 checksums, FITS DATASUM/CHECKSUM), {report.products_failed} failed and removed",
+                  file=out)
             for path in report.corrupt_paths:
                 print(f"  removed corrupt block {path}", file=out)
-            return 1 if report.corrupt else 0
+            return 1 if report.corrupt or report.products_failed else 0
         return 0
 
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import BadResponse, MastfsError
 
@@ -36,14 +36,14 @@ class ObjectVersion:
 
     ``size`` is the true length (None: the server gave none); ``etag`` the quoted entity tag or None;
     ``last_modified`` the Last-Modified text or None; ``version_id`` the S3 VersionId or None;
-    ``checksums`` S3 additional checksums (name -> base64) when the object has them.
+    ``checksums`` S3 additional checksums ((name, base64) pairs) when the object has them. Hashable.
     """
 
     size: int | None
     etag: str | None = None
     last_modified: str | None = None
     version_id: str | None = None
-    checksums: Mapping[str, str] = field(default_factory=dict)
+    checksums: tuple[tuple[str, str], ...] = ()
 
     @property
     def tag(self) -> str:
@@ -102,8 +102,8 @@ def from_s3(response: Mapping) -> ObjectVersion:
     total = content_range_total(response.get("ContentRange"))
     size = total if total is not None else response.get("ContentLength")
     modified = response.get("LastModified")
-    checksums = {name: response[name] for name in S3_CHECKSUMS
-                 if response.get(name) and "-" not in str(response[name])}
+    checksums = tuple((name, response[name]) for name in S3_CHECKSUMS
+                      if response.get(name) and "-" not in str(response[name]))
     return ObjectVersion(size=size, etag=response.get("ETag"),
                          last_modified=modified.isoformat() if modified is not None else None,
                          version_id=response.get("VersionId"), checksums=checksums)

@@ -78,3 +78,28 @@ def test_files_without_checksums_pass_unchecked():
 
 def test_only_fits_names_of_whole_records_are_checked():
     assert applies_to("x_cal.fits", 2880 * 3) and not applies_to("x.jpg", 2880) and not applies_to("x.fits", 100)
+
+
+def test_cache_verify_checks_the_hdus_of_cached_fits_files(tmp_path):
+    import trio
+
+    from mastfs.blockcache import BlockCache, ProductRef
+
+    bad = bytearray(GOOD)
+    bad[len(GOOD) - 3000] ^= 1  # in the table's data: blocks are sound, the HDU's DATASUM is not
+    good_ref = ProductRef("mast:TEST/good_cal.fits", len(GOOD))
+    bad_ref = ProductRef("mast:TEST/bad_cal.fits", len(bad))
+
+    async def main():
+        cache = BlockCache(str(tmp_path), 1 << 30, 0)
+        await cache.open()
+        for ref, content in ((good_ref, GOOD), (bad_ref, bytes(bad))):
+            for start, data in blocks(content):
+                await cache.store(ref, block_count(start + 1) - 1, data)
+        offline = BlockCache(str(tmp_path), 1 << 30, 0)
+        await offline.open()
+        report = await offline.verify()
+        assert (report.products_checked, report.products_failed) == (2, 1)
+        assert offline.contains(good_ref, 0) and not offline.contains(bad_ref, 0)
+
+    trio.run(main)
