@@ -114,6 +114,8 @@ class ProductRef:
         return {
             "size": self.size,
             "fits": applies_to(self.uri, self.size),
+            "version": None if version is None else {
+                "etag": version.etag, "last_modified": version.last_modified, "version_id": version.version_id},
             "sha256": self.sha256,
             "md5": version.content_md5 if version is not None else None,
             "s3": dict(version.checksums) if version is not None else {},
@@ -382,6 +384,23 @@ class BlockCache:
             if not versions:
                 del self._versions_of[pk]
         await self._run(shutil.rmtree, directory, True)
+
+    async def last_known(self, ref: ProductRef) -> ProductRef | None:
+        """``ref`` as it was last pinned, from the version on disk holding most of its blocks (when the
+        server cannot be asked: stale-if-error); None when no version of it is cached."""
+        versions = [vk for vk in self._versions_of.get(ref.product_key, ()) if vk in self._by_version]
+        if not versions:
+            return None
+        vk = max(versions, key=lambda v: len(self._by_version[v]))
+        checks = await self._run(_read_checks, self._version_dir(vk))
+        if checks is None or not isinstance(checks.get("version"), dict):
+            return None
+        stated = checks["version"]
+        known = ProductRef(ref.uri, checks["size"], sha256=checks.get("sha256"), s3_key=ref.s3_key,
+                           exclusive=ref.exclusive, version=ObjectVersion(
+                               size=checks["size"], etag=stated.get("etag"), last_modified=stated.get("last_modified"),
+                               version_id=stated.get("version_id"), checksums=tuple((checks.get("s3") or {}).items())))
+        return known if known.version_key == vk else None
 
     def product_bytes(self, uri: str) -> int:
         """Bytes of ``uri`` on disk, over its versions (normally one: superseded ones are dropped)."""

@@ -197,9 +197,23 @@ class ByteReader:
         Blocks of the product's other versions leave the cache and memory, so a changed file is read
         from its start and no old block is served again.
 
+        When the server cannot be reached (Unavailable), the version cached last is used if there is one
+        (stale-if-error: cached bytes still read during an outage; a block not cached fails with EIO).
+
         Raises NotFound, Unauthorized, Unavailable, BadResponse; MastfsError when a file of unknown
         length is larger than the cache.
         """
+        try:
+            return await self._pin(ref)
+        except Unavailable as exc:
+            cached = await self._cache.last_known(ref)
+            if cached is None:
+                raise
+            log.warning("%s: MAST cannot be asked for its version (%s); reading the version cached on %s",
+                        ref.uri, exc, cached.version.tag if cached.version else "?")
+            return cached
+
+    async def _pin(self, ref: ProductRef) -> ProductRef:
         source = self._source_for(ref)
         version = None
         if source == "s3":

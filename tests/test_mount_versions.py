@@ -266,3 +266,20 @@ def test_reprocessing_during_reads_never_yields_a_file_made_of_two_versions(fres
     totals["versions_seen"] = len(seen)
     print(f"\nreprocessing race: {totals}")
     assert totals["mixed"] == 0 and totals["whole_reads"] > 100 and totals["versions_seen"] > 5
+
+
+def test_during_an_outage_an_open_reads_the_version_cached_last(fresh, tmp_path):
+    uri, uncached = uris_of(fresh, "_cal.fits")[5], uris_of(fresh, "_cal.fits")[6]
+    cache = tmp_path / "cache"
+    with mounted(fresh, tmp_path, cache_dir=cache, name="one") as mount:
+        assert hashlib.sha256(whole(path_of(mount, uri))).hexdigest() == fresh.catalog.sha256(uri, "s3")
+        path_of(mount, uncached)  # listed while MAST answers
+    with mounted(fresh, tmp_path, cache_dir=cache, name="two", deadline="2s") as mount:
+        paths = path_of(mount, uri), path_of(mount, uncached)
+        fresh.faults.add("s3", "status", code=503)
+        fresh.faults.add("download", "status", code=503)
+        assert hashlib.sha256(whole(paths[0])).hexdigest() == fresh.catalog.sha256(uri, "s3")
+        with pytest.raises(OSError) as info:
+            whole(paths[1])
+        assert info.value.errno == errno.EIO
+        assert "reading the version cached on" in mount.log_text()
