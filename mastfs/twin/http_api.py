@@ -9,7 +9,8 @@ Served (wire formats as in /work/shared/reference/MAST_API.md):
 * ``HEAD``/``GET /api/v0.1/Download/file?uri=``: single byte ranges, 416, 401 for exclusive data.
 * ``GET``/``POST /api/v0.1/path_lookup/?uri=..&uri=..``; ``GET /whoami``; ``GET /Santa-war/query``.
 * admin (not counted): ``/__twin__/faults``, ``/__twin__/stats``, ``/__twin__/stats/reset``,
-  ``/__twin__/sha256?uri=``, ``/__twin__/requests`` (what the last requests asked for, decoded).
+  ``/__twin__/sha256?uri=``, ``/__twin__/requests`` (what the last requests asked for, decoded),
+  ``/__twin__/reprocess`` and ``/__twin__/product`` (versions, misstated sizes, dynamic products).
 
 Product bodies are streamed from ``Catalog.read`` in 1 MiB pieces, never materialised whole. Every
 request consults the :class:`~mastfs.twin.faults.FaultController` and is counted in
