@@ -92,6 +92,7 @@ def test_a_new_size_shows_at_once_after_refresh_and_old_blocks_are_dropped(fresh
         assert os.stat(path).st_size == new["s3"]["size"]
         assert hashlib.sha256(whole(path)).hexdigest() == new["s3"]["sha256"]
         assert int(os.getxattr(path, "user.mastfs.cached_bytes")) <= new["s3"]["size"]
+        assert os.getxattr(path, "user.mastfs.etag").decode() == new["s3"]["etag"]
 
 
 def test_only_the_s3_copy_reprocessed_is_read_from_s3_whole(fresh, tmp_path):
