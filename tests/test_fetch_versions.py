@@ -16,17 +16,11 @@ from mastfs.fetch.http import HttpFetcher
 from mastfs.fetch.s3 import S3Fetcher
 from mastfs.retry import RetryPolicy
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 from mastfs.versions import ObjectVersion, VersionChanged, content_range_total, from_s3
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, deadline=10.0)
 URI = "mast:JWST/product/jw02733-o002_t001_miri_f1130w_segm.fits"
 
-
-@pytest.fixture(scope="module")
-def own_twin():
-    with Twin.start(scale=0.001) as handle:
-        yield handle
 
 
 def with_fetchers(twin, body):

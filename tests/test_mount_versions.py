@@ -15,17 +15,11 @@ import pytest
 from mountutil import endpoint_requests, mounted
 
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 
 pytestmark = pytest.mark.mount
 
 OBS = twin_catalog.OBS_2733_MIRI_F1130W
 
-
-@pytest.fixture(scope="module")
-def own_twin():
-    with Twin.start(scale=0.001) as handle:
-        yield handle
 
 
 @pytest.fixture

@@ -13,16 +13,9 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from mastfs.twin import catalog as twin_catalog
-from mastfs.twin.server import Twin
 
 MIRI_CAL = "mast:JWST/product/jw02733002001_02101_00001_mirimage_cal.fits"
 
-
-@pytest.fixture(scope="module")
-def own_twin():
-    """A twin of its own: these tests reprocess and alter products, which must not leak into others."""
-    with Twin.start(scale=0.001) as handle:
-        yield handle
 
 
 @pytest.fixture
