@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
@@ -47,12 +47,14 @@ import trio
 from . import __version__, fuse_ops
 from .auth import find_token, install_redaction
 from .config import Settings
-from .errors import MastfsError, Unavailable
+from .errors import BadResponse, MastfsError, Unavailable
 from .tree import Tree
 
 log = logging.getLogger(__name__)
 
 MOUNT_WAIT = 30.0
+PROBE_WAIT = 5.0
+"""Seconds the one probe of MAST after mounting may take (``mastfs mount`` waits this long at most for it)."""
 """Seconds a background mount may take to become live before ``mount`` gives up."""
 UMOUNT_BUSY_WAIT = 2.0
 """Seconds ``umount`` retries a busy unmount before detaching lazily."""
@@ -113,6 +115,32 @@ class Services:
     reader: Any
     cache: Any
     client: Any
+    mast_probe: MastProbe = field(default_factory=lambda: MastProbe())
+
+
+class MastProbe:
+    """Whether MAST answered the one probe made after mounting: ``state`` is "pending", "ok" or
+    "unreachable" (then ``problem`` says why)."""
+
+    def __init__(self) -> None:
+        self.state = "pending"
+        self.problem = ""
+
+    async def run(self, client: Any, mast_url: str) -> None:
+        """Probe MAST once; log one WARNING when it cannot be reached. Never raises (but cancellation)."""
+        try:
+            await client.probe(PROBE_WAIT)
+        except (Unavailable, BadResponse) as exc:
+            self.state, self.problem = "unreachable", str(exc)
+            log.warning("MAST cannot be reached at %s (%s); listings and reads that need it fail "
+                        "with EIO until it can (mastfs status shows the errors)", mast_url, exc)
+        except MastfsError:
+            self.state = "ok"  # it answered, if only to refuse
+        else:
+            self.state = "ok"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"state": self.state, "problem": self.problem}
 
 
 @contextlib.asynccontextmanager
@@ -326,6 +354,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
                 log.info("mastfs %s mounted %s at %s (cache %s)", __version__, settings.mast_url, mountpoint,
                          settings.cache_dir)
                 _sd_notify("READY=1")
+                nursery.start_soon(services.mast_probe.run, services.client, settings.mast_url)
         finally:
             _sd_notify("STOPPING=1")
             # After the kernel ended the session there is nothing left to unmount.
@@ -397,6 +426,7 @@ def start_background(settings: Settings, mountpoint: str) -> int:
             break
         if _mount_entry(mountpoint) is not None and os.path.ismount(mountpoint):
             print(f"mastfs: mounted at {mountpoint} (log: {log_path})", file=sys.stderr)
+            _report_probe(mountpoint, settings.mast_url)
             return 0
         time.sleep(0.05)
     else:
@@ -420,6 +450,25 @@ def mount_command(settings: Settings, mountpoint: str, foreground: bool) -> int:
     if foreground:
         return run_foreground(settings, mountpoint)
     return start_background(settings, mountpoint)
+
+
+def _report_probe(mountpoint: str, mast_url: str) -> None:
+    """Print the daemon's WARNING when its probe found MAST unreachable (waiting for the probe at most
+    PROBE_WAIT plus a second; the mount is already live)."""
+    deadline = time.monotonic() + PROBE_WAIT + 1.0
+    while time.monotonic() < deadline:
+        try:
+            status = list(control_request(mountpoint, {"op": "status"}, timeout=2.0))[-1]
+        except (MastfsError, IndexError):
+            return
+        probe = status.get("mast_probe") or {}
+        if probe.get("state") == "unreachable":
+            print(f"mastfs: WARNING: MAST cannot be reached at {mast_url} ({probe.get('problem')}); listings "
+                  "and reads that need it fail with EIO until it can", file=sys.stderr)
+            return
+        if probe.get("state") != "pending":
+            return
+        time.sleep(0.1)
 
 
 def umount_command(mountpoint: str) -> int:
@@ -623,6 +672,7 @@ class ControlHandler:
                       "blocks": self.services.cache.entries},
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
+            "mast_probe": self.services.mast_probe.as_dict(),
             "interrupted": self.operations.interrupts.interrupted,
             "tree": self.services.tree.stats(),
         }

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TextIO
 
 from .config import Settings
@@ -106,8 +107,18 @@ def format_status(status: dict[str, Any]) -> str:
         sent, failed = mast.get("requests", {}), mast.get("errors", {})
         lines.append("  MAST API  " + (", ".join(f"{name} {count} ({failed.get(name, 0)} failed)"
                                                  for name, count in sorted(sent.items())) or "no requests yet"))
-    errors = reader.get("errors", {})
-    lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
+    errors = [f"{name} {count}" for name, count in sorted(reader.get("errors", {}).items())]
+    failed_calls = sum(mast.get("errors", {}).values())
+    if failed_calls:
+        errors.append(f"{failed_calls} failed MAST API call{'s' if failed_calls != 1 else ''}")
+    lines.append("  errors    " + (", ".join(errors) or "none"))
+    last = mast.get("last_error")
+    if last:
+        when = datetime.fromtimestamp(last["time"]).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+        lines.append(f"  last error {when}: {last['message']}")
+    probe = status.get("mast_probe") or {}
+    if probe.get("state") == "unreachable":
+        lines.append(f"  WARNING   MAST could not be reached when mounting: {probe.get('problem')}")
     lines.append(f"  signals   {status.get('interrupted', 0)} waits ended early by a signal to the requester")
     tree = status.get("tree", {})
     lines.append(f"  metadata  {tree.get('nodes', 0)} inodes in memory ({tree.get('kernel_inodes', 0)} known to the "
