@@ -358,8 +358,9 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
   `/obs`, `/target` and `/cone` likewise list only what was looked up during this mount.
 - `<obs_id>` is MAST's `obs_id`, e.g. `jw02733-o002_t001_miri_f1130w`.
 - `<name>` is resolved by MAST's name resolver (e.g. `NGC 3132`, `M101`); the directory holds the
-  observations within 0.2 degrees of that position. A name that does not resolve does not exist
-  (ENOENT, one log line).
+  observations within 0.2 degrees of that position. MAST's own `target_name` spellings (`NGC-3132`)
+  work too: hyphens are tried as blanks when the name is unknown as written. A name that does not
+  resolve does not exist (ENOENT, one log line).
 - `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
   0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
 

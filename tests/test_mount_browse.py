@@ -250,7 +250,8 @@ def test_listings_cost_one_query_and_nothing_when_repeated_or_remounted(twin, cl
         os.listdir(first.join("program", PROGRAM))
         stats = clean_twin.stats()
         assert endpoint_requests(stats, "invoke:Mast.Caom.Filtered") == 1
-        assert stats["total_requests"] == endpoint_requests(stats, "invoke")  # nothing but the query
+        # nothing but the query (and the mount's one probe of MAST, a whoami)
+        assert stats["total_requests"] == endpoint_requests(stats, "invoke") + endpoint_requests(stats, "whoami")
 
         clean_twin.reset_stats()
         listing = subprocess.run(["ls", "-l", first.join(level2)], capture_output=True, text=True, check=True)
@@ -283,7 +284,8 @@ def test_cold_find_costs_one_query_per_observation(twin, clean_twin, tmp_path):
     assert endpoint_requests(stats, "invoke") == 1 + PROGRAM_2733_OBSERVATIONS
     # the one product without a size in its row is asked for it once (HEAD); nothing else is fetched
     assert endpoint_requests(stats, "download") == 1
-    assert stats["total_requests"] == 2 + PROGRAM_2733_OBSERVATIONS
+    assert endpoint_requests(stats, "whoami") == 1  # the mount's probe of MAST
+    assert stats["total_requests"] == 3 + PROGRAM_2733_OBSERVATIONS
 
 
 # ------------------------------------------------------------------------------------------- outages
@@ -395,3 +397,13 @@ def test_daemon_memory_follows_the_kernel_and_numbers_survive_forgetting(mount, 
     uri = os.getxattr(os.path.join(level1, name), "user.mastfs.uri").decode()
     with open(os.path.join(level1, name), "rb") as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == clean_twin.catalog.sha256(uri)
+
+
+def test_target_accepts_masts_own_target_name_spelling(mount, twin):
+    """`user.mast_target_name` says NGC-3132; SANTA (like the twin) only knows "NGC 3132"."""
+    observation = mount.join("program", "2733", OBS)
+    spelled = os.getxattr(observation, "user.mast_target_name").decode()
+    assert spelled == "NGC-3132"
+    assert twin.catalog.resolve_name(spelled) == [] and twin.catalog.resolve_name("NGC 3132")
+    assert OBS in os.listdir(mount.join("target", spelled))
+    assert errno_of(os.listdir, mount.join("target", "NO-SUCH-OBJECT-12345")) == errno.ENOENT
