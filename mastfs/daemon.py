@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -49,6 +49,12 @@ from .auth import find_token, install_redaction
 from .config import Settings
 from .errors import BadResponse, MastfsError, Unavailable
 from .tree import Tree
+
+if TYPE_CHECKING:
+    from .archive import Archive
+    from .blockcache import BlockCache, ProductRef
+    from .mast.client import MastClient
+    from .reader import ByteReader
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +91,8 @@ def configure_logging(settings: Settings) -> None:
     """Root logger at ``settings.log_level`` to ``settings.log_file`` (else stderr); third-party loggers
     at WARNING unless debugging. Idempotent."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     if settings.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(settings.log_file)), exist_ok=True)
         handler: logging.Handler = logging.FileHandler(settings.log_file)
@@ -111,10 +117,10 @@ class Services:
     """Everything a mount needs, built by :func:`open_services`."""
 
     tree: Tree
-    archive: Any
-    reader: Any
-    cache: Any
-    client: Any
+    archive: Archive
+    reader: ByteReader
+    cache: BlockCache
+    client: MastClient
     mast_probe: MastProbe = field(default_factory=lambda: MastProbe())
 
 
@@ -161,7 +167,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
     async with make_http_client(settings) as http:
         client = MastClient(http, settings, token_provider=lambda: token)
         archive = Archive(client, settings)
-        cache = BlockCache(os.path.join(settings.cache_dir, "blocks"), settings.cache_size,
+        cache = BlockCache(settings.blocks_dir, settings.cache_size,
                            settings.min_free_space)
         http_fetcher = HttpFetcher(http, settings.mast_url, token, policy)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
@@ -175,7 +181,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
             await archive.aclose()
 
 
-def cached_bytes(cache: Any, ref: Any) -> int:
+def cached_bytes(cache: BlockCache, ref: ProductRef) -> int:
     """How many bytes of ``ref`` the block cache holds (blocks on disk, not yet re-verified)."""
     from .blockcache import block_count, block_span
 
@@ -551,7 +557,7 @@ def _private_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
-def control_request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterator[dict]:
+def control_request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterator[dict[str, Any]]:
     """Send ``message`` to the daemon serving ``mountpoint`` and yield its answers until the last one
     (``"end": true``). Raises Unavailable when no daemon answers there. ``timeout`` bounds each wait for
     a line (None: wait as long as it takes, e.g. for a long prefetch)."""

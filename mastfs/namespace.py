@@ -62,8 +62,8 @@ _CONE = re.compile(rf"({_NUMBER}),({_NUMBER})(?:,({_NUMBER}))?")
 class ObservationLike(Protocol):
     """What the namespace needs of an observation (``mastfs.mast.models.Observation``)."""
 
-    fields: Mapping[str, Any]
-
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
     @property
     def obs_id(self) -> str: ...
 
@@ -71,8 +71,8 @@ class ObservationLike(Protocol):
 class ProductLike(Protocol):
     """What the namespace needs of a product (``mastfs.mast.models.Product``)."""
 
-    fields: Mapping[str, Any]
-
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
     @property
     def data_uri(self) -> str: ...
     @property

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
@@ -56,7 +56,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterable[dict]:
+def _request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterable[dict[str, Any]]:
     from .daemon import control_request
 
     return control_request(mountpoint, message, timeout=timeout)
@@ -143,7 +143,8 @@ class ProgressBar:
     """A one-line progress display (percent, files, bytes, rate, ETA): redrawn in place on a terminal,
     else printed as a new line every ``quiet_interval`` seconds."""
 
-    def __init__(self, stream: TextIO = sys.stderr, clock=time.monotonic, quiet_interval: float = 5.0) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
+                 quiet_interval: float = 5.0) -> None:
         self.stream = stream
         self.clock = clock
         self.started = clock()
@@ -279,7 +280,7 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
 
     from .blockcache import BlockCache
 
-    blocks_dir = os.path.join(settings.cache_dir, "blocks")
+    blocks_dir = settings.blocks_dir
     users = {point: answer for point in mastfs_mounts()
              if (answer := _daemon_status(point)) is not None
              and os.path.realpath(str(answer["cache"].get("dir"))) == os.path.realpath(settings.cache_dir)}

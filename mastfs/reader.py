@@ -40,8 +40,7 @@ import trio
 
 from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_index, block_span, block_start
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
-from .fetch.http import HttpFetcher
-from .fetch.s3 import S3Fetcher
+from .fetch import ColdStartFetcher, Fetcher
 from .lru import LRU
 from .singleflight import SingleFlight
 
@@ -118,8 +117,8 @@ class ByteReader:
     def __init__(
         self,
         cache: BlockCache,
-        http_fetcher: HttpFetcher,
-        s3_fetcher: S3Fetcher | None = None,
+        http_fetcher: Fetcher,
+        s3_fetcher: ColdStartFetcher | None = None,
         source: str = "auto",
         transfers: int = 8,
         *,

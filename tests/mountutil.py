@@ -26,6 +26,9 @@ from mastfs.errors import MastfsError
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
 _FLAGS = {option.name: option for option in OPTIONS}
+MOUNT_MARKED = True
+"""Whether the running test carries ``@pytest.mark.mount`` (conftest sets it before each test):
+:func:`start_mount` fails a test that mounts without the marker, so ``-m "not mount"`` never mounts."""
 
 
 class Mount:
@@ -70,6 +73,8 @@ def _is_mounted(path: str) -> bool:
 def start_mount(twin, mountpoint: Path, cache_dir: Path, log_path: Path, env: dict | None = None,
                 **settings) -> Mount:
     """Start the daemon and wait (bounded) until the mount is live; fails the test otherwise."""
+    if not MOUNT_MARKED:
+        pytest.fail("this test mounts a filesystem: mark it @pytest.mark.mount")
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a dead mount left by a crashed daemon: `mastfs mount` recovers it

@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
-FetchBlocks = Callable[[str, Sequence[int], Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+class Fetcher(Protocol):
+    """What the reader needs of a fetcher: verified consecutive blocks of one file, handed over in order,
+    and a user-facing location of that file."""
+
+    def location(self, name: str, /) -> str: ...
+
+    async def fetch_blocks(self, name: str, bounds: Sequence[int],
+                           deliver: Callable[[bytes], Awaitable[None]], /) -> None: ...
+
+
+class ColdStartFetcher(Fetcher, Protocol):
+    """A fetcher with a costly client to build, which :meth:`prepare` builds ahead of the first read."""
+
+    async def prepare(self) -> None: ...
 
 
 def check_bounds(bounds: Sequence[int]) -> None:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 OBSERVATION_PAGESIZE = 5000
 PRODUCT_PAGESIZE = 50000
-PATH_LOOKUP_BATCH = 50
+PATH_LOOKUP_BATCH = 40
 #: Most rows one query may return. The largest real answers (the products of a JWST mosaic with all its
 #: members, a wide cone in a crowded field) are tens of thousands of rows, about 3 KB of memory each once
 #: parsed; an answer claiming more (a million-row product list, a server paging forever) is refused with
@@ -189,7 +189,7 @@ class MastClient:
 
     # --- invoke ----------------------------------------------------------------------------------
 
-    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict], Paging]:
+    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict[str, Any]], Paging]:
         """Rows and paging of one page, re-sending the identical body while EXECUTING; the
         requests and polls of the page together take at most the deadline."""
         content = "request=" + quote(json.dumps(body))
