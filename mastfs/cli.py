@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--type", dest="product_type", metavar="TYPE",
                           help="only products of this type: SCIENCE, AUXILIARY, INFO, PREVIEW, THUMBNAIL, ...")
     prefetch.add_argument("--jobs", type=int, metavar="N", help="parallel transfers (default: --transfers)")
+    prefetch.add_argument("--recommended", action="store_true",
+                          help='only MAST\'s "Minimum Recommended Products" (what recommended/ shows; '
+                          "astroquery's mrp_only)")
     prefetch.set_defaults(run=run_prefetch)
 
     refresh = verbs.add_parser("refresh", help="forget cached metadata for a subtree",
@@ -219,7 +222,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_prefetch(args: argparse.Namespace) -> int:
     from .ops import prefetch_command
 
-    return prefetch_command(args.paths, args.level, args.product_type, args.jobs)
+    return prefetch_command(args.paths, args.level, args.product_type, args.jobs, recommended=args.recommended)
 
 
 def run_refresh(args: argparse.Namespace) -> int:

@@ -13,8 +13,8 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
   (requests whose wait ended because a signal interrupted the requester).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
-- ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
-  "bytes"}``; ``{"event": "progress", "bytes_cached", "bytes", "files_finished"}`` every 0.5 s;
+- ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?, "recommended": bool?}`` ->
+  ``{"event": "start", "files", "bytes"}``; ``{"event": "progress", "bytes_cached", "bytes", "files_finished"}`` every 0.5 s;
   ``{"event": "file", "path", "size", "status": "done"|"skipped"|"failed", "reason", "fetched"}`` per
   product as it finishes; last ``{"event": "summary", "ok", "done", "skipped", "failed", "bytes",
   "end": true}``.
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, fuse_ops
+from . import __version__, fuse_ops, namespace
 from .auth import find_token, install_redaction
 from .config import Settings
 from .errors import BadResponse, MastfsError, Unavailable
@@ -692,6 +692,8 @@ class ControlHandler:
         files = []
         async for path, node in tree.walk_products(self.inner_path(message)):
             if level is not None and node.product.level != int(level):
+                continue
+            if message.get("recommended") and not namespace.is_recommended(node.product):
                 continue
             if wanted_type is not None and node.product.product_type != wanted_type:
                 continue

@@ -199,8 +199,10 @@ class _FileResult:
 
 
 def prefetch_command(paths: list[str], level: int | None, product_type: str | None, jobs: int | None,
-                     out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr) -> int:
-    """Warm the cache for every product below ``paths``, drawing a progress bar on ``progress_stream``;
+                     out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr,
+                     recommended: bool = False) -> int:
+    """Warm the cache for every product below ``paths`` (only MAST's "Minimum Recommended Products" when
+    ``recommended``), drawing a progress bar on ``progress_stream``;
     then print a manifest to ``out``: one line per file (done, skipped or failed, and why) and a summary.
 
     Rerunning after an interruption resumes: what is cached is skipped. Returns 0 when nothing failed,
@@ -212,7 +214,8 @@ def prefetch_command(paths: list[str], level: int | None, product_type: str | No
     try:
         for path in paths:
             mountpoint, inner = mount_of(path)
-            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs}
+            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs,
+                       "recommended": recommended}
             base_done = bar.bytes_done
             finished_bytes = 0
             for event in _request(mountpoint, message, timeout=None):

@@ -325,7 +325,11 @@ class ObservationDir(DirNode):
         return observation_mtime(self.observation, tree.mount_time)
 
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
-        return namespace.field_xattrs(self.observation.fields)
+        values = namespace.field_xattrs(self.observation.fields)
+        date = namespace.observation_date(self.observation)
+        if date is not None:
+            values[namespace.OWN_XATTR_PREFIX + "observation_date"] = date.encode()
+        return values
 
     async def contents(self, tree: Tree) -> _ObservationContents:
         return await tree.memoised(self.path, lambda: self._load(tree))
@@ -335,7 +339,8 @@ class ObservationDir(DirNode):
         layout = namespace.layout_products(products)
         sidecars = {
             namespace.OBSERVATION_SIDECAR: namespace.observation_json(self.observation),
-            namespace.PRODUCTS_SIDECAR: namespace.products_csv(products, layout.paths),
+            namespace.PRODUCTS_SIDECAR: namespace.products_csv(products, layout.paths,
+                                                               namespace.observation_date(self.observation)),
         }
         return _ObservationContents(products, layout, sidecars)
 
@@ -344,6 +349,9 @@ class ObservationDir(DirNode):
         entries: dict[str, Node] = {}
         for group in contents.layout.groups:
             entries[group] = tree.intern(GroupDir, (*self.path, group), self)
+        if contents.layout.recommended:
+            entries[namespace.RECOMMENDED_DIR] = tree.intern(RecommendedDir, (*self.path, namespace.RECOMMENDED_DIR),
+                                                             self)
         for name in namespace.SIDECARS:
             entries[name] = tree.intern(SidecarFile, (*self.path, name), self)
         return entries
@@ -395,6 +403,38 @@ class GroupDir(DirNode):
             return dict(await tree.archive.s3_keys(list((await self.products(tree)).values())))
 
         return await tree.memoised((*self.path, "\0s3"), lookup)
+
+
+class RecommendedDir(DirNode):
+    """``recommended/``: the observation's "Minimum Recommended Products", as the very nodes (inodes,
+    cache identity) of their files in the level and group directories."""
+
+    def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
+        super().__init__(ino, path)
+        self.observation_dir = observation_dir
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, RecommendedDir) and other.observation_dir is self.observation_dir
+
+    def mtime(self, tree: Tree) -> float:
+        return self.observation_dir.mtime(tree)
+
+    def nlink(self) -> int:
+        return 2
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        """Name -> the ProductFile node of the same product in its group directory. Raises NotFound when
+        the view is gone after a refresh."""
+        observation_dir = self.observation_dir
+        recommended = (await observation_dir.contents(tree)).layout.recommended
+        if not recommended:
+            raise NotFound(f"{self.path_text} no longer exists")
+        entries: dict[str, Node] = {}
+        for name, relative in recommended.items():
+            group, file_name = relative.split("/", 1)
+            group_dir = tree.intern(GroupDir, (*observation_dir.path, group), observation_dir)
+            entries[name] = (await group_dir.entries(tree))[file_name]
+        return entries
 
 
 class SidecarFile(Node):
@@ -451,10 +491,17 @@ class ProductFile(Node):
             self.resolved_size = size or 0
         return self.resolved_size
 
+    def nlink(self) -> int:
+        return 2 if namespace.is_recommended(self.product) else 1  # also in recommended/
+
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
         values = namespace.field_xattrs(self.product.fields)
         own = namespace.OWN_XATTR_PREFIX
         values[own + "uri"] = self.product.data_uri.encode()
+        values[own + "kind"] = namespace.product_kind(self.product).encode()
+        date = namespace.observation_date(self.observation_dir.observation)
+        if date is not None:
+            values[own + "observation_date"] = date.encode()
         ref = tree.refs.peek(self.product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
             source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
@@ -853,15 +900,18 @@ class Tree:
         return keys
 
     async def walk_products(self, path: str) -> AsyncIterator[tuple[str, ProductFile]]:
-        """Every product file at or below ``path`` (depth first, listing directories as it goes)."""
+        """Every product file at or below ``path`` once (depth first, listing directories as it goes;
+        ``recommended/`` is walked only when it is ``path`` itself, its files being in the groups too)."""
         node = await self.resolve_path(path)
-        async for item in self._walk(node):
+        async for item in self._walk(node, top=True):
             yield item
 
-    async def _walk(self, node: Node) -> AsyncIterator[tuple[str, ProductFile]]:
+    async def _walk(self, node: Node, top: bool = False) -> AsyncIterator[tuple[str, ProductFile]]:
         if isinstance(node, ProductFile):
             yield node.path_text, node
         elif isinstance(node, DirNode) and not isinstance(node, TopDir | RootDir):
+            if isinstance(node, RecommendedDir) and not top:
+                return
             for child in (await node.entries(self)).values():
                 async for item in self._walk(child):
                     yield item
