@@ -28,38 +28,37 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import diskcache
 import trio
 
 from .config import Settings
-from .errors import BadResponse, NotFound, Unavailable
+from .errors import BadResponse, NotFound, Unauthorized, Unavailable
 from .lru import LRU
 from .mast.client import MastClient
 from .mast.models import Observation, Product
+from .namespace import DEFAULT_CONE_RADIUS, MJD_UNIX_EPOCH
 from .singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
 #: Data released longer ago than this (days) count as "released" for the TTL.
 RELEASED_AGE_DAYS = 365.0
 #: After MAST failed for a key whose stale entry was served, wait this long before asking again.
 STALE_RETRY_INTERVAL = 60.0
-#: Cone radius (degrees) around a resolved target name; astroquery's ``query_object`` default.
-TARGET_RADIUS_DEG = 0.2
 #: Entries kept decoded in memory in front of the disk cache.
 MEMORY_ENTRIES = 4096
 #: Kinds accepted by :meth:`Archive.forget`.
 FORGETTABLE = ("program", "observation", "products", "target", "size", "s3")
 
-_MJD_UNIX_EPOCH = 40587.0
 _CACHE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout, ValueError)
 
 
 def mjd_now(clock: Callable[[], float]) -> float:
     """The Modified Julian Date of ``clock()`` (unix seconds)."""
-    return clock() / 86400.0 + _MJD_UNIX_EPOCH
+    return clock() / 86400.0 + MJD_UNIX_EPOCH
 
 
 @dataclass
@@ -105,7 +104,7 @@ class Archive:
         self._client = client
         self._settings = settings
         self._clock = clock
-        self._directory = os.path.join(settings.cache_dir, "meta")
+        self._directory = settings.meta_dir
         self._cache: diskcache.Cache | None = None
         self._open_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(4)
@@ -152,11 +151,15 @@ class Archive:
                                   lambda _products: self._ttl_for([obs]))
 
     async def resolve(self, name: str) -> tuple[float, float]:
-        """(ra, dec) of a target name. Raises NotFound (remembered) when SANTA cannot resolve it."""
+        """(ra, dec) of a target name. MAST's own ``target_name`` spellings (``NGC-3132``: hyphens for
+        blanks) are tried again with blanks when the resolver does not know them as written. Raises
+        NotFound (remembered) when SANTA cannot resolve it."""
         normalised = " ".join(name.split()).lower()
 
         async def fetch() -> tuple[float, float]:
             position = await self._client.resolve_name(name)
+            if position is None and "-" in name:
+                position = await self._client.resolve_name(" ".join(name.replace("-", " ").split()))
             if position is None:
                 raise NotFound(f"cannot resolve target name {name!r}")
             return position
@@ -165,10 +168,10 @@ class Archive:
                                   lambda _position: self._settings.ttl_released)
 
     async def target(self, name: str) -> list[Observation]:
-        """Observations within :data:`TARGET_RADIUS_DEG` of the resolved position of ``name``
+        """Observations within :data:`~mastfs.namespace.DEFAULT_CONE_RADIUS` of the resolved position of ``name``
         (possibly empty). Raises NotFound when the name cannot be resolved."""
         ra, dec = await self.resolve(name)
-        return await self.cone(ra, dec, TARGET_RADIUS_DEG)
+        return await self.cone(ra, dec, DEFAULT_CONE_RADIUS)
 
     async def cone(self, ra: float, dec: float, radius: float) -> list[Observation]:
         """Observations of the configured collections within ``radius`` degrees of (ra, dec); open-ended
@@ -197,7 +200,7 @@ class Archive:
         """S3 key of each product's dataURI, None where there is no cloud copy.
 
         Cached per uri; the uris not cached are looked up in one path_lookup batch (50 uris a request).
-        When MAST fails, stale keys are served and unknown ones answer None (the HTTPS download still
+        When MAST fails (or refuses the lookup), stale keys are served and unknown ones answer None (the HTTPS download still
         works), so a listing never fails for want of cloud paths.
         """
         uris = list(dict.fromkeys(product.data_uri for product in products))
@@ -224,7 +227,7 @@ class Archive:
         batch_key = "s3-batch:" + hashlib.sha1("\n".join(sorted(missing)).encode()).hexdigest()
         try:
             found = await self._flights.run(batch_key, lambda: self._lookup_s3(missing))
-        except (Unavailable, BadResponse) as exc:
+        except (Unavailable, BadResponse, Unauthorized) as exc:  # the HTTPS download decides access
             self._note_outage(exc)
             found = {uri: stale.get(uri) for uri in missing}
         keys.update(found)
@@ -248,7 +251,8 @@ class Archive:
             keys = [self._key("target", " ".join(ident.split()).lower())]
             position = self._memory.get(keys[0]) or (await self._load_many(keys, _POSITION))[0]
             if position is not None and not position.missing:
-                keys.append(self._cone_key(*position.value, TARGET_RADIUS_DEG))
+                ra, dec = position.value
+                keys.append(self._cone_key(ra, dec, DEFAULT_CONE_RADIUS))
         for key in keys:
             self._memory.pop(key, None)
             await self._cache_call(self._delete_raw, key)
@@ -294,15 +298,15 @@ class Archive:
             self._outage = False
             log.info("MAST answers again")
 
-    async def _cached(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[Any]],
-                      ttl_of: Callable[[Any], float]) -> Any:
+    async def _cached(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[V]],
+                      ttl_of: Callable[[V], float]) -> V:
         entry = self._memory.get(key)
         if entry is None or entry.expires <= self._clock():
             entry = await self._flights.run(key, lambda: self._refresh(key, codec, fetch, ttl_of))
         if entry.missing:
             raise NotFound(f"{key.split('/', 1)[0]} {key.rsplit('/', 1)[-1]!r} does not exist "
                            f"(remembered)")
-        return entry.value
+        return cast(V, entry.value)
 
     async def _refresh(self, key: str, codec: _Codec, fetch: Callable[[], Awaitable[Any]],
                        ttl_of: Callable[[Any], float]) -> _Entry:

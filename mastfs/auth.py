@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .config import Settings
 from .errors import Unauthorized
@@ -43,7 +44,7 @@ def find_token(settings: Settings, env: Mapping[str, str] = os.environ) -> str |
     missing, unreadable or readable by group/others (a token lying open to other users is refused,
     never silently used). Keyring failures (no package, no backend, locked) count as "no token there".
     """
-    token = (env.get(ENV_TOKEN) or "").strip()
+    token: str | None = (env.get(ENV_TOKEN) or "").strip()
     if token:
         log.debug("MAST token from $%s", ENV_TOKEN)
         return token
@@ -137,7 +138,7 @@ def install_redaction(token: str | None) -> TokenRedactor:
     if not _installed:
         previous_factory = logging.getLogRecordFactory()
 
-        def redacting_factory(*args, **kwargs) -> logging.LogRecord:
+        def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
             record = previous_factory(*args, **kwargs)
             _redactor.filter(record)
             return record

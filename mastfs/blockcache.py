@@ -708,7 +708,7 @@ def _header_ok(header: bytes, raw_vk: bytes, index: int, data: bytes) -> bool:
     if len(header) != HEADER_SIZE:
         return False
     magic, got_index, length, crc, got_vk, header_crc = _HEADER.unpack_from(header)
-    return (
+    return bool(
         magic == _MAGIC
         and header_crc == zlib.crc32(header[: _HEADER.size - 4])
         and got_index == index

@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .config import add_arguments, load_settings
+from .config import Settings, add_arguments, load_settings
 from .errors import MastfsError
 
 EPILOG = """\
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--type", dest="product_type", metavar="TYPE",
                           help="only products of this type: SCIENCE, AUXILIARY, INFO, PREVIEW, THUMBNAIL, ...")
     prefetch.add_argument("--jobs", type=int, metavar="N", help="parallel transfers (default: --transfers)")
+    prefetch.add_argument("--recommended", action="store_true",
+                          help='only MAST\'s "Minimum Recommended Products" (what recommended/ shows; '
+                          "astroquery's mrp_only)")
     prefetch.set_defaults(run=run_prefetch)
 
     refresh = verbs.add_parser("refresh", help="forget cached metadata for a subtree",
@@ -130,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stream-mb-s", type=float, default=0.0, metavar="MB_S",
                        help="bandwidth of each product body's connection in MB/s (default: 0, unlimited); "
                        "S3 gives about 90 per connection")
+    serve.add_argument("--max-url-length", type=int, default=None, metavar="N",
+                       help="answer 414 Request-URI Too Large to request targets longer than N characters "
+                       "(default: 3400, between path_lookup of 40 and of 50 JWST uris; 0: no limit)")
+    serve.add_argument("--query-seconds", type=float, default=0.0, metavar="S",
+                       help="every Mast.Caom.Products/Filtered query takes S seconds on the server "
+                       "(default: 0); see --query-shape")
+    serve.add_argument("--query-shape", choices=("executing", "first_byte"), default="executing",
+                       help="how a slow query is answered: EXECUTING polls (default) or a held first byte")
     serve.set_defaults(run=run_twin_serve)
     return parser
 
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except KeyboardInterrupt:
         return 130
     except MastfsError as exc:
@@ -174,7 +185,7 @@ def parse_mount_options(texts: list[str]) -> dict[str, str]:
     return settings
 
 
-def _settings_from(args: argparse.Namespace):
+def _settings_from(args: argparse.Namespace) -> Settings:
     flags = vars(args).copy()
     try:
         for name, value in parse_mount_options(flags.pop("mount_options", [])).items():
@@ -211,7 +222,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_prefetch(args: argparse.Namespace) -> int:
     from .ops import prefetch_command
 
-    return prefetch_command(args.paths, args.level, args.product_type, args.jobs)
+    return prefetch_command(args.paths, args.level, args.product_type, args.jobs, recommended=args.recommended)
 
 
 def run_refresh(args: argparse.Namespace) -> int:
@@ -236,7 +247,12 @@ def run_twin_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mastfs twin serve: {exc}", file=sys.stderr)
         return 2
-    serve(host=args.host, port=args.port, s3_port=args.s3_port, scale=args.scale, link=link)
+    if args.max_url_length is not None and args.max_url_length < 0:
+        print("mastfs twin serve: --max-url-length must be >= 0", file=sys.stderr)
+        return 2
+    limits = {} if args.max_url_length is None else {"max_url_length": args.max_url_length}
+    serve(host=args.host, port=args.port, s3_port=args.s3_port, scale=args.scale, link=link,
+          query_seconds=args.query_seconds, query_shape=args.query_shape, **limits)
     return 0
 
 

@@ -24,6 +24,11 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 log = logging.getLogger(__name__)
 
+BLOCKS_SUBDIR = "blocks"
+"""Subdirectory of the cache directory holding the block cache (see :attr:`Settings.blocks_dir`)."""
+META_SUBDIR = "meta"
+"""Subdirectory of the cache directory holding the metadata cache (see :attr:`Settings.meta_dir`)."""
+
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -192,6 +197,16 @@ class Settings:
     def defaults(cls, **changes: Any) -> Settings:
         """The defaults of :data:`OPTIONS` (no environment, no config file), with ``changes`` applied."""
         return load_settings(env={}, path=Path("/nonexistent/mastfs.toml")).replace(**changes)
+
+    @property
+    def blocks_dir(self) -> str:
+        """Where the block cache keeps file bytes: ``<cache_dir>/blocks``."""
+        return os.path.join(self.cache_dir, BLOCKS_SUBDIR)
+
+    @property
+    def meta_dir(self) -> str:
+        """Where the archive keeps MAST metadata: ``<cache_dir>/meta``."""
+        return os.path.join(self.cache_dir, META_SUBDIR)
 
     def replace(self, **changes: Any) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -13,8 +13,8 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
   (requests whose wait ended because a signal interrupted the requester).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
-- ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
-  "bytes"}``; ``{"event": "progress", "bytes_cached", "bytes", "files_finished"}`` every 0.5 s;
+- ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?, "recommended": bool?}`` ->
+  ``{"event": "start", "files", "bytes"}``; ``{"event": "progress", "bytes_cached", "bytes", "files_finished"}`` every 0.5 s;
   ``{"event": "file", "path", "size", "status": "done"|"skipped"|"failed", "reason", "fetched"}`` per
   product as it finishes; last ``{"event": "summary", "ok", "done", "skipped", "failed", "bytes",
   "end": true}``.
@@ -39,20 +39,28 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, fuse_ops
+from . import __version__, fuse_ops, namespace
 from .auth import find_token, install_redaction
 from .config import Settings
-from .errors import MastfsError, Unavailable
+from .errors import BadResponse, MastfsError, Unavailable
 from .tree import Tree
+
+if TYPE_CHECKING:
+    from .archive import Archive
+    from .blockcache import BlockCache
+    from .mast.client import MastClient
+    from .reader import ByteReader
 
 log = logging.getLogger(__name__)
 
 MOUNT_WAIT = 30.0
+PROBE_WAIT = 5.0
+"""Seconds the one probe of MAST after mounting may take (``mastfs mount`` waits this long at most for it)."""
 """Seconds a background mount may take to become live before ``mount`` gives up."""
 UMOUNT_BUSY_WAIT = 2.0
 """Seconds ``umount`` retries a busy unmount before detaching lazily."""
@@ -83,8 +91,8 @@ def configure_logging(settings: Settings) -> None:
     """Root logger at ``settings.log_level`` to ``settings.log_file`` (else stderr); third-party loggers
     at WARNING unless debugging. Idempotent."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     if settings.log_file:
         os.makedirs(os.path.dirname(os.path.abspath(settings.log_file)), exist_ok=True)
         handler: logging.Handler = logging.FileHandler(settings.log_file)
@@ -109,10 +117,36 @@ class Services:
     """Everything a mount needs, built by :func:`open_services`."""
 
     tree: Tree
-    archive: Any
-    reader: Any
-    cache: Any
-    client: Any
+    archive: Archive
+    reader: ByteReader
+    cache: BlockCache
+    client: MastClient
+    mast_probe: MastProbe = field(default_factory=lambda: MastProbe())
+
+
+class MastProbe:
+    """Whether MAST answered the one probe made after mounting: ``state`` is "pending", "ok" or
+    "unreachable" (then ``problem`` says why)."""
+
+    def __init__(self) -> None:
+        self.state = "pending"
+        self.problem = ""
+
+    async def run(self, client: Any, mast_url: str) -> None:
+        """Probe MAST once; log one WARNING when it cannot be reached. Never raises (but cancellation)."""
+        try:
+            await client.probe(PROBE_WAIT)
+        except (Unavailable, BadResponse) as exc:
+            self.state, self.problem = "unreachable", str(exc)
+            log.warning("MAST cannot be reached at %s (%s); listings and reads that need it fail "
+                        "with EIO until it can (mastfs status shows the errors)", mast_url, exc)
+        except MastfsError:
+            self.state = "ok"  # it answered, if only to refuse
+        else:
+            self.state = "ok"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"state": self.state, "problem": self.problem}
 
 
 @contextlib.asynccontextmanager
@@ -133,7 +167,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
     async with make_http_client(settings) as http:
         client = MastClient(http, settings, token_provider=lambda: token)
         archive = Archive(client, settings)
-        cache = BlockCache(os.path.join(settings.cache_dir, "blocks"), settings.cache_size,
+        cache = BlockCache(settings.blocks_dir, settings.cache_size,
                            settings.min_free_space)
         http_fetcher = HttpFetcher(http, settings.mast_url, token, policy)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
@@ -147,7 +181,7 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
             await archive.aclose()
 
 
-def cached_bytes(cache: Any, uri: str) -> int:
+def cached_bytes(cache: BlockCache, uri: str) -> int:
     """How many bytes of the product ``uri`` the block cache holds (blocks on disk, not yet re-verified)."""
     return cache.product_bytes(uri)
 
@@ -323,6 +357,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
                 log.info("mastfs %s mounted %s at %s (cache %s)", __version__, settings.mast_url, mountpoint,
                          settings.cache_dir)
                 _sd_notify("READY=1")
+                nursery.start_soon(services.mast_probe.run, services.client, settings.mast_url)
         finally:
             _sd_notify("STOPPING=1")
             # After the kernel ended the session there is nothing left to unmount.
@@ -394,6 +429,7 @@ def start_background(settings: Settings, mountpoint: str) -> int:
             break
         if _mount_entry(mountpoint) is not None and os.path.ismount(mountpoint):
             print(f"mastfs: mounted at {mountpoint} (log: {log_path})", file=sys.stderr)
+            _report_probe(mountpoint, settings.mast_url)
             return 0
         time.sleep(0.05)
     else:
@@ -417,6 +453,25 @@ def mount_command(settings: Settings, mountpoint: str, foreground: bool) -> int:
     if foreground:
         return run_foreground(settings, mountpoint)
     return start_background(settings, mountpoint)
+
+
+def _report_probe(mountpoint: str, mast_url: str) -> None:
+    """Print the daemon's WARNING when its probe found MAST unreachable (waiting for the probe at most
+    PROBE_WAIT plus a second; the mount is already live)."""
+    deadline = time.monotonic() + PROBE_WAIT + 1.0
+    while time.monotonic() < deadline:
+        try:
+            status = list(control_request(mountpoint, {"op": "status"}, timeout=2.0))[-1]
+        except (MastfsError, IndexError):
+            return
+        probe = status.get("mast_probe") or {}
+        if probe.get("state") == "unreachable":
+            print(f"mastfs: WARNING: MAST cannot be reached at {mast_url} ({probe.get('problem')}); listings "
+                  "and reads that need it fail with EIO until it can", file=sys.stderr)
+            return
+        if probe.get("state") != "pending":
+            return
+        time.sleep(0.1)
 
 
 def umount_command(mountpoint: str) -> int:
@@ -499,7 +554,7 @@ def _private_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
-def control_request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterator[dict]:
+def control_request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterator[dict[str, Any]]:
     """Send ``message`` to the daemon serving ``mountpoint`` and yield its answers until the last one
     (``"end": true``). Raises Unavailable when no daemon answers there. ``timeout`` bounds each wait for
     a line (None: wait as long as it takes, e.g. for a long prefetch)."""
@@ -620,6 +675,7 @@ class ControlHandler:
                       "blocks": self.services.cache.entries},
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
+            "mast_probe": self.services.mast_probe.as_dict(),
             "interrupted": self.operations.interrupts.interrupted,
             "tree": self.services.tree.stats(),
         }
@@ -633,6 +689,8 @@ class ControlHandler:
         files = []
         async for path, node in tree.walk_products(self.inner_path(message)):
             if level is not None and node.product.level != int(level):
+                continue
+            if message.get("recommended") and not namespace.is_recommended(node.product):
                 continue
             if wanted_type is not None and node.product.product_type != wanted_type:
                 continue

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pyfuse3
 
@@ -33,21 +33,15 @@ from .errors import (
     errno_for,
 )
 from .interrupts import InterruptWatch
-from .tree import Attributes, Tree
+from .tree import MEMO_TTL, STAT_BLOCK_SIZE, Attributes, Tree
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 RETRIED_READ_WINDOW = 1.0
 """Seconds after a failed read during which the kernel's own retry on the same handle fails at once."""
-ENTRY_TIMEOUT = 60.0
-"""Seconds the kernel may reuse a name lookup or attributes without asking again."""
 NEGATIVE_TIMEOUT = 10.0
 """Seconds the kernel may remember that a name does not exist."""
-BLOCK_SIZE = 4096
-"""st_blksize, the preferred I/O size. Small on purpose: Python (astropy) sizes its read buffer by it, and
-a 128 KiB buffer turns a 2,880-byte FITS header read into a kernel read beyond the cache's 64 KiB first
-block; ``cp``, ``cat`` and ``dd`` read at least 128 KiB whatever it says, and the kernel reads ahead."""
 _INODE_HANDLERS = frozenset({"lookup", "getattr", "opendir", "open", "getxattr", "listxattr"})
 _HANDLE_HANDLERS = frozenset({"read", "release"})
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
@@ -109,15 +103,15 @@ def entry_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = attributes.ino
     entry.generation = 0
-    entry.entry_timeout = ENTRY_TIMEOUT
-    entry.attr_timeout = ENTRY_TIMEOUT
+    entry.entry_timeout = MEMO_TTL  # the kernel keeps entries exactly as long as the tree keeps listings
+    entry.attr_timeout = MEMO_TTL
     entry.st_mode = attributes.mode
     entry.st_nlink = attributes.nlink
     entry.st_uid = attributes.uid
     entry.st_gid = attributes.gid
     entry.st_rdev = 0
     entry.st_size = attributes.size
-    entry.st_blksize = BLOCK_SIZE
+    entry.st_blksize = STAT_BLOCK_SIZE
     entry.st_blocks = (attributes.size + 511) // 512
     mtime_ns = int(attributes.mtime * 1e9)
     entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime_ns
@@ -236,7 +230,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]  # any buffer suits pyfuse3
         """Reads carry no requester, so the process that opened ``fh`` stands for it (interruptions).
 
         When a page-cache read fails, the kernel at once asks again for the page the reader needs, as a
@@ -300,15 +294,15 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------------- writes: all EROFS
 
     @boundary
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> None:
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> None:
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> None:
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
@@ -320,7 +314,7 @@ class Operations(pyfuse3.Operations):
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> None:
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
@@ -329,11 +323,11 @@ class Operations(pyfuse3.Operations):
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> None:
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> None:
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> NoReturn:
         raise ReadOnly("mastfs is read-only")
 
     @boundary

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from .errors import InvalidName, NameTooLong
@@ -34,6 +35,9 @@ MAX_CONE_RADIUS = 1.0
 """Largest accepted cone radius in degrees; wider cones return unbrowsably many observations."""
 
 OTHER_GROUP = "other"
+RECOMMENDED_DIR = "recommended"
+"""The view, in each observation directory, of its "Minimum Recommended Products" (MAST's default set)."""
+MINIMUM_RECOMMENDED = "Minimum Recommended Products"
 _TYPE_GROUPS = {
     "AUXILIARY": "auxiliary",
     "CALIBRATION": "calibration",
@@ -62,8 +66,8 @@ _CONE = re.compile(rf"({_NUMBER}),({_NUMBER})(?:,({_NUMBER}))?")
 class ObservationLike(Protocol):
     """What the namespace needs of an observation (``mastfs.mast.models.Observation``)."""
 
-    fields: Mapping[str, Any]
-
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
     @property
     def obs_id(self) -> str: ...
 
@@ -71,8 +75,8 @@ class ObservationLike(Protocol):
 class ProductLike(Protocol):
     """What the namespace needs of a product (``mastfs.mast.models.Product``)."""
 
-    fields: Mapping[str, Any]
-
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
     @property
     def data_uri(self) -> str: ...
     @property
@@ -233,16 +237,20 @@ class Layout:
     product types, then ``other``), files sorted by name. Products are deduplicated by dataURI; two
     different products with one file name get ``~2``, ``~3`` ... appended to the later names.
     paths: dataURI -> path relative to the observation directory (``level2/x_cal.fits``).
+    recommended: file name in ``recommended/`` -> path of that product's file (``level3/x_i2d.fits``), for
+    the products MAST marks "Minimum Recommended Products", sorted by name (names made unique as above).
     """
 
     groups: dict[str, dict[str, Any]]
     paths: dict[str, str]
+    recommended: dict[str, str]
 
 
 def layout_products(products: Iterable[ProductLike]) -> Layout:
     """Arrange ``products`` into group directories; see :class:`Layout`."""
     by_group: dict[str, dict[str, Any]] = {}
     paths: dict[str, str] = {}
+    recommended: dict[str, str] = {}
     for product in products:
         uri = product.data_uri
         if not uri or uri in paths:
@@ -258,8 +266,53 @@ def layout_products(products: Iterable[ProductLike]) -> Layout:
             unique = f"{name}~{counter}"
         files[unique] = product
         paths[uri] = f"{group}/{unique}"
+        if is_recommended(product):
+            shown, counter = name, 1
+            while shown in recommended:
+                counter += 1
+                shown = f"{name}~{counter}"
+            recommended[shown] = paths[uri]
     groups = {group: dict(sorted(by_group[group].items())) for group in sorted(by_group, key=_group_order)}
-    return Layout(groups, paths)
+    return Layout(groups, paths, dict(sorted(recommended.items())))
+
+
+def is_recommended(product: ProductLike) -> bool:
+    """Whether MAST counts ``product`` among the "Minimum Recommended Products" (its
+    ``productGroupDescription``; astroquery's ``mrp_only``, the Portal's default download basket)."""
+    text = str(product.fields.get("productGroupDescription") or "")
+    return text.strip().lower() == MINIMUM_RECOMMENDED.lower()
+
+
+PRODUCT_KINDS: dict[str, tuple[str, ...]] = {
+    "image": ("uncal", "rate", "rateints", "cal", "calints", "i2d", "s2d", "crf", "segm",
+              "raw", "flt", "flc", "drz", "drc"),
+    "table": ("asn", "x1d", "x1dints", "cat", "pool", "jit", "whtlt"),
+    "spectrum": ("c1d", "spec"),
+    "cube": ("s3d",),
+}
+"""File-name suffix (after the last ``_``, before the extension) -> what the file holds, for
+``user.mastfs.kind``; JPEG/PNG/GIF files are ``preview``, anything else ``other`` (docs/namespace.md)."""
+_KIND_OF_SUFFIX = {suffix: kind for kind, suffixes in PRODUCT_KINDS.items() for suffix in suffixes}
+
+
+def product_kind(product: ProductLike) -> str:
+    """``image``, ``table``, ``spectrum``, ``cube``, ``preview`` or ``other``: what a viewer would open
+    ``product`` as, from its file name (see :data:`PRODUCT_KINDS`)."""
+    name = product.filename.lower()
+    if name.endswith(_IMAGE_EXTENSIONS):
+        return "preview"
+    stem = name.split(".", 1)[0]
+    return _KIND_OF_SUFFIX.get(stem.rsplit("_", 1)[-1], "other") if "_" in stem else "other"
+
+
+def observation_date(observation: ObservationLike) -> str | None:
+    """ISO 8601 UTC date-time of the observation (``2022-06-03T12:01:26Z``): ``t_min``, else ``t_max``,
+    else ``t_obs_release``; None when all three are null."""
+    for column in ("t_min", "t_max", "t_obs_release"):
+        unix = mjd_to_unix(observation.fields.get(column))
+        if unix is not None:
+            return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None
 
 
 # ------------------------------------------------------------------------------------- values, sidecars
@@ -297,20 +350,21 @@ def observation_json(observation: ObservationLike) -> bytes:
     return (json.dumps(dict(observation.fields), indent=2, default=str, allow_nan=False) + "\n").encode()
 
 
-def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> bytes:
+def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str], date: str | None = None) -> bytes:
     """Content of ``products.csv``: one row per product row, every field (union of all rows' columns
-    in first-seen order), then ``mastfs_path``, the file's path relative to the observation directory
-    (empty for products not shown as files). Nulls are empty cells."""
+    in first-seen order), then ``mastfs_path`` (the file's path relative to the observation directory,
+    empty for products not shown as files), ``mastfs_kind`` (:func:`product_kind`) and
+    ``mastfs_observation_date`` (``date``, the observation's). Nulls are empty cells."""
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
-    header = [*columns, "mastfs_path"]
+    header = [*columns, "mastfs_path", "mastfs_kind", "mastfs_observation_date"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for product in products:
         row = [text_value(product.fields.get(column)) or "" for column in columns]
-        writer.writerow([*row, paths.get(product.data_uri, "")])
+        writer.writerow([*row, paths.get(product.data_uri, ""), product_kind(product), date or ""])
     return buffer.getvalue().encode("utf-8")
 
 
@@ -358,7 +412,9 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
   `/obs`, `/target` and `/cone` likewise list only what was looked up during this mount.
 - `<obs_id>` is MAST's `obs_id`, e.g. `jw02733-o002_t001_miri_f1130w`.
 - `<name>` is resolved by MAST's name resolver (e.g. `NGC 3132`, `M101`); the directory holds the
-  observations within 0.2 degrees of that position. A name that does not resolve does not exist
+  observations within 0.2 degrees of that position. MAST's own `target_name` spellings, with hyphens
+  for blanks (`NGC-3132`, as `user.mast_target_name` shows), work too: a name the resolver does not
+  know as written is tried once more with its hyphens as blanks. A name that does not resolve does not exist
   (ENOENT, one log line).
 - `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
   0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
@@ -373,8 +429,10 @@ exist, and never cost a request to MAST.
     auxiliary/ calibration/ info/ preview/ thumbnail/
                                products of the other productType values (only the non-empty ones)
     other/                     products whose type or level is unknown
+    recommended/               MAST's "Minimum Recommended Products" of the observation (when it has any)
     observation.json           every field of the observation row
-    products.csv               one row per product, every field, plus mastfs_path (its path here)
+    products.csv               one row per product, every field, plus mastfs_path (its path here),
+                               mastfs_kind and mastfs_observation_date (as the xattrs below)
 
 - A SCIENCE product goes to `level<N>` by its `calib_level` (0 raw ... 4 contributed). When MAST
   gives no level, a JWST file name decides (`uncal` 1; `rate`, `rateints`, `cal`, `calints` 2;
@@ -386,6 +444,11 @@ exist, and never cost a request to MAST.
   directory, the later ones are shown as `<name>~2`, `<name>~3` ...
 - The same product under several observations is one file for the cache: reading it through either
   path downloads it once.
+- `recommended/` holds the products whose `productGroupDescription` is "Minimum Recommended
+  Products": MAST's default set (the Portal's download basket, astroquery's `mrp_only=True`), e.g. a
+  JWST level-3 observation's i2d mosaic, source catalog and previews, and its members' cal files. They
+  are the same files as in the level and group directories (same inode, link count 2, one cache
+  entry: reading either downloads once). `mastfs prefetch --recommended PATH` fetches only those.
 
 ## Attributes
 
@@ -409,10 +472,25 @@ exist, and never cost a request to MAST.
   or of the product row (on the file), as text, e.g. `user.mast_target_name`,
   `user.mast_dataURI`, `user.mast_calib_level`. Null fields are omitted.
 - `user.mastfs.*` are mastfs's own, on product files: `user.mastfs.uri` (the product's dataURI),
-  `user.mastfs.cached_bytes` (how many of its bytes the local cache holds) and, once the file was
-  opened in this mount, `user.mastfs.source` (where its bytes come from: `s3://<bucket>/<key>` or
-  the HTTPS download URL).
-- An unknown attribute is ENODATA; setting or removing any attribute is EPERM. `security.*` and
+  `user.mastfs.cached_bytes` (how many of its bytes the local cache holds), `user.mastfs.kind` (below),
+  `user.mastfs.observation_date` and, once the file was opened in this mount, `user.mastfs.source`
+  (where its bytes come from: `s3://<bucket>/<key>` or the HTTPS download URL).
+- `user.mastfs.observation_date`, on observation directories and their files: when the observation
+  was made, ISO 8601 UTC (`2022-06-12T01:12:00Z`), from `t_min`, else `t_max`, else `t_obs_release`
+  (planned observations); absent when all three are null.
+- `user.mastfs.kind`, on product files: what a viewer opens the file as, from the file name's last
+  `_suffix` (what MAST's dashboards show as a column):
+
+  | kind | suffixes |
+  |---|---|
+  | `image` | `_uncal`, `_rate`, `_rateints`, `_cal`, `_calints`, `_i2d`, `_s2d`, `_crf`, `_segm`; HST `_raw`, `_flt`, `_flc`, `_drz`, `_drc` |
+  | `table` | `_asn`, `_x1d`, `_x1dints`, `_cat`, `_pool`; HST `_jit`, `_whtlt` |
+  | `spectrum` | `_c1d`, `_spec` (combined one-dimensional spectra) |
+  | `cube` | `_s3d` |
+  | `preview` | `.jpg`, `.jpeg`, `.png`, `.gif` files (previews and thumbnails) |
+  | `other` | anything else (logs, telemetry, ...) |
+- An unknown attribute is ENODATA; setting or removing any attribute is EROFS (the mount is read-only,
+  so the kernel refuses before asking mastfs). `security.*` and
   `system.posix_acl_*` are answered at once, without asking MAST.
 
 ## Caching

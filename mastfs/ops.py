@@ -11,8 +11,9 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TextIO
 
 from .config import Settings
@@ -55,7 +56,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterable[dict]:
+def _request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterable[dict[str, Any]]:
     from .daemon import control_request
 
     return control_request(mountpoint, message, timeout=timeout)
@@ -106,8 +107,18 @@ def format_status(status: dict[str, Any]) -> str:
         sent, failed = mast.get("requests", {}), mast.get("errors", {})
         lines.append("  MAST API  " + (", ".join(f"{name} {count} ({failed.get(name, 0)} failed)"
                                                  for name, count in sorted(sent.items())) or "no requests yet"))
-    errors = reader.get("errors", {})
-    lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
+    errors = [f"{name} {count}" for name, count in sorted(reader.get("errors", {}).items())]
+    failed_calls = sum(mast.get("errors", {}).values())
+    if failed_calls:
+        errors.append(f"{failed_calls} failed MAST API call{'s' if failed_calls != 1 else ''}")
+    lines.append("  errors    " + (", ".join(errors) or "none"))
+    last = mast.get("last_error")
+    if last:
+        when = datetime.fromtimestamp(last["time"]).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+        lines.append(f"  last error {when}: {last['message']}")
+    probe = status.get("mast_probe") or {}
+    if probe.get("state") == "unreachable":
+        lines.append(f"  WARNING   MAST could not be reached when mounting: {probe.get('problem')}")
     lines.append(f"  signals   {status.get('interrupted', 0)} waits ended early by a signal to the requester")
     tree = status.get("tree", {})
     lines.append(f"  metadata  {tree.get('nodes', 0)} inodes in memory ({tree.get('kernel_inodes', 0)} known to the "
@@ -132,7 +143,8 @@ class ProgressBar:
     """A one-line progress display (percent, files, bytes, rate, ETA): redrawn in place on a terminal,
     else printed as a new line every ``quiet_interval`` seconds."""
 
-    def __init__(self, stream: TextIO = sys.stderr, clock=time.monotonic, quiet_interval: float = 5.0) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
+                 quiet_interval: float = 5.0) -> None:
         self.stream = stream
         self.clock = clock
         self.started = clock()
@@ -187,8 +199,10 @@ class _FileResult:
 
 
 def prefetch_command(paths: list[str], level: int | None, product_type: str | None, jobs: int | None,
-                     out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr) -> int:
-    """Warm the cache for every product below ``paths``, drawing a progress bar on ``progress_stream``;
+                     out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr,
+                     recommended: bool = False) -> int:
+    """Warm the cache for every product below ``paths`` (only MAST's "Minimum Recommended Products" when
+    ``recommended``), drawing a progress bar on ``progress_stream``;
     then print a manifest to ``out``: one line per file (done, skipped or failed, and why) and a summary.
 
     Rerunning after an interruption resumes: what is cached is skipped. Returns 0 when nothing failed,
@@ -200,7 +214,8 @@ def prefetch_command(paths: list[str], level: int | None, product_type: str | No
     try:
         for path in paths:
             mountpoint, inner = mount_of(path)
-            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs}
+            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs,
+                       "recommended": recommended}
             base_done = bar.bytes_done
             finished_bytes = 0
             for event in _request(mountpoint, message, timeout=None):
@@ -269,7 +284,7 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
 
     from .blockcache import BlockCache
 
-    blocks_dir = os.path.join(settings.cache_dir, "blocks")
+    blocks_dir = settings.blocks_dir
     users = {point: answer for point in mastfs_mounts()
              if (answer := _daemon_status(point)) is not None
              and os.path.realpath(str(answer["cache"].get("dir"))) == os.path.realpath(settings.cache_dir)}

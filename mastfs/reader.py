@@ -41,8 +41,7 @@ import trio
 
 from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_index, block_span, block_start
 from .errors import IntegrityError, MastfsError, NotFound, Unavailable
-from .fetch.http import HttpFetcher
-from .fetch.s3 import S3Fetcher
+from .fetch import ColdStartFetcher, WholeFileFetcher
 from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .lru import LRU
 from .singleflight import SingleFlight
@@ -125,8 +124,8 @@ class ByteReader:
     def __init__(
         self,
         cache: BlockCache,
-        http_fetcher: HttpFetcher,
-        s3_fetcher: S3Fetcher | None = None,
+        http_fetcher: WholeFileFetcher,
+        s3_fetcher: ColdStartFetcher | None = None,
         source: str = "auto",
         transfers: int = 8,
         *,

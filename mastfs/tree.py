@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import trio
 
@@ -43,8 +43,17 @@ from .lru import LRU
 from .singleflight import SingleFlight
 from .versions import VersionChanged
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from .blockcache import ProductRef
+    from .config import Settings
+    from .mast.models import Observation, Product
+    from .reader import ReadStream
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+N = TypeVar("N", bound="Node")
 
 ROOT_INODE = 1
 FORGOTTEN_KEPT = 4096
@@ -58,8 +67,13 @@ file changed, ask the server again (one HEAD)."""
 MEMO_SWEEP_EVERY = 256
 """Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
-"""Seconds a directory's contents are reused before the Archive is asked again (the kernel caches
-entries and attributes for as long)."""
+"""Seconds a directory's contents are reused before the Archive is asked again; the FUSE adapter gives
+the kernel the same time to reuse a name lookup or attributes without asking again."""
+STAT_BLOCK_SIZE = 4096
+"""st_blksize (the preferred I/O size) and the statfs block size. Small on purpose: Python (astropy) sizes
+its read buffer by it, and a 128 KiB buffer turns a 2,880-byte FITS header read into a kernel read beyond
+the cache's 64 KiB first block; ``cp``, ``cat`` and ``dd`` read at least 128 KiB whatever it says, and
+the kernel reads ahead. Not the block cache's BLOCK_SIZE (4 MiB)."""
 SIZE_RESOLVERS = 8
 """Most concurrent size look-ups (HEAD requests) when a listing holds products of unknown size."""
 
@@ -97,14 +111,39 @@ class FsStats:
     name_max: int = namespace.NAME_MAX
 
 
+class ArchiveView(Protocol):
+    """What the tree needs of the metadata layer (:class:`mastfs.archive.Archive`): cached MAST answers;
+    each raises NotFound, Unauthorized, Unavailable or BadResponse."""
+
+    async def program(self, pid: str, /) -> list[Observation]: ...
+    async def observation(self, obs_id: str, /) -> Observation: ...
+    async def products(self, obs: Observation, /) -> list[Product]: ...
+    async def target(self, name: str, /) -> list[Observation]: ...
+    async def cone(self, ra: float, dec: float, radius: float, /) -> list[Observation]: ...
+    async def resolved_size(self, product: Product, /) -> int | None: ...
+    async def s3_keys(self, products: Iterable[Product], /) -> dict[str, str | None]: ...
+    async def known_programs(self) -> list[str]: ...
+    async def forget(self, kind: str, ident: str, /) -> None: ...
+    async def forget_all(self) -> None: ...
+
+
+class BytesView(Protocol):
+    """What the tree needs of the byte layer (:class:`mastfs.reader.ByteReader`): verified bytes of a
+    product through a per-handle stream, and where they come from."""
+
+    def open_stream(self, ref: ProductRef, /) -> ReadStream: ...
+    async def read_view(self, stream: ReadStream, offset: int, length: int, /) -> bytes | memoryview: ...
+    def source_of(self, ref: ProductRef, /) -> str | None: ...
+
+
 @dataclass
 class OpenFile:
     """One open file handle: virtual content, or a product read through the ByteReader's stream."""
 
     node: Node
     content: bytes | None = None
-    ref: Any = None
-    stream: Any = None
+    ref: ProductRef | None = None
+    stream: ReadStream | None = None
     changed: bool = False  # this open found another version or size than the kernel was shown
 
 
@@ -206,20 +245,23 @@ class TopDir(DirNode):
         path = (kind, name)
         if kind == "program":
             namespace.parse_program_id(name)
-            node: Node = tree.intern(ProgramDir, path)
-            await node.entries(tree)  # an unknown program is ENOENT, not an empty directory
+            program = tree.intern(ProgramDir, path)
+            await program.entries(tree)  # an unknown program is ENOENT, not an empty directory
+            node: Node = program
         elif kind == "obs":
             namespace.parse_obs_id(name)
             observation = await tree.archive.observation(name)
             node = tree.intern(ObservationDir, path, observation)
         elif kind == "target":
             namespace.parse_target_name(name)
-            node = tree.intern(QueryDir, path)
-            await node.entries(tree)
+            query = tree.intern(QueryDir, path)
+            await query.entries(tree)
+            node = query
         else:
             namespace.parse_cone(name)
-            node = tree.intern(QueryDir, path)
-            await node.entries(tree)
+            query = tree.intern(QueryDir, path)
+            await query.entries(tree)
+            node = query
         tree.seen[kind].add(name)
         return node
 
@@ -227,7 +269,7 @@ class TopDir(DirNode):
 class ObservationListDir(DirNode):
     """A directory of observation directories, named by obs_id, from one Archive query."""
 
-    async def observations(self, tree: Tree) -> list[Any]:
+    async def observations(self, tree: Tree) -> list[Observation]:
         raise NotImplementedError
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
@@ -247,7 +289,7 @@ class ObservationListDir(DirNode):
 
 
 class ProgramDir(ObservationListDir):
-    async def observations(self, tree: Tree) -> list[Any]:
+    async def observations(self, tree: Tree) -> list[Observation]:
         observations = await tree.archive.program(self.path[1])
         if not observations:
             raise NotFound(f"program {self.path[1]} has no observations in {', '.join(tree.collections)}")
@@ -257,7 +299,7 @@ class ProgramDir(ObservationListDir):
 class QueryDir(ObservationListDir):
     """``/target/<name>`` or ``/cone/<ra>,<dec>[,<r>]``."""
 
-    async def observations(self, tree: Tree) -> list[Any]:
+    async def observations(self, tree: Tree) -> list[Observation]:
         kind, name = self.path[0], self.path[1]
         if kind == "target":
             try:
@@ -273,13 +315,13 @@ class QueryDir(ObservationListDir):
 class _ObservationContents:
     """An observation directory's products, laid out, with its sidecar contents."""
 
-    products: list[Any]
+    products: list[Product]
     layout: namespace.Layout
     sidecars: dict[str, bytes]
 
 
 class ObservationDir(DirNode):
-    def __init__(self, ino: int, path: tuple[str, ...], observation: Any) -> None:
+    def __init__(self, ino: int, path: tuple[str, ...], observation: Observation) -> None:
         super().__init__(ino, path)
         self.observation = observation
 
@@ -290,7 +332,11 @@ class ObservationDir(DirNode):
         return observation_mtime(self.observation, tree.mount_time)
 
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
-        return namespace.field_xattrs(self.observation.fields)
+        values = namespace.field_xattrs(self.observation.fields)
+        date = namespace.observation_date(self.observation)
+        if date is not None:
+            values[namespace.OWN_XATTR_PREFIX + "observation_date"] = date.encode()
+        return values
 
     async def contents(self, tree: Tree) -> _ObservationContents:
         return await tree.memoised(self.path, lambda: self._load(tree))
@@ -300,7 +346,8 @@ class ObservationDir(DirNode):
         layout = namespace.layout_products(products)
         sidecars = {
             namespace.OBSERVATION_SIDECAR: namespace.observation_json(self.observation),
-            namespace.PRODUCTS_SIDECAR: namespace.products_csv(products, layout.paths),
+            namespace.PRODUCTS_SIDECAR: namespace.products_csv(products, layout.paths,
+                                                               namespace.observation_date(self.observation)),
         }
         return _ObservationContents(products, layout, sidecars)
 
@@ -309,6 +356,9 @@ class ObservationDir(DirNode):
         entries: dict[str, Node] = {}
         for group in contents.layout.groups:
             entries[group] = tree.intern(GroupDir, (*self.path, group), self)
+        if contents.layout.recommended:
+            entries[namespace.RECOMMENDED_DIR] = tree.intern(RecommendedDir, (*self.path, namespace.RECOMMENDED_DIR),
+                                                             self)
         for name in namespace.SIDECARS:
             entries[name] = tree.intern(SidecarFile, (*self.path, name), self)
         return entries
@@ -326,7 +376,7 @@ class GroupDir(DirNode):
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
         super().__init__(ino, path)
         self.observation_dir = observation_dir
-        self._entries: tuple[dict[str, Any], dict[str, Node]] | None = None  # (products, their nodes)
+        self._entries: tuple[dict[str, Product], dict[str, Node]] | None = None  # (products, their nodes)
 
     def same_as(self, other: Node) -> bool:
         return isinstance(other, GroupDir) and other.observation_dir is self.observation_dir
@@ -337,7 +387,7 @@ class GroupDir(DirNode):
     def nlink(self) -> int:
         return 2
 
-    async def products(self, tree: Tree) -> dict[str, Any]:
+    async def products(self, tree: Tree) -> dict[str, Product]:
         """File name -> product of this group. Raises NotFound when the group is gone after a refresh."""
         files = (await self.observation_dir.contents(tree)).layout.groups.get(self.path[-1])
         if files is None:
@@ -362,6 +412,38 @@ class GroupDir(DirNode):
         return await tree.memoised((*self.path, "\0s3"), lookup)
 
 
+class RecommendedDir(DirNode):
+    """``recommended/``: the observation's "Minimum Recommended Products", as the very nodes (inodes,
+    cache identity) of their files in the level and group directories."""
+
+    def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
+        super().__init__(ino, path)
+        self.observation_dir = observation_dir
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, RecommendedDir) and other.observation_dir is self.observation_dir
+
+    def mtime(self, tree: Tree) -> float:
+        return self.observation_dir.mtime(tree)
+
+    def nlink(self) -> int:
+        return 2
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        """Name -> the ProductFile node of the same product in its group directory. Raises NotFound when
+        the view is gone after a refresh."""
+        observation_dir = self.observation_dir
+        recommended = (await observation_dir.contents(tree)).layout.recommended
+        if not recommended:
+            raise NotFound(f"{self.path_text} no longer exists")
+        entries: dict[str, Node] = {}
+        for name, relative in recommended.items():
+            group, file_name = relative.split("/", 1)
+            group_dir = tree.intern(GroupDir, (*observation_dir.path, group), observation_dir)
+            entries[name] = (await group_dir.entries(tree))[file_name]
+        return entries
+
+
 class SidecarFile(Node):
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
         super().__init__(ino, path)
@@ -383,7 +465,7 @@ class SidecarFile(Node):
 
 
 class ProductFile(Node):
-    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, product: Any) -> None:
+    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, product: Product) -> None:
         super().__init__(ino, path)
         self.group_dir = group_dir
         self.observation_dir = group_dir.observation_dir
@@ -422,10 +504,17 @@ class ProductFile(Node):
             self.resolved_size = size or 0
         return self.resolved_size
 
+    def nlink(self) -> int:
+        return 2 if namespace.is_recommended(self.product) else 1  # also in recommended/
+
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
         values = namespace.field_xattrs(self.product.fields)
         own = namespace.OWN_XATTR_PREFIX
         values[own + "uri"] = self.product.data_uri.encode()
+        values[own + "kind"] = namespace.product_kind(self.product).encode()
+        date = namespace.observation_date(self.observation_dir.observation)
+        if date is not None:
+            values[own + "observation_date"] = date.encode()
         ref = tree.refs.peek(self.product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
             source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
@@ -437,7 +526,7 @@ class ProductFile(Node):
         return values
 
 
-def observation_mtime(observation: Any, fallback: float) -> float:
+def observation_mtime(observation: Observation, fallback: float) -> float:
     """Unix time of ``t_obs_release`` (else ``t_max``) of an observation; ``fallback`` when both are null."""
     for mjd in (observation.t_obs_release, observation.t_max):
         unix = namespace.mjd_to_unix(mjd)
@@ -461,14 +550,14 @@ class Tree:
 
     def __init__(
         self,
-        archive: Any,
-        reader: Any,
-        settings: Any,
+        archive: ArchiveView,
+        reader: BytesView,
+        settings: Settings,
         *,
         has_token: bool,
-        product_ref: Callable[..., Any],
+        product_ref: Callable[..., ProductRef],
         cache_usage: Callable[[], tuple[int, int]],
-        cached_bytes: Callable[[Any], int],
+        cached_bytes: Callable[[ProductRef], int],
     ) -> None:
         self.archive = archive
         self.reader = reader
@@ -480,7 +569,7 @@ class Tree:
         self.mount_time = time.time()
         self.readme = namespace.README_TEXT.encode()
         self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
-        self.refs: LRU[str, Any] = LRU(REFS_KEPT)
+        self.refs: LRU[str, ProductRef] = LRU(REFS_KEPT)
         """dataURI -> pinned ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
         self.truths: LRU[str, tuple[int, float | None]] = LRU(REFS_KEPT)
         """dataURI -> (true size, Last-Modified) the server stated at the latest pin (at most REFS_KEPT)."""
@@ -501,14 +590,14 @@ class Tree:
 
     # ---------------------------------------------------------------------------- inodes and memos
 
-    def intern(self, cls: Callable[..., Node], path: tuple[str, ...], *args: Any) -> Node:
+    def intern(self, cls: Callable[..., N], path: tuple[str, ...], *args: Any) -> N:
         """The node for ``path``: the one the kernel knows when it shows the same thing, else a fresh
         one with the same inode number (a path's number never changes). Only handing a node to the
         kernel (:meth:`lookup`, :meth:`listdir`) registers it under its number."""
         ino = self._ino_of(path)
         fresh = cls(ino, path, *args)
         existing = self._nodes.get(ino) or self._forgotten.peek(ino)
-        if existing is not None and existing.same_as(fresh):
+        if isinstance(existing, type(fresh)) and existing.same_as(fresh):
             return existing
         return fresh
 
@@ -587,8 +676,8 @@ class Tree:
         """
         memo = self._memos.get(key)
         if memo is not None and memo.expires > trio.current_time():
-            return memo.value
-        return await self._flights.run(key, lambda: self._load_memo(key, load))
+            return cast(T, memo.value)
+        return cast(T, await self._flights.run(key, lambda: self._load_memo(key, load)))
 
     async def _load_memo(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
         value = await load()
@@ -723,7 +812,7 @@ class Tree:
         self._handles[number] = handle
         return number
 
-    async def product_ref(self, node: ProductFile, *, fresh: bool = False) -> Any:
+    async def product_ref(self, node: ProductFile, *, fresh: bool = False) -> ProductRef:
         """The pinned ProductRef of the node's dataURI (shared by every observation listing it): the
         version and true size the server states (:meth:`ByteReader.pin`), reused for PIN_TTL seconds
         unless ``fresh``. The S3 key is looked up once per directory listing unless ``--source http``.
@@ -769,6 +858,7 @@ class Tree:
             raise NotFound(f"no open file handle {handle}")
         if open_file.content is not None:
             return open_file.content[offset:offset + length]
+        assert open_file.stream is not None and open_file.ref is not None  # a product's handle
         try:
             return await self.reader.read_view(open_file.stream, offset, length)
         except Unauthorized as exc:
@@ -819,7 +909,7 @@ class Tree:
     def statfs(self) -> FsStats:
         """The block cache as the filesystem's size: total = its limit, used = what it holds."""
         used, limit = self._cache_usage()
-        block = 4096
+        block = STAT_BLOCK_SIZE
         total = max(limit, used)
         return FsStats(block_size=block, blocks=total // block, blocks_free=(total - used) // block,
                        files=len(self._nodes))
@@ -887,15 +977,18 @@ class Tree:
         return keys
 
     async def walk_products(self, path: str) -> AsyncIterator[tuple[str, ProductFile]]:
-        """Every product file at or below ``path`` (depth first, listing directories as it goes)."""
+        """Every product file at or below ``path`` once (depth first, listing directories as it goes;
+        ``recommended/`` is walked only when it is ``path`` itself, its files being in the groups too)."""
         node = await self.resolve_path(path)
-        async for item in self._walk(node):
+        async for item in self._walk(node, top=True):
             yield item
 
-    async def _walk(self, node: Node) -> AsyncIterator[tuple[str, ProductFile]]:
+    async def _walk(self, node: Node, top: bool = False) -> AsyncIterator[tuple[str, ProductFile]]:
         if isinstance(node, ProductFile):
             yield node.path_text, node
         elif isinstance(node, DirNode) and not isinstance(node, TopDir | RootDir):
+            if isinstance(node, RecommendedDir) and not top:
+                return
             for child in (await node.entries(self)).values():
                 async for item in self._walk(child):
                     yield item

@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tell mountutil whether this test may mount (the ``mount`` marker must be truthful)."""
+    import mountutil
+
+    mountutil.MOUNT_MARKED = item.get_closest_marker("mount") is not None
+
+
 @pytest.fixture(scope="session")
 def twin():
     """The MAST twin at scale 0.001 (small files), shared by the whole session.

@@ -21,10 +21,14 @@ from pathlib import Path
 import pytest
 
 from mastfs.config import OPTIONS
+from mastfs.errors import MastfsError
 
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 20.0
 _FLAGS = {option.name: option for option in OPTIONS}
+MOUNT_MARKED = True
+"""Whether the running test carries ``@pytest.mark.mount`` (conftest sets it before each test):
+:func:`start_mount` fails a test that mounts without the marker, so ``-m "not mount"`` never mounts."""
 
 
 class Mount:
@@ -69,6 +73,8 @@ def _is_mounted(path: str) -> bool:
 def start_mount(twin, mountpoint: Path, cache_dir: Path, log_path: Path, env: dict | None = None,
                 **settings) -> Mount:
     """Start the daemon and wait (bounded) until the mount is live; fails the test otherwise."""
+    if not MOUNT_MARKED:
+        pytest.fail("this test mounts a filesystem: mark it @pytest.mark.mount")
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a dead mount left by a crashed daemon: `mastfs mount` recovers it
@@ -86,12 +92,21 @@ def start_mount(twin, mountpoint: Path, cache_dir: Path, log_path: Path, env: di
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=child_env)
     mount = Mount(str(mountpoint), str(cache_dir), log_path, process)
     deadline = time.monotonic() + MOUNT_TIMEOUT
-    while not _answers(str(mountpoint)):
+    while not _answers(str(mountpoint)) or _probing(mount):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_mount(mount, check_log=False)
             pytest.fail(f"mastfs did not mount (exit {process.poll()}):\n{mount.log_text()}")
         time.sleep(0.05)
     return mount
+
+
+def _probing(mount: Mount) -> bool:
+    """True while the daemon's one probe of MAST after mounting (a whoami) is in flight: tests start
+    counting the twin's requests after it."""
+    try:
+        return mount.control({"op": "status"})[-1].get("mast_probe", {}).get("state") == "pending"
+    except (OSError, MastfsError, IndexError):  # the control socket is not up yet
+        return True
 
 
 def _answers(path: str) -> bool:

@@ -26,8 +26,6 @@ from mountutil import _is_mounted, endpoint_requests, mounted, start_mount
 from mastfs.config import OPTIONS
 from mastfs.twin import catalog as twin_catalog
 
-pytestmark = pytest.mark.mount
-
 REPO = Path(__file__).resolve().parent.parent
 PROGRAM = twin_catalog.PROGRAM_2733
 OBS = twin_catalog.OBS_2733_MIRI_F1130W
@@ -144,6 +142,7 @@ def test_configuration_doc_covers_every_option():
 # ----------------------------------------------------------------------------------------- status
 
 
+@pytest.mark.mount
 def test_status_shows_cache_transfers_counters_and_sources(mount, clean_twin):
     level2 = mount.join("program", PROGRAM, OBS, "level2")
     first, second = sorted(os.listdir(level2))[:2]
@@ -195,6 +194,7 @@ def test_status_of_a_path_outside_any_mount_says_so(tmp_path):
 # --------------------------------------------------------------------------------------- prefetch
 
 
+@pytest.mark.mount
 def test_prefetch_fills_the_cache_then_reruns_skip_everything(mount, clean_twin):
     obs_dir = mount.join("program", PROGRAM, OBS)
     level2 = os.path.join(obs_dir, "level2")
@@ -221,6 +221,7 @@ def test_prefetch_fills_the_cache_then_reruns_skip_everything(mount, clean_twin)
     assert wire_bytes(clean_twin.stats()) == 0
 
 
+@pytest.mark.mount
 def test_prefetch_of_exclusive_data_without_a_token_says_why(mount, clean_twin):
     program = mount.join("program", twin_catalog.EXCLUSIVE_PROGRAM)
     result = mastfs("prefetch", program, "--level", "3")
@@ -232,6 +233,7 @@ def test_prefetch_of_exclusive_data_without_a_token_says_why(mount, clean_twin):
     assert wire_bytes(clean_twin.stats()) == 0
 
 
+@pytest.mark.mount
 def test_prefetch_failure_is_in_the_manifest_with_its_reason(mount, clean_twin):
     level1 = mount.join("program", PROGRAM, "jw02733-o001_t001_nircam_clear-f090w", "level1")
     name = sorted(os.listdir(level1))[0]
@@ -245,6 +247,7 @@ def test_prefetch_failure_is_in_the_manifest_with_its_reason(mount, clean_twin):
     assert summary_counts(result.stdout) == {"done": 0, "skipped": 0, "failed": 1}
 
 
+@pytest.mark.mount
 def test_interrupted_prefetch_resumes(mount, clean_twin):
     level2 = mount.join("program", PROGRAM, OTHER_OBS, "level2")
     total = len(os.listdir(level2))
@@ -280,6 +283,7 @@ def test_interrupted_prefetch_resumes(mount, clean_twin):
 # ---------------------------------------------------------------------------------------- refresh
 
 
+@pytest.mark.mount
 def test_refresh_makes_the_next_listing_ask_mast_again(mount, clean_twin):
     program = mount.join("program", PROGRAM)
     obs_level3 = os.path.join(program, OBS, "level3")
@@ -307,6 +311,7 @@ def test_refresh_outside_a_mount_fails_clearly(tmp_path):
 # ------------------------------------------------------------------------------------------ cache
 
 
+@pytest.mark.mount
 def test_cache_verbs_refuse_while_mounted_and_work_after(twin, tmp_path):
     cache_dir = tmp_path / "cache"
     cache_flags = ["--cache-dir", str(cache_dir), "--cache-size", "256M"]
@@ -359,6 +364,7 @@ def test_mount_refuses_a_non_empty_directory(twin, tmp_path):
     assert not _is_mounted(str(target)) and (target / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.mount
 def test_mount_recovers_a_dead_mount_and_umount_ends_the_daemon(twin, tmp_path):
     crashed = start_mount(twin, tmp_path / "mnt", tmp_path / "cache", tmp_path / "crashed.log")
     try:
@@ -384,6 +390,7 @@ def test_mount_recovers_a_dead_mount_and_umount_ends_the_daemon(twin, tmp_path):
     assert "Traceback" not in (tmp_path / "cache" / "mastfs.log").read_text()
 
 
+@pytest.mark.mount
 def test_umount_while_a_read_is_in_flight(twin, clean_twin, tmp_path):
     mountpoint = str(tmp_path / "mnt")
     os.mkdir(mountpoint)
@@ -419,6 +426,7 @@ def test_umount_of_something_not_mounted_says_so(tmp_path):
 # ------------------------------------------------------------------------------------------- demo
 
 
+@pytest.mark.mount
 def test_demo_serves_program_2733_and_cleans_up_on_ctrl_c(tmp_path):
     mountpoint = tmp_path / "demo"
     mountpoint.mkdir()
@@ -457,6 +465,7 @@ def test_demo_serves_program_2733_and_cleans_up_on_ctrl_c(tmp_path):
 # ---------------------------------------------------------------------------------- systemd, fstab
 
 
+@pytest.mark.mount
 def test_systemd_notify_ready_only_once_mounted_and_stop_unmounts(twin, tmp_path):
     """What systemd sees of ``Type=notify``: READY=1 only once the mount answers; SIGTERM (systemctl
     stop) sends STOPPING=1, unmounts and exits 0."""
@@ -490,6 +499,7 @@ def test_systemd_notify_ready_only_once_mounted_and_stop_unmounts(twin, tmp_path
     assert not _is_mounted(str(mountpoint))
 
 
+@pytest.mark.mount
 def test_fstab_mount_helper(twin, tmp_path):
     """``systemd/mount.fuse.mastfs`` called as mount(8) calls it for an fstab line of type fuse.mastfs."""
     helper = REPO / "systemd" / "mount.fuse.mastfs"

@@ -3,7 +3,18 @@ import dataclasses
 import pytest
 
 from mastfs.cli import build_parser
-from mastfs.config import OPTIONS, Settings, load_settings, parse_duration, parse_size
+from mastfs.config import OPTIONS, Settings, config_path, load_settings, parse_duration, parse_size
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path, monkeypatch):
+    """A temporary HOME and XDG_CONFIG_HOME, so no test reads the user's real ~/.config/mastfs."""
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.delenv("MASTFS_CONFIG", raising=False)
+    return home
 
 
 def test_every_option_is_a_settings_field():
@@ -41,6 +52,19 @@ def test_parse_size(text, expected):
 @pytest.mark.parametrize(("text", "expected"), [("90", 90.0), ("15m", 900.0), ("2h", 7200.0), ("30d", 2592000.0)])
 def test_parse_duration(text, expected):
     assert parse_duration(text) == expected
+
+
+def test_config_path_follows_the_environment(private_home, tmp_path):
+    assert config_path({}) == private_home / ".config" / "mastfs" / "config.toml"
+    assert config_path({"XDG_CONFIG_HOME": str(tmp_path / "xdg")}) == tmp_path / "xdg" / "mastfs" / "config.toml"
+    assert config_path({"MASTFS_CONFIG": str(tmp_path / "x.toml")}) == tmp_path / "x.toml"
+
+
+def test_the_default_config_file_is_read(private_home):
+    path = private_home / ".config" / "mastfs" / "config.toml"
+    path.parent.mkdir()
+    path.write_text('source = "http"\n')
+    assert load_settings(env={}).source == "http"
 
 
 def test_mount_flags_reach_settings():

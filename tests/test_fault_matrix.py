@@ -8,8 +8,9 @@ verify`` after unmount, then a re-read in a fresh mount of the same cache). Also
 never answers makes ``ls`` and ``read`` EIO within the deadline, and a reader interrupted by a signal
 returns promptly.
 
-The figures (faults injected, operations, outcomes) are printed by the last test and recorded by hand in
-docs/reliability.md.
+The figures (faults injected, operations, outcomes) are printed when the module's mounts are torn down
+(run with ``-s`` to see them) and recorded by hand in docs/reliability.md. No test depends on another
+having run (``-p random_order`` shuffles them).
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ pytestmark = pytest.mark.mount
 @dataclass(frozen=True)
 class Fault:
     """One fault to inject: twin kind, parameters, how many requests it hits (None: until cleared), and
-    what the operation must do: "recover" (correct data), "fail" (a clear error) or "either"."""
+    what the operation must do where it hits: "recover" (correct data) or "fail" (a clear error)."""
 
     name: str
     kind: str
     params: dict = field(default_factory=dict)
     count: int | None = None
-    expect: str = "either"
+    expect: str = "fail"
 
 
 FAULTS = [
@@ -99,15 +100,18 @@ def applies(fault: Fault, path: str) -> bool:
 
 
 def expectation(fault: Fault, path: str) -> str:
-    if path == "path_lookup" and fault.expect == "fail":
-        return "either"  # without S3 keys a product is read over HTTPS: correct data is fine too
+    """The one right outcome of ``fault`` on ``path``: "recover" or "fail"."""
+    if path == "path_lookup":
+        return "recover"  # without S3 keys a product is read over HTTPS: a failed lookup costs no data
     if path == "s3_bytes" and fault.kind == "unauthorized":
-        return "either"  # S3 answers 403 for keys it does not have: reading over HTTPS is fine too
+        return "recover"  # S3 answers 403 for keys it does not have: the bytes come over HTTPS
     return fault.expect
 
 
 CASES = [(path, fault) for path in PATHS for fault in FAULTS if applies(fault, path)]
 RESULTS: list[dict] = []
+READ: list[tuple[str, str]] = []
+"""(obs_id, dataURI) of the products read under faults so far (re-read from the cache at the end)."""
 STALL_FIGURES: dict[str, float] = {}
 
 
@@ -143,6 +147,7 @@ def mounts(twin, tmp_path_factory):
         twin.faults.clear()
         for name in list(handle.live):
             handle.stop(name)
+        print_figures()
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +239,8 @@ def test_fault(mounts, twin, fresh, path, fault):
     if not outcome.ok:  # the fault is gone: the same operation now works, with the right answer
         again = case.operate(path)
         assert again.ok and case.correct(path, again.value), again.describe()
+    if path.endswith("_bytes"):
+        READ.append((obs_id, case.uri))
     assert mount.process.poll() is None, "the daemon died"
 
 
@@ -250,6 +257,8 @@ def test_stalled_server_ls_and_read_are_eio_within_the_deadline(mounts, twin, fr
     assert listing.errno == errno.EIO and reading.errno == errno.EIO
     # One deadline, not two: the kernel's own retry of the failed page read fails at once. (Two deadlines,
     # the old behaviour, take at least 2 x DEADLINE.)
+    # TODO(issue 12): the docs promise EIO within 1x the deadline; issue 12 is changing how the deadline
+    # bounds a FUSE request, so this bound stays 2x until that lands.
     assert listing.seconds < 2 * DEADLINE and reading.seconds < 2 * DEADLINE
     STALL_FIGURES.update(ls_seconds=round(listing.seconds, 2), read_seconds=round(reading.seconds, 2))
     assert mount.process.poll() is None
@@ -329,22 +338,35 @@ def test_a_reader_interrupted_by_a_signal_returns_promptly(mounts, twin, fresh):
     assert case.operate("s3_bytes").value == twin.catalog.sha256(case.uri)
 
 
-def test_afterwards_the_cache_holds_nothing_bad(mounts, twin):
+def test_afterwards_the_cache_holds_nothing_bad(mounts, twin, fresh):
+    """Faulty transfers leave nothing bad in either cache: ``mastfs cache verify`` after unmounting finds
+    no corrupt block, and every product read under faults (these two, and whichever matrix cases ran
+    before) reads right again from the same caches."""
+    for endpoint, kind in (("s3", "truncate"), ("s3", "wrong_range"), ("download", "reset")):
+        obs_id = next(fresh)
+        case = Case(twin, mounts.live["http" if endpoint == "download" else "auto"], obs_id)
+        case.prepare("s3_bytes" if endpoint == "s3" else "https_bytes")
+        twin.faults.add(endpoint, kind, count=1)
+        outcome = case.operate("s3_bytes")
+        twin.faults.clear()
+        assert outcome.ok and case.correct("s3_bytes", outcome.value), outcome.describe()
+        READ.append((obs_id, case.uri))
     for name in ("auto", "http"):
         mounts.stop(name)
         verified = cache_verify(str(mounts.base / f"cache-{name}"))
         assert verified.returncode == 0 and re.search(r"\b0 corrupt", verified.stdout), \
             verified.stdout + verified.stderr
-    mount = mounts.start("auto")  # same cache: every product the matrix used reads right again
-    for obs_id in big_program_obs_ids(twin)[:len(CASES)]:
-        uri = science_product(twin, obs_id, in_s3=True)
-        outcome = bounded(lambda o=obs_id, u=uri: sha256_of(mount.join(product_path(twin, o, u))))
-        assert outcome.ok and outcome.value == twin.catalog.sha256(uri)
+    for name in ("auto", "http"):  # same caches: every product read under faults reads right again
+        mount = mounts.start(name)
+        for obs_id, uri in READ:
+            outcome = bounded(lambda m=mount, o=obs_id, u=uri: sha256_of(m.join(product_path(twin, o, u))))
+            assert outcome.ok and outcome.value == twin.catalog.sha256(uri), (name, uri, outcome.describe())
 
 
-def test_matrix_figures():
-    """Print the matrix's figures (recorded in docs/reliability.md); every invariant holds."""
-    assert len(RESULTS) == len(CASES)
+def print_figures() -> None:
+    """Print the matrix's figures (recorded in docs/reliability.md); each case asserted its own."""
+    if not RESULTS:
+        return
     summary = {
         "cases": len(RESULTS),
         "faults_injected": sum(entry["hits"] for entry in RESULTS),
@@ -357,5 +379,3 @@ def test_matrix_figures():
     print("\nFAULT MATRIX", json.dumps(summary))
     for entry in RESULTS:
         print("  ", json.dumps(entry))
-    assert summary["wrong_data"] == 0
-    assert summary["slowest_seconds"] < SLACK_LIMIT

@@ -20,8 +20,6 @@ from mastfs import namespace
 from mastfs.errors import InvalidName
 from mastfs.twin import catalog as twin_catalog
 
-pytestmark = pytest.mark.mount
-
 OBS = twin_catalog.OBS_2733_MIRI_F1130W
 NOT_FOUND = {errno.ENOENT, errno.EINVAL}
 SEED = 6
@@ -135,6 +133,7 @@ def test_the_generated_names_really_break_every_grammar():
                 LEVEL_GRAMMAR[level](name)
 
 
+@pytest.mark.mount
 def test_a_thousand_invalid_names_at_every_level_cost_no_request(mount, twin):
     names = generated_invalid_names(180, SEED)
     twin.faults.clear()
@@ -154,6 +153,7 @@ def test_a_thousand_invalid_names_at_every_level_cost_no_request(mount, twin):
     assert mount.process.poll() is None
 
 
+@pytest.mark.mount
 def test_names_that_cannot_be_listed_are_not_created_by_a_listing(mount):
     # The kernel never sees a hostile name in a listing either: every entry shown is a plain component.
     for level in LEVELS.values():
@@ -180,6 +180,7 @@ PLAUSIBLE_TARGETS = [
 ]
 
 
+@pytest.mark.mount
 def test_plausible_obs_ids_arrive_intact_as_one_filter_value(mount, twin):
     twin.faults.clear()
     for name in PLAUSIBLE_OBS_IDS:
@@ -194,6 +195,7 @@ def test_plausible_obs_ids_arrive_intact_as_one_filter_value(mount, twin):
         assert {flt["paramName"] for flt in filters} <= {"obs_id", "obs_collection"}
 
 
+@pytest.mark.mount
 def test_plausible_target_names_arrive_intact_as_one_resolver_name(mount, twin):
     twin.faults.clear()
     for name in PLAUSIBLE_TARGETS:
@@ -205,6 +207,7 @@ def test_plausible_target_names_arrive_intact_as_one_resolver_name(mount, twin):
         assert not [entry for entry in requests_since(twin, seq) if entry["endpoint"] == "invoke"]
 
 
+@pytest.mark.mount
 def test_a_valid_cone_sends_exactly_its_numbers(mount, twin):
     twin.faults.clear()
     seq = last_seq(twin)

@@ -22,8 +22,6 @@ from mastfs import namespace
 from mastfs.daemon import control_request
 from mastfs.twin import catalog as twin_catalog
 
-pytestmark = pytest.mark.mount
-
 PROGRAM = twin_catalog.PROGRAM_2733
 OBS = twin_catalog.OBS_2733_MIRI_F1130W
 PROGRAM_2733_OBSERVATIONS = 10  # the JWST ones; the OPO row is another collection
@@ -48,12 +46,14 @@ def errno_of(call, *args):
 # ------------------------------------------------------------------------------------------- namespace
 
 
+@pytest.mark.mount
 def test_root_holds_the_top_directories_and_the_readme(mount):
     assert sorted(os.listdir(mount.path)) == ["README.txt", "cone", "obs", "program", "target"]
     with open(mount.join("README.txt"), encoding="utf-8") as handle:
         assert handle.read() == namespace.README_TEXT
 
 
+@pytest.mark.mount
 def test_program_lists_its_observations_by_obs_id(mount, twin):
     expected = sorted(row["obs_id"] for row in twin.catalog.observation_rows()
                       if str(row["proposal_id"]) == PROGRAM and row["obs_collection"] == "JWST")
@@ -62,6 +62,7 @@ def test_program_lists_its_observations_by_obs_id(mount, twin):
     assert PROGRAM in os.listdir(mount.join("program"))
 
 
+@pytest.mark.mount
 def test_observation_directory_groups_products(mount, twin):
     entries = os.listdir(mount.join("program", PROGRAM, OBS))
     assert {"level1", "level2", "level3", "observation.json", "products.csv"} <= set(entries)
@@ -76,6 +77,7 @@ def test_observation_directory_groups_products(mount, twin):
     assert "jw02733-o002_t001_miri_f1130w_i2d.fits" in os.listdir(mount.join("program", PROGRAM, OBS, "level3"))
 
 
+@pytest.mark.mount
 def test_listings_show_dot_and_dotdot_like_a_local_disk(mount):
     level3 = mount.join("program", PROGRAM, OBS, "level3")
     shown = subprocess.run(["ls", "-a1", level3], capture_output=True, text=True, check=True).stdout.split()
@@ -86,6 +88,7 @@ def test_listings_show_dot_and_dotdot_like_a_local_disk(mount):
     assert root == [".", "..", "README.txt", "cone", "obs", "program", "target"]
 
 
+@pytest.mark.mount
 def test_obs_target_and_cone_directories(mount):
     direct = mount.join("obs", OBS)
     assert "level3" in os.listdir(direct)
@@ -98,6 +101,7 @@ def test_obs_target_and_cone_directories(mount):
     assert "NGC 3132" in os.listdir(mount.join("target"))
 
 
+@pytest.mark.mount
 def test_unknown_program_and_observation_are_enoent(mount):
     assert errno_of(os.stat, mount.join("program", "99999")) == errno.ENOENT
     assert errno_of(os.stat, mount.join("program", PROGRAM, "jw02733-o099_t001_miri_f9999w")) == errno.ENOENT
@@ -107,6 +111,7 @@ def test_unknown_program_and_observation_are_enoent(mount):
 # ------------------------------------------------------------------------------------------ attributes
 
 
+@pytest.mark.mount
 def test_modes_sizes_and_times(mount, twin):
     obs_dir = mount.join("program", PROGRAM, OBS)
     info = os.stat(obs_dir)
@@ -121,6 +126,7 @@ def test_modes_sizes_and_times(mount, twin):
     assert file_info.st_uid == os.getuid() and file_info.st_gid == os.getgid()
 
 
+@pytest.mark.mount
 def test_null_size_is_resolved(mount, twin):
     uri = twin_catalog.NULL_SIZE_URI
     name = uri.rsplit("/", 1)[1]
@@ -128,6 +134,7 @@ def test_null_size_is_resolved(mount, twin):
     assert os.stat(path).st_size == twin.catalog.product(uri).size
 
 
+@pytest.mark.mount
 def test_statfs_is_read_only_and_reports_the_cache(mount):
     info = os.statvfs(mount.path)
     assert info.f_flag & os.ST_RDONLY
@@ -138,6 +145,7 @@ def test_statfs_is_read_only_and_reports_the_cache(mount):
 # -------------------------------------------------------------------------------------------- xattrs
 
 
+@pytest.mark.mount
 def test_observation_xattrs(mount, twin):
     obs_dir = mount.join("program", PROGRAM, OBS)
     names = os.listxattr(obs_dir)
@@ -150,6 +158,7 @@ def test_observation_xattrs(mount, twin):
     assert f'user.mast_obs_id="{OBS}"' in output
 
 
+@pytest.mark.mount
 def test_product_xattrs(mount, twin):
     path = mount.join("program", PROGRAM, OBS, "level3", "jw02733-o002_t001_miri_f1130w_i2d.fits")
     names = set(os.listxattr(path))
@@ -158,6 +167,7 @@ def test_product_xattrs(mount, twin):
     assert os.getxattr(path, "user.mast_productType") == b"SCIENCE"
 
 
+@pytest.mark.mount
 def test_xattr_errors_cost_no_requests(mount, clean_twin):
     path = mount.join("program", PROGRAM, OBS)
     for name in ("user.mast_no_such_field", "security.selinux", "system.posix_acl_access", "trusted.x"):
@@ -170,6 +180,7 @@ def test_xattr_errors_cost_no_requests(mount, clean_twin):
 # ------------------------------------------------------------------------------------------- sidecars
 
 
+@pytest.mark.mount
 def test_sidecars_hold_every_field(mount, twin):
     obs_dir = mount.join("program", PROGRAM, OBS)
     row = observation_row(twin, OBS)
@@ -201,6 +212,7 @@ BAD_NAMES = [
 ]
 
 
+@pytest.mark.mount
 def test_bad_names_are_enoent_without_requests(mount, clean_twin):
     os.listdir(mount.join("program", PROGRAM, OBS, "level2"))  # make the parents known first
     clean_twin.reset_stats()
@@ -210,6 +222,7 @@ def test_bad_names_are_enoent_without_requests(mount, clean_twin):
     assert clean_twin.stats()["total_requests"] == 0
 
 
+@pytest.mark.mount
 def test_writes_are_erofs(mount):
     obs_dir = mount.join("program", PROGRAM, OBS)
     file = os.path.join(obs_dir, "observation.json")
@@ -229,6 +242,7 @@ def test_writes_are_erofs(mount):
 # --------------------------------------------------------------------------------------- exclusive data
 
 
+@pytest.mark.mount
 def test_exclusive_products_are_0000_and_refused_with_one_log_line(mount, twin):
     uri = twin_catalog.EXCLUSIVE_URI
     obs_id = uri.rsplit("/", 1)[1].rsplit("_", 1)[0]
@@ -243,6 +257,7 @@ def test_exclusive_products_are_0000_and_refused_with_one_log_line(mount, twin):
 # ----------------------------------------------------------------------------------- request economy
 
 
+@pytest.mark.mount
 def test_listings_cost_one_query_and_nothing_when_repeated_or_remounted(twin, clean_twin, tmp_path):
     cache = tmp_path / "cache"
     level2 = os.path.join("program", PROGRAM, OBS, "level2")
@@ -250,7 +265,8 @@ def test_listings_cost_one_query_and_nothing_when_repeated_or_remounted(twin, cl
         os.listdir(first.join("program", PROGRAM))
         stats = clean_twin.stats()
         assert endpoint_requests(stats, "invoke:Mast.Caom.Filtered") == 1
-        assert stats["total_requests"] == endpoint_requests(stats, "invoke")  # nothing but the query
+        # nothing but the query (and the mount's one probe of MAST, a whoami)
+        assert stats["total_requests"] == endpoint_requests(stats, "invoke") + endpoint_requests(stats, "whoami")
 
         clean_twin.reset_stats()
         listing = subprocess.run(["ls", "-l", first.join(level2)], capture_output=True, text=True, check=True)
@@ -271,6 +287,7 @@ def test_listings_cost_one_query_and_nothing_when_repeated_or_remounted(twin, cl
         assert clean_twin.stats()["total_requests"] == 0
 
 
+@pytest.mark.mount
 def test_cold_find_costs_one_query_per_observation(twin, clean_twin, tmp_path):
     with mounted(twin, tmp_path) as live:
         found = subprocess.run(["find", live.join("program", PROGRAM)], capture_output=True, text=True,
@@ -283,12 +300,14 @@ def test_cold_find_costs_one_query_per_observation(twin, clean_twin, tmp_path):
     assert endpoint_requests(stats, "invoke") == 1 + PROGRAM_2733_OBSERVATIONS
     # the one product without a size in its row is asked for it once (HEAD); nothing else is fetched
     assert endpoint_requests(stats, "download") == 1
-    assert stats["total_requests"] == 2 + PROGRAM_2733_OBSERVATIONS
+    assert endpoint_requests(stats, "whoami") == 1  # the mount's probe of MAST
+    assert stats["total_requests"] == 3 + PROGRAM_2733_OBSERVATIONS
 
 
 # ------------------------------------------------------------------------------------------- outages
 
 
+@pytest.mark.mount
 def test_stalled_archive_is_eio_never_enoent_and_seen_data_still_lists(twin, clean_twin, tmp_path):
     cache = tmp_path / "cache"
     with mounted(twin, tmp_path, cache_dir=cache, name="warm", ttl_recent="1s", ttl_released="1s") as warm:
@@ -317,6 +336,7 @@ def twin_flags(twin, cache):
             "--cache-dir", str(cache)]
 
 
+@pytest.mark.mount
 def test_background_mount_returns_once_live_and_umount_stops_it(twin, tmp_path):
     mountpoint = tmp_path / "bg"
     mountpoint.mkdir()
@@ -349,6 +369,7 @@ def test_mount_refuses_a_non_empty_mountpoint(twin, tmp_path):
     assert not os.path.ismount(mountpoint)
 
 
+@pytest.mark.mount
 def test_mount_recovers_the_dead_mount_of_a_crashed_daemon(twin, tmp_path):
     crashed = start_mount(twin, tmp_path / "mp", tmp_path / "cache", tmp_path / "crashed.log")
     crashed.process.kill()
@@ -358,6 +379,7 @@ def test_mount_recovers_the_dead_mount_of_a_crashed_daemon(twin, tmp_path):
         assert OBS in os.listdir(recovered.join("program", PROGRAM))
 
 
+@pytest.mark.mount
 def test_systemd_notify_ready_only_once_live_then_stopping(twin, tmp_path):
     address = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
@@ -369,6 +391,7 @@ def test_systemd_notify_ready_only_once_live_then_stopping(twin, tmp_path):
         assert notify.recv(1024) == b"STOPPING=1"
 
 
+@pytest.mark.mount
 def test_daemon_memory_follows_the_kernel_and_numbers_survive_forgetting(mount, clean_twin):
     """After `ls -l` the daemon holds a node per file; when the kernel evicts its inodes (drop_caches)
     and sends FORGETs, the nodes go; listing again gives every file the number it had."""
@@ -395,3 +418,13 @@ def test_daemon_memory_follows_the_kernel_and_numbers_survive_forgetting(mount, 
     uri = os.getxattr(os.path.join(level1, name), "user.mastfs.uri").decode()
     with open(os.path.join(level1, name), "rb") as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == clean_twin.catalog.sha256(uri)
+
+
+def test_target_accepts_masts_own_target_name_spelling(mount, twin):
+    """`user.mast_target_name` says NGC-3132; SANTA (like the twin) only knows "NGC 3132"."""
+    observation = mount.join("program", "2733", OBS)
+    spelled = os.getxattr(observation, "user.mast_target_name").decode()
+    assert spelled == "NGC-3132"
+    assert twin.catalog.resolve_name(spelled) == [] and twin.catalog.resolve_name("NGC 3132")
+    assert OBS in os.listdir(mount.join("target", spelled))
+    assert errno_of(os.listdir, mount.join("target", "NO-SUCH-OBJECT-12345")) == errno.ENOENT

@@ -66,7 +66,12 @@ def test_two_catalogs_are_identical(catalog):
     other = Catalog(scale=SCALE)
     assert other.observation_rows() == catalog.observation_rows()
     for row in catalog.observation_rows():
-        assert other.product_rows(str(row["obsid"])) == catalog.product_rows(str(row["obsid"]))
+        if row["obsid"] != cat.MOSAIC_OBSID:
+            assert other.product_rows(str(row["obsid"])) == catalog.product_rows(str(row["obsid"]))
+    mosaic, other_mosaic = catalog.product_rows(cat.MOSAIC_OBSID), other.product_rows(cat.MOSAIC_OBSID)
+    assert len(mosaic) == len(other_mosaic)
+    for index in random.Random(5).sample(range(len(mosaic)), 300) + [0, len(mosaic) - 1]:
+        assert mosaic[index] == other_mosaic[index]
     assert list(other.products()) == list(catalog.products())
     for uri in (MIRI_CAL, cat.NO_LENGTH_URI, cat.BENCH_1GIB_URI):
         size = catalog.product(uri).size
@@ -84,11 +89,13 @@ def test_bytes_are_the_same_in_another_process(catalog):
     assert output.stdout.strip() == f"{catalog.sha256(MIRI_CAL)} {expected}"
 
 
-def test_program_2733_has_its_eleven_observations_near_ngc_3132(catalog):
+def test_program_2733_has_its_eleven_observations_near_ngc_3132_and_one_planned(catalog):
     rows = [row for row in catalog.observation_rows() if row["proposal_id"] == cat.PROGRAM_2733]
-    assert len(rows) == 11
-    jwst = {row["obs_id"] for row in rows if row["obs_collection"] == "JWST"}
+    assert len(rows) == 12
+    jwst = {row["obs_id"] for row in rows if row["obs_collection"] == "JWST" and row["calib_level"] != -1}
     assert jwst == JWST_2733_OBS_IDS
+    (planned,) = [row for row in rows if row["calib_level"] == -1]
+    assert planned["obs_id"] == cat.PLANNED_2733_OBS_ID
     (opo,) = [row for row in rows if row["obs_collection"] == "OPO"]
     assert opo["obs_id"] == "STSCI_PR_2022-033"
     (ngc,) = catalog.resolve_name("NGC 3132")[:1]
@@ -144,7 +151,7 @@ def test_sibling_observations_share_products(catalog):
 def test_big_program_has_over_500_small_observations(catalog):
     rows = [row for row in catalog.observation_rows() if row["proposal_id"] == cat.BIG_PROGRAM]
     assert len(rows) >= 500
-    assert len({row["obs_id"] for row in rows}) == len(rows)
+    assert len({row["obs_id"] for row in rows}) == len(rows) - 1  # SHARED_OBS_ID has two rows
     for row in rows[:50]:
         products = catalog.product_rows(str(row["obsid"]))
         assert 1 <= len(products) <= 10
@@ -473,3 +480,78 @@ def test_jpeg_previews_are_real_images_of_the_declared_size(tmp_path):
         kind, dimensions = shown.split()
         width, height = (int(n) for n in dimensions.split("x"))
         assert kind == "JPEG" and 16 <= width <= 512 and 16 <= height <= 512, shown
+
+
+# --------------------------------------------------------------------------------------- issue 10: real sizes
+
+
+def test_mosaic_observation_lists_over_300000_products_generated_on_demand(catalog):
+    (row,) = [row for row in catalog.observation_rows() if row["obs_id"] == cat.MOSAIC_OBS_ID]
+    assert row["obsid"] == cat.MOSAIC_OBSID and row["calib_level"] == 3 and row["proposal_id"] == cat.MOSAIC_PROGRAM
+    rows = catalog.product_rows(cat.MOSAIC_OBSID)
+    assert isinstance(rows, cat.ProductRows) and len(rows) >= 300_000
+    sample = rows[100_000:120_000]
+    types = {kind: sum(1 for r in sample if r["productType"] == kind) for kind in ("AUXILIARY", "SCIENCE")}
+    assert types["AUXILIARY"] > 15 * types["SCIENCE"] > 0
+    assert all(set(r) == {name for name, _ in cat.PRODUCT_COLUMNS} for r in sample[:50])
+    assert all(r["parent_obsid"] == cat.MOSAIC_OBSID for r in sample[:50])
+    assert re.fullmatch(r"jw01727001\d{3}_gs-fg_\d{13}_(cal|uncal)\.fits", rows[-1]["productFilename"])
+    assert any(re.fullmatch(r"jw01727001\d{3}_gs-id_\d_image-uncal\.fits", r["productFilename"]) for r in sample)
+    assert any(re.fullmatch(r"jw01727001\d{3}_02101_\d{5}_nrc[ab]long_cal\.fits", r["productFilename"])
+               for r in sample)
+    assert rows[-1] == rows[len(rows) - 1] and rows[5] == rows[5:6][0]
+    with pytest.raises(IndexError):
+        rows[len(rows)]
+    # Every row is distinct, and no product of the mosaic is held in the eager index.
+    names = [r["dataURI"] for r in sample]
+    assert len(set(names)) == len(names)
+    assert len([p for p in catalog.products() if p.program == cat.MOSAIC_PROGRAM]) < 10
+
+
+def test_mosaic_products_are_found_by_uri_and_key_and_read_like_any_other(catalog):
+    rows = catalog.product_rows(cat.MOSAIC_OBSID)
+    in_s3 = http_only = 0
+    for index in random.Random(7).sample(range(len(rows)), 400):
+        row = rows[index]
+        product = catalog.product(row["dataURI"])
+        assert product is not None and product.filename == row["productFilename"] and product.size == row["size"]
+        if product.s3_key:
+            in_s3 += 1
+            assert catalog.product_for_s3_key(product.s3_key) == product
+        else:
+            http_only += 1
+    assert in_s3 > 4 * http_only > 0
+    assert catalog.product("mast:JWST/product/jw01727001151_02101_00001_nrcalong_cal.fits") is None
+    assert catalog.product("mast:JWST/product/jw01727001001_gs-fg_2024003000001_cal.fits") is None
+    assert catalog.product_for_s3_key("jwst/public/jw01727/jw01727001001/nothing.fits") is None
+    guide = next(r for r in rows[2000:2100] if r["productFilename"].endswith("_cal.fits"))
+    header = fits.Header.fromstring(catalog.read(guide["dataURI"], 0, 2880 * 2).decode("ascii"))
+    assert header["FILENAME"] == guide["productFilename"] and header["INSTRUME"] == "FGS"
+    cal = catalog.product(rows[10]["dataURI"])
+    assert catalog.sha256(cal.uri) == hashlib.sha256(catalog.read(cal.uri, 0, cal.size)).hexdigest()
+
+
+def test_mosaic_listing_keys_are_bounded_to_one_visit_folder(catalog):
+    keys = catalog.lazy_s3_keys("jwst/public/jw01727/jw01727001002/", 10_000)
+    assert keys and len(keys) < 2100 and keys == sorted(keys)
+    assert all(catalog.product_for_s3_key(key) is not None for key in keys[:50])
+    assert catalog.lazy_s3_keys("jwst/public/jw01727/", 10_000) is None
+    assert catalog.lazy_s3_keys("jwst/public/jw02733/", 10_000) == []
+
+
+def test_planned_observations_have_no_products_and_a_future_release(catalog):
+    planned = [row for row in catalog.observation_rows() if row["calib_level"] == -1]
+    assert {row["obs_id"] for row in planned} == {cat.PLANNED_2733_OBS_ID, cat.PLANNED_MOSAIC_OBS_ID,
+                                                 cat.PLANNED_BIG_OBS_ID}
+    now_mjd = (datetime.now(timezone.utc) - datetime(1858, 11, 17, tzinfo=timezone.utc)).days
+    for row in planned:
+        assert row["t_obs_release"] > now_mjd and row["t_min"] is None and row["dataURL"] is None
+        assert row["s_ra"] is not None and catalog.product_rows(str(row["obsid"])) == []
+
+
+def test_two_observations_share_one_obs_id(catalog):
+    shared = [row for row in catalog.observation_rows() if row["obs_id"] == cat.SHARED_OBS_ID]
+    assert len(shared) == 2 and shared[0]["obsid"] != shared[1]["obsid"]
+    first, second = (catalog.product_rows(str(row["obsid"])) for row in shared)
+    assert [row["dataURI"] for row in first] == [row["dataURI"] for row in second]
+    assert {row["parent_obsid"] for row in second} == {shared[1]["obsid"]}

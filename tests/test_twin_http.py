@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -59,7 +62,7 @@ def test_filtered_by_program_returns_its_observations_with_real_field_types(clie
         page=1,
     )
     assert body["status"] == "COMPLETE"
-    assert body["paging"]["rowsFiltered"] == 11 == len(body["data"])
+    assert body["paging"]["rowsFiltered"] == 12 == len(body["data"])  # 11 executed + 1 planned
     assert {row["proposal_id"] for row in body["data"]} == {"2733"}
     types = {field["name"]: field["type"] for field in body["fields"]}
     assert types["s_ra"] == "float" and types["calib_level"] == "int" and types["obs_id"] == "string"
@@ -69,11 +72,11 @@ def test_filtered_by_program_returns_its_observations_with_real_field_types(clie
 def test_paging_splits_rows_into_pages_that_add_up(client):
     params = {"columns": "*", "filters": [{"paramName": "proposal_id", "values": ["2733"]}]}
     pages = [invoke(client, "Mast.Caom.Filtered", params, pagesize=4, page=page) for page in (1, 2, 3, 4)]
-    assert [page["paging"]["rows"] for page in pages] == [4, 4, 3, 0]
+    assert [page["paging"]["rows"] for page in pages] == [4, 4, 4, 0]
     assert all(page["paging"]["pagesFiltered"] == 3 for page in pages)
-    assert all(page["paging"]["rowsFiltered"] == 11 and page["paging"]["pageSize"] == 4 for page in pages)
+    assert all(page["paging"]["rowsFiltered"] == 12 and page["paging"]["pageSize"] == 4 for page in pages)
     obs_ids = [row["obs_id"] for page in pages for row in page["data"]]
-    assert len(obs_ids) == len(set(obs_ids)) == 11
+    assert len(obs_ids) == len(set(obs_ids)) == 12
 
 
 def test_count_big_answers_one_row(client):
@@ -82,7 +85,7 @@ def test_count_big_answers_one_row(client):
         "Mast.Caom.Filtered",
         {"columns": "COUNT_BIG(*)", "filters": [{"paramName": "proposal_id", "values": ["2733"]}]},
     )
-    assert body["data"] == [{"Column1": 11}]
+    assert body["data"] == [{"Column1": 12}]
 
 
 def test_separator_filter_matches_one_part_of_a_multi_valued_column(client, clean_twin):
@@ -337,7 +340,7 @@ def test_status_fault_bursts_then_recovers(client, clean_twin):
     first, second, third = (client.post("/api/v0/invoke", data=form) for _ in range(3))
     assert first.status_code == second.status_code == 503
     assert first.headers["retry-after"] == "2"
-    assert third.status_code == 200 and third.json()["data"] == [{"Column1": 11}]
+    assert third.status_code == 200 and third.json()["data"] == [{"Column1": 12}]
 
 
 def test_html_504_fault_sends_the_nginx_page(client, clean_twin):
@@ -477,3 +480,233 @@ def test_info_has_exactly_the_promised_keys(clean_twin):
     info = clean_twin.info()
     assert set(info) == {"mast_url", "resolver_url", "s3_endpoint", "bucket"}
     assert info["resolver_url"] == info["mast_url"] + "/Santa-war/query" and info["bucket"] == "stpubdata"
+
+
+# ---- issue 10: the 300,000-product observation, planned observations -----------------------------------
+
+
+def test_mosaic_products_page_lazily_and_add_up(client, clean_twin):
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    params = {"obsid": twin_catalog.MOSAIC_OBSID}
+    first = invoke(client, "Mast.Caom.Products", params, pagesize=20_000, page=1)
+    last_page = first["paging"]["pagesFiltered"]
+    last = invoke(client, "Mast.Caom.Products", params, pagesize=20_000, page=last_page)
+    assert first["paging"]["rowsFiltered"] == len(rows) >= 300_000
+    assert last_page == -(-len(rows) // 20_000)
+    assert len(first["data"]) == 20_000 and len(last["data"]) == len(rows) - 20_000 * (last_page - 1)
+    assert first["data"][:3] == rows[:3] and last["data"][-1] == rows[len(rows) - 1]
+    assert [field["name"] for field in first["fields"]] == [name for name, _ in twin_catalog.PRODUCT_COLUMNS]
+    both = invoke(client, "Mast.Caom.Products", {"obsid": f"{twin_catalog.MOSAIC_OBSID},87600001"},
+                  pagesize=10, page=-(-len(rows) // 10))
+    assert both["paging"]["rowsFiltered"] == len(rows) + len(clean_twin.catalog.product_rows("87600001"))
+    assert both["data"][-1]["parent_obsid"] == "87600001"
+
+
+def test_mosaic_program_filters_and_counts(client):
+    filters = [{"paramName": "proposal_id", "values": [twin_catalog.MOSAIC_PROGRAM]}]
+    body = invoke(client, "Mast.Caom.Filtered", {"columns": "*", "filters": filters})
+    assert {(row["obs_id"], row["calib_level"]) for row in body["data"]} == {
+        (twin_catalog.MOSAIC_OBS_ID, 3), (twin_catalog.PLANNED_MOSAIC_OBS_ID, -1)}
+    count = invoke(client, "Mast.Caom.Filtered", {"columns": "COUNT_BIG(*)", "filters": filters})
+    assert count["data"] == [{"Column1": 2}]
+
+
+def test_mosaic_products_download_and_path_lookup(client, clean_twin):
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    chosen = [rows[index] for index in (7, 80, 150_000, len(rows) - 1)]
+    answer = client.get("/api/v0.1/path_lookup/", params={"uri": [row["dataURI"] for row in chosen]}).json()
+    for row in chosen:
+        product = clean_twin.catalog.product(row["dataURI"])
+        expected = {"status_code": 200, "path": "/" + product.s3_key} if product.s3_key else \
+            {"status_code": 404, "path": None}
+        assert answer[row["dataURI"]] == expected
+    response = client.get(download_url(chosen[2]["dataURI"]), headers={"Range": "bytes=0-2879"})
+    assert response.status_code == 206 and response.content == clean_twin.catalog.read(chosen[2]["dataURI"], 0, 2880)
+
+
+def test_planned_observations_appear_in_program_and_cone_answers(client):
+    params = {"columns": "*", "filters": [{"paramName": "proposal_id", "values": [twin_catalog.PROGRAM_2733]}]}
+    planned = [row for row in invoke(client, "Mast.Caom.Filtered", params)["data"] if row["calib_level"] == -1]
+    assert [row["obs_id"] for row in planned] == [twin_catalog.PLANNED_2733_OBS_ID]
+    assert planned[0]["t_obs_release"] == twin_catalog.PLANNED_RELEASE_MJD
+    cone = invoke(client, "Mast.Caom.Cone", {"ra": NGC3132[0], "dec": NGC3132[1], "radius": 0.05})
+    assert twin_catalog.PLANNED_2733_OBS_ID in {row["obs_id"] for row in cone["data"]}
+    products = invoke(client, "Mast.Caom.Products", {"obsid": planned[0]["obsid"]})
+    assert products["status"] == "COMPLETE" and products["paging"]["rowsFiltered"] == 0 and products["data"] == []
+
+
+# ---- issue 10: slow queries, timeouts as answers, the URL limit, rows shifting between pages ----------
+
+
+def program_request(page: int = 1, breaker: str = "breaker-1", pagesize: int = 4) -> dict:
+    return {"service": "Mast.Caom.Filtered",
+            "params": {"columns": "*", "filters": [{"paramName": "proposal_id", "values": ["2733"]}]},
+            "format": "json", "pagesize": pagesize, "page": page, "cacheBreaker": breaker}
+
+
+def post(client: httpx.Client, request: dict, **options) -> httpx.Response:
+    return client.post("/api/v0/invoke", data={"request": json.dumps(request)}, **options)
+
+
+def test_slow_query_answers_executing_until_its_time_has_passed(client, clean_twin):
+    clean_twin.faults.add("invoke", "slow_query", count=1, seconds=600, shape="executing")
+    statuses = [post(client, program_request()).json()["status"] for _ in range(3)]
+    assert statuses == ["EXECUTING"] * 3
+    # Other pages of the same query (same cacheBreaker) wait for the same clock; other services do not.
+    assert post(client, program_request(page=2)).json()["status"] == "EXECUTING"
+    assert invoke(client, "Mast.Name.Lookup", {"input": "M101"})["resolvedCoordinate"]
+    # count=1: a new query (new cacheBreaker) is not slowed any more.
+    assert post(client, program_request(breaker="breaker-2")).json()["status"] == "COMPLETE"
+    clean_twin.faults.clear()
+    assert post(client, program_request()).json()["status"] == "COMPLETE"
+
+
+def test_slow_query_completes_once_the_time_has_passed_and_later_pages_come_at_once(client, clean_twin):
+    clean_twin.faults.add("invoke", "slow_query", seconds=0.3, shape="executing", match="Mast.Caom.Filtered")
+    polls = 0
+    while (body := post(client, program_request()).json())["status"] == "EXECUTING":
+        polls += 1
+        assert polls < 200
+        threading.Event().wait(0.05)
+    assert polls >= 1 and body["status"] == "COMPLETE" and len(body["data"]) == 4
+    assert post(client, program_request(page=2)).json()["status"] == "COMPLETE"
+    assert clean_twin.faults.list()[0]["hits"] == 1
+
+
+def test_slow_query_first_byte_shape_holds_the_response(clean_twin):
+    clean_twin.faults.add("invoke", "slow_query", seconds=600, shape="first_byte")
+    with httpx.Client(base_url=clean_twin.mast_url, timeout=httpx.Timeout(30, read=0.5)) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            post(impatient, program_request())
+    with httpx.Client(base_url=clean_twin.mast_url, timeout=30) as patient:
+        answer: list[dict] = []
+        waiter = threading.Thread(target=lambda: answer.append(post(patient, program_request()).json()))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not answer  # still held: no first byte yet
+        clean_twin.faults.clear()  # releases held queries
+        waiter.join(30)
+    assert answer and answer[0]["status"] == "COMPLETE"
+
+
+def test_slow_query_shapes_are_validated(clean_twin):
+    with pytest.raises(ValueError):
+        clean_twin.faults.add("invoke", "slow_query", shape="sometimes")
+    with pytest.raises(ValueError):
+        clean_twin.faults.add("download", "slow_query")
+
+
+def test_error_timeout_answers_error_n_times_then_the_real_answer(client, clean_twin):
+    clean_twin.faults.add("invoke", "error_timeout", count=2, match="Mast.Caom.Products")
+    params = {"obsid": "87600008"}
+    first, second = (invoke(client, "Mast.Caom.Products", params) for _ in range(2))
+    assert first["status"] == second["status"] == "ERROR" and "timed out" in first["msg"]
+    assert invoke(client, "Mast.Caom.Products", params)["status"] == "COMPLETE"
+    clean_twin.faults.add("invoke", "error_timeout", count=1, msg="Request timed out after 600 s")
+    assert invoke(client, "Mast.Caom.Products", params)["msg"] == "Request timed out after 600 s"
+    # A malformed request stays an ERROR with its own message, every time.
+    bad = {"columns": "*", "filters": [{"paramName": "no_such_column", "values": ["x"]}]}
+    for _ in range(2):
+        answer = invoke(client, "Mast.Caom.Filtered", bad)
+        assert answer["status"] == "ERROR" and "timed out" not in answer["msg"]
+
+
+def path_lookup_uris(twin, count: int) -> list[str]:
+    """``count`` consecutive member-exposure dataURIs of the mosaic observation (typical JWST length)."""
+    rows = twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    return [row["dataURI"] for row in rows[7 : 7 + count]]
+
+
+def test_url_limit_refuses_path_lookup_of_50_uris_and_answers_40(client, clean_twin):
+    assert clean_twin.max_url_length == 3400
+    forty, fifty = path_lookup_uris(clean_twin, 40), path_lookup_uris(clean_twin, 50)
+    ok = client.get("/api/v0.1/path_lookup/", params=[("uri", uri) for uri in forty] + [("use_cloud_path", "True")])
+    assert ok.status_code == 200 and set(ok.json()) == set(forty)
+    too_long = client.get("/api/v0.1/path_lookup/", params=[("uri", uri) for uri in fifty])
+    assert too_long.status_code == 414 and "414 Request-URI Too Large" in too_long.text
+    # The 40 longest JWST uris of the catalog pass too.
+    longest = sorted((p.uri for p in clean_twin.catalog.products() if p.uri.startswith("mast:JWST")), key=len)[-40:]
+    assert client.get("/api/v0.1/path_lookup/",
+                      params=[("uri", uri) for uri in longest] + [("use_cloud_path", "True")]).status_code == 200
+    endpoints = clean_twin.stats()["endpoints"]
+    assert endpoints["path_lookup"]["requests"] == 3
+
+
+def test_url_limit_is_switchable(client, clean_twin):
+    fifty = path_lookup_uris(clean_twin, 50)
+    try:
+        assert client.put("/__twin__/limits", json={"max_url_length": 0}).json() == {"max_url_length": 0}
+        assert client.get("/api/v0.1/path_lookup/", params=[("uri", uri) for uri in fifty]).status_code == 200
+        client.put("/__twin__/limits", json={"max_url_length": 100})
+        assert client.get("/whoami?" + "x" * 100).status_code == 414
+        assert client.put("/__twin__/limits", json={"max_url_length": -1}).status_code == 400
+        assert client.get("/__twin__/limits").json() == {"max_url_length": 100}
+    finally:
+        clean_twin.max_url_length = 3400
+
+
+def test_page_shift_insert_repeats_a_row_and_loses_another(client, clean_twin):
+    expected = [row["obs_id"] for row in invoke(client, "Mast.Caom.Filtered", program_request()["params"])["data"]]
+    clean_twin.faults.add("invoke", "page_shift", mode="insert")
+    first = post(client, program_request(page=1)).json()
+    pages = [first] + [post(client, program_request(page=page)).json()
+                       for page in range(2, first["paging"]["pagesFiltered"] + 1)]
+    seen = [row["obs_id"] for page in pages for row in page["data"]]
+    assert first["paging"]["rowsFiltered"] == len(seen) == len(expected) == 12
+    assert pages[1]["data"][0] == first["data"][-1]  # page 2 repeats page 1's last row
+    assert set(expected) - set(seen) == {expected[-1]}  # ... and the last row is never seen
+    assert pages[1]["paging"]["rowsFiltered"] == 13  # the later pages announce one row more
+    assert clean_twin.faults.list()[0]["hits"] == 2  # page 1 is never shifted
+
+
+def test_page_shift_drop_loses_a_page_and_counts_down(client, clean_twin):
+    clean_twin.faults.add("invoke", "page_shift", count=1, mode="drop")
+    pages = [post(client, program_request(page=page)).json() for page in (1, 2, 3)]
+    assert [page["paging"]["rows"] for page in pages] == [4, 0, 4]
+    assert all(page["paging"]["rowsFiltered"] == 12 for page in pages)
+    assert sum(len(page["data"]) for page in pages) == 8
+    assert len(post(client, program_request(page=2)).json()["data"]) == 4  # count exhausted
+    with pytest.raises(ValueError):
+        clean_twin.faults.add("invoke", "page_shift", mode="sideways")
+
+
+def test_page_shift_on_the_mosaic_product_pages(client, clean_twin):
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    clean_twin.faults.add("invoke", "page_shift", count=1, mode="insert")
+    request = {"service": "Mast.Caom.Products", "params": {"obsid": twin_catalog.MOSAIC_OBSID}, "format": "json",
+               "pagesize": 1000, "page": 2, "cacheBreaker": "b"}
+    body = post(client, request).json()
+    assert body["data"][0] == rows[999] and body["paging"]["rowsFiltered"] == len(rows) + 1
+
+
+def test_new_faults_are_reachable_over_http(client, clean_twin):
+    specs = [{"endpoint": "invoke", "kind": "slow_query", "seconds": 90, "shape": "first_byte", "count": 1},
+             {"endpoint": "invoke", "kind": "error_timeout", "count": 3},
+             {"endpoint": "invoke", "kind": "page_shift", "params": {"mode": "drop"}}]
+    answer = client.post("/__twin__/faults", json=specs).json()
+    assert [fault["kind"] for fault in answer["added"]] == ["slow_query", "error_timeout", "page_shift"]
+    assert answer["added"][2]["params"] == {"mode": "drop"}
+    assert client.post("/__twin__/faults", json={"endpoint": "invoke", "kind": "slow_query",
+                                                 "shape": "never"}).status_code == 400
+
+
+def test_twin_serve_flags_set_query_time_shape_and_url_limit():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mastfs", "twin", "serve", "--scale", "0.001", "--query-seconds", "600",
+         "--query-shape", "first_byte", "--max-url-length", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        info = json.loads(process.stdout.readline())
+        assert set(info) == {"mast_url", "resolver_url", "s3_endpoint", "bucket"}
+        with httpx.Client(base_url=info["mast_url"], timeout=30) as http:
+            (fault,) = http.get("/__twin__/faults").json()["faults"]
+            assert (fault["kind"], fault["params"]) == ("slow_query", {"seconds": 600.0, "shape": "first_byte"})
+            assert http.get("/__twin__/limits").json() == {"max_url_length": 120}
+            assert http.get("/whoami?" + "x" * 120).status_code == 414
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        process.stdout.close()
+    refused = subprocess.run([sys.executable, "-m", "mastfs", "twin", "serve", "--max-url-length", "-5"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--max-url-length" in refused.stderr

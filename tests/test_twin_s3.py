@@ -237,3 +237,29 @@ def test_s3_counters_per_operation(s3, clean_twin, product):
     assert endpoints["s3:GetObject"] == {"requests": 1, "bytes_sent": 2880}
     assert endpoints["s3:ListObjectsV2"]["requests"] == 1 and endpoints["s3:ListObjectsV2"]["bytes_sent"] > 0
     assert endpoints["s3"]["bytes_sent"] == 2880 + endpoints["s3:ListObjectsV2"]["bytes_sent"]
+
+
+def test_mosaic_keys_are_served_without_entering_moto(s3, clean_twin):
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    product = clean_twin.catalog.product(rows[200_000]["dataURI"])
+    if product.s3_key is None:
+        product = clean_twin.catalog.product(rows[200_001]["dataURI"])
+    head = s3.head_object(Bucket="stpubdata", Key=product.s3_key)
+    assert head["ContentLength"] == product.size and head["ETag"] == clean_twin.catalog.etag(product.uri, "s3")
+    body = s3.get_object(Bucket="stpubdata", Key=product.s3_key, Range="bytes=2880-5759")["Body"].read()
+    assert body == clean_twin.catalog.read(product.uri, 2880, 2880)
+    assert not any(isinstance(key, LazyCatalogKey) and key.product == product
+                   for key in LazyCatalogKey.instances_tracked)
+    http_only = next(clean_twin.catalog.product(row["dataURI"]) for row in rows[2000:2100]
+                     if clean_twin.catalog.product(row["dataURI"]).s3_key is None)
+    missing_key = f"jwst/public/jw01727/jw01727001001/{http_only.filename}"
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3.head_object(Bucket="stpubdata", Key=missing_key)
+
+
+def test_listing_one_mosaic_visit_folder_lists_its_generated_keys(s3, clean_twin):
+    prefix = "jwst/public/jw01727/jw01727001004/"
+    expected = clean_twin.catalog.lazy_s3_keys(prefix, 10_000)
+    listed = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="stpubdata", Prefix=prefix)
+              for item in page.get("Contents", [])]
+    assert listed == expected and len(listed) > 1500

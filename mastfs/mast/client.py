@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 OBSERVATION_PAGESIZE = 5000
 PRODUCT_PAGESIZE = 50000
-PATH_LOOKUP_BATCH = 50
+PATH_LOOKUP_BATCH = 40
 #: Most rows one query may return. The largest real answers (the products of a JWST mosaic with all its
 #: members, a wide cone in a crowded field) are tens of thousands of rows, about 3 KB of memory each once
 #: parsed; an answer claiming more (a million-row product list, a server paging forever) is refused with
@@ -114,11 +115,24 @@ class MastClient:
         self.product_pagesize = product_pagesize
         self._requests: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
+        self._last_error: dict[str, Any] | None = None
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, Any]:
         """Requests sent and failed tries, by endpoint (``invoke``, ``path_lookup``, ``file``, ``whoami``,
-        ``resolver``), since the client was made (for ``mastfs status``)."""
-        return {"requests": dict(self._requests), "errors": dict(self._errors)}
+        ``resolver``), since the client was made, and the last failure (``time`` in seconds since the
+        epoch, ``endpoint``, ``message``) or None (for ``mastfs status``)."""
+        return {"requests": dict(self._requests), "errors": dict(self._errors), "last_error": self._last_error}
+
+    def _failed(self, endpoint: str, message: str) -> None:
+        """Count a failed try and remember it as the last error."""
+        self._errors[endpoint] += 1
+        self._last_error = {"time": time.time(), "endpoint": endpoint, "message": message}
+
+    async def probe(self, within: float) -> None:
+        """One try of ``GET /whoami`` within ``within`` seconds, to tell whether MAST can be reached.
+        Raises Unavailable (unreachable, 5xx, too slow) or BadResponse; counted like any request."""
+        policy = RetryPolicy(attempts=1, deadline=within)
+        await self._request_json("GET", f"{self._mast}/whoami", what="probing MAST", policy=policy)
 
     # --- low level --------------------------------------------------------------------------------
 
@@ -137,15 +151,15 @@ class MastClient:
             response = await self._http.request(method, url, headers=headers, **kwargs)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
                 httpx.ProxyError, httpx.DecodingError) as exc:
-            self._errors[endpoint] += 1
+            self._failed(endpoint, f"{what}: {type(exc).__name__}: {exc}")
             raise Retryable(f"{what}: {type(exc).__name__}: {exc}") from exc
         except httpx.HTTPError as exc:
-            self._errors[endpoint] += 1
+            self._failed(endpoint, f"{what}: {type(exc).__name__}: {exc}")
             raise BadResponse(f"{what}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
         if status < 300:
             return response
-        self._errors[endpoint] += 1
+        self._failed(endpoint, f"{what}: HTTP {status}")
         raise error_for_status(status, what, has_token=mast_host and bool(self._token_provider()),
                                retry_after=parse_retry_after(response.headers.get("Retry-After")))
 
@@ -175,7 +189,7 @@ class MastClient:
 
     # --- invoke ----------------------------------------------------------------------------------
 
-    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict], Paging]:
+    async def _invoke_page(self, body: dict[str, Any], what: str) -> tuple[list[dict[str, Any]], Paging]:
         """Rows and paging of one page, re-sending the identical body while EXECUTING; the
         requests and polls of the page together take at most the deadline."""
         content = "request=" + quote(json.dumps(body))

@@ -120,7 +120,7 @@ class Observation:
 
     @property
     def obsid(self) -> str:
-        return self.fields["obsid"]
+        return str(self.fields["obsid"])
 
     @property
     def proposal_id(self) -> str | None:
@@ -409,7 +409,7 @@ def parse_path_lookup(payload: Any, uris: Iterable[str]) -> dict[str, str | None
             raise BadResponse(f"path_lookup entry for {uri} is not an object")
         path = entry.get("path")
         found = _int(entry, "status_code") == 200 and isinstance(path, str) and path.strip("/")
-        keys[uri] = s3_key_from_path(path) if found else None
+        keys[uri] = s3_key_from_path(str(path)) if found else None
     return keys
 
 
@@ -427,8 +427,9 @@ class Identity:
         """Parse a /whoami answer. Raises BadResponse on anything but an object with ``anon``."""
         if not isinstance(payload, Mapping) or "anon" not in payload:
             raise BadResponse("whoami answer without 'anon'")
-        attributes = payload.get("attrib") if isinstance(payload.get("attrib"), Mapping) else {}
-        scopes = payload.get("scopes") if isinstance(payload.get("scopes"), list) else []
+        attrib, listed = payload.get("attrib"), payload.get("scopes")
+        attributes: Mapping[str, Any] = attrib if isinstance(attrib, Mapping) else {}
+        scopes: list[Any] = listed if isinstance(listed, list) else []
         return cls(
             anonymous=bool(payload["anon"]),
             ezid=str(payload.get("ezid") or "anonymous"),

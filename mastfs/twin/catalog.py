@@ -37,11 +37,13 @@ import functools
 import hashlib
 import logging
 import math
+import re
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
 from mastfs.twin import fitsgen
 from mastfs.twin.fitsgen import ChecksumMemo, FitsSpec, GeneratedFile, ImageExt
@@ -67,6 +69,17 @@ OBS_2733_MIRI_F1130W = "jw02733-o002_t001_miri_f1130w"
 EXCLUSIVE_PROGRAM = "6543"
 HST_PROGRAM = "11599"
 BIG_PROGRAM = "5500"
+MOSAIC_PROGRAM = "1727"
+MOSAIC_OBS_ID = "jw01727-o001_t001_nircam_clear-f277w"
+MOSAIC_OBSID = "410000001"
+MOSAIC_VISITS = 150
+MOSAIC_FINE_GUIDE_SEGMENTS = 960
+PLANNED_2733_OBS_ID = "jw02733-o003_t001_nircam_clear-f150w"
+PLANNED_MOSAIC_OBS_ID = "jw01727-o002_t001_nircam_clear-f444w"
+PLANNED_BIG_OBS_ID = "jw05500-o521_t001_miri_f770w"
+SHARED_OBS_ID = "jw05500-o007_t001_miri_f770w"
+PLANNED_RELEASE_MJD = 62502.0
+"""t_obs_release of the planned observations: 2029-12-01, in the future."""
 UNRESOLVABLE_NAME = "NoSuchObject 12345"
 VALID_TOKEN = "twin0valid0token0000000000000001"
 EXPIRED_TOKEN = "twin0expired0token00000000000002"
@@ -262,6 +275,28 @@ class _Level3:
         return f"jwst/public/jw{self.program.padded}/L3/t/o{self.observation:03d}"
 
 
+class _FileSpec(NamedTuple):
+    """Everything the catalog needs to know about one file before it is registered or served."""
+
+    uri: str
+    filename: str
+    size: int
+    s3_key: str | None
+    maker: Callable[[], GeneratedFile]
+    row: dict
+
+
+_EXPOSURE_SUFFIXES = (
+    ("uncal", "RampModel", "uncalibrated", 1, "exposure (L1b): uncalibrated 4D exposure data"),
+    ("rate", "ImageModel", "countrate", 2, "exposure (L2a): corrected count rate image"),
+    ("rateints", "CubeModel", "countrate", 2, "exposure (L2a): corrected count rate per integration"),
+    ("cal", "ImageModel", "calibrated", 2, "exposure (L2b): calibrated exposure"),
+    ("calints", "CubeModel", "calibrated", 2, "exposure (L2b): calibrated exposure per integration"),
+    ("crf", "ImageModel", "calibrated", 3, "exposure (L3): outlier-flagged calibrated exposure"),
+)
+"""Level-1/2/3 FITS products of a JWST exposure: (suffix, datamodel, FILETYPE, level, description)."""
+
+
 @dataclass
 class _ObservationEntry:
     """An observation row under construction and the product rows listed under it."""
@@ -279,6 +314,34 @@ def _microns(filter_name: str, per_micron: int = 100) -> float:
     """Central wavelength of a filter named like F1130W (JWST: 11.30 um) or F502N (HST, per_micron=1000)."""
     digits = "".join(c for c in filter_name.split(";")[0] if c.isdigit())
     return int(digits or "200") / per_micron
+
+
+def _datetime_to_mjd(moment: datetime) -> float:
+    return (moment - _MJD_EPOCH) / timedelta(days=1)
+
+
+_GUIDE_SETUP_GROUPS = 6
+"""Guide-star exposures of a visit before its fine-guide segments: 3 id attempts, acq1, acq2, track."""
+
+
+def _guide_group(visit_id: str, visit_start: datetime,
+                 index: int) -> tuple[str, str, tuple[int, int], tuple[int, int], float, float]:
+    """Guide-star exposure `index` of a visit starting at `visit_start`: (obs_id stem, EXP_TYPE, leading
+    dims (nints, ngroups), spatial shape, start MJD, duration s). 0-2 are id attempts (10 to 9 min before
+    the visit), 3 acq1, 4 acq2, 5 track, then 8-second fine-guide segments from the visit start; stems
+    carry the start as YYYYDDDHHMMSS, at whole seconds so a stem can be parsed back (:class:`_Mosaic`)."""
+    if index < 3:
+        offset = -600 + 40 * index
+        return f"{visit_id}_gs-id_{index + 1}_image", "FGS_ID-IMAGE", (1, 2), (2048, 2048), \
+            _datetime_to_mjd(visit_start + timedelta(seconds=offset)), 25.0
+    kind, exp_type, dims, shape, offset, duration = (
+        ("acq1", "FGS_ACQ1", (6, 2), (128, 128), -480, 30.0),
+        ("acq2", "FGS_ACQ2", (5, 2), (32, 32), -435, 30.0),
+        ("track", "FGS_TRACK", (3000, 1), (32, 32), -390, 150.0),
+    )[index - 3] if index < _GUIDE_SETUP_GROUPS else (
+        "fg", "FGS_FINEGUIDE", (500, 1), (8, 8), 8 * (index - _GUIDE_SETUP_GROUPS), 8.0)
+    begin = visit_start + timedelta(seconds=offset)
+    return f"{visit_id}_gs-{kind}_{begin.strftime('%Y%j%H%M%S')}", exp_type, dims, shape, _datetime_to_mjd(begin), duration
 
 
 def _crc(text: str) -> int:
@@ -449,7 +512,7 @@ class Catalog:
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         self.scale = scale
-        self._observations: dict[str, _ObservationEntry] = {}
+        self._observations: dict[str, _ObservationEntry] = {}  # by obsid: several rows may share an obs_id
         self._products: dict[str, TwinProduct] = {}
         self._product_base_rows: dict[str, dict] = {}
         self._makers: dict[str, Callable[[], GeneratedFile]] = {}
@@ -468,8 +531,12 @@ class Catalog:
         self._build_exclusive()
         self._build_hst()
         self._build_big()
+        self._mosaic = _Mosaic(self)
+        self._build_planned()
         self._observation_rows = [entry.row for entry in self._observations.values()]
-        self._rows_by_obsid = {str(entry.row["obsid"]): entry.product_rows for entry in self._observations.values()}
+        self._rows_by_obsid: dict[str, Sequence[dict]] = {
+            obsid: entry.product_rows for obsid, entry in self._observations.items()}
+        self._rows_by_obsid[MOSAIC_OBSID] = self._mosaic.rows
         logger.debug("twin catalog: %d observations, %d products, scale %s",
                      len(self._observation_rows), len(self._products), scale)
 
@@ -479,9 +546,16 @@ class Catalog:
         """Every CAOM observation row (all OBSERVATION_COLUMNS, real JSON types); fresh dicts."""
         return [dict(row) for row in self._observation_rows]
 
-    def product_rows(self, obsid: str) -> list[dict]:
-        """Mast.Caom.Products rows of the observation with this `obsid` (str or int); [] if unknown."""
-        rows = [dict(row) for row in self._rows_by_obsid.get(str(obsid).strip(), ())]
+    def product_rows(self, obsid: str) -> Sequence[dict]:
+        """Mast.Caom.Products rows of the observation with this `obsid` (str or int); [] if unknown; the
+        sizes rows state after reprocessing and size switches (:meth:`misreport_size`, :meth:`make_dynamic`).
+
+        A list of fresh dicts, except for MOSAIC_OBSID: a :class:`ProductRows` view generating each row
+        (a fresh dict) when indexed or iterated, never holding them all (and never altered)."""
+        found = self._rows_by_obsid.get(str(obsid).strip(), ())
+        if isinstance(found, ProductRows):
+            return found
+        rows = [dict(row) for row in found]
         if self._row_sizes or self._size_errors or self._dynamic:
             for row in rows:
                 uri = row["dataURI"]
@@ -493,8 +567,12 @@ class Catalog:
 
     def product(self, uri: str, copy: str = "http") -> TwinProduct | None:
         """The product with this dataURI as its ``copy`` ("http" or "s3") stands now (size and mtime of
-        that copy's revision; a dynamic product has no s3_key and no Content-Length), or None."""
+        that copy's revision; a dynamic product has no s3_key and no Content-Length), or None.
+        MOSAIC_PROGRAM's products are generated on demand."""
         product = self._products.get(uri)
+        if product is None and uri.startswith(_Mosaic.URI_PREFIX):
+            found = self._mosaic.product(uri)
+            product = found[0] if found else None
         if product is None:
             return None
         revision = self._revisions.get((uri, copy))
@@ -506,7 +584,7 @@ class Catalog:
 
     def revision(self, uri: str, copy: str = "http") -> int:
         """The revision (0: never reprocessed) of a product's ``copy``. Raises KeyError for unknown uris."""
-        if uri not in self._products:
+        if (uri, copy) not in self._revisions and self.product(uri) is None:
             raise KeyError(uri)
         revision = self._revisions.get((uri, copy))
         return 0 if revision is None else revision[0]
@@ -519,13 +597,16 @@ class Catalog:
         that cannot be reprocessed or a size the format cannot have. Returns :meth:`describe`."""
         if copies not in ("both", *COPIES):
             raise ValueError(f"copies must be both, s3 or http, not {copies!r}")
-        base = self._products[uri]
+        base = self.product(uri)
+        if base is None:
+            raise KeyError(uri)
+        base = replace(base, s3_key=self._products[uri].s3_key) if uri in self._products else base
         targets = COPIES if copies == "both" else (copies,)
         with self._lock:
             number = max(self.revision(uri, c) for c in COPIES) + 1
             for copy in targets:
                 size = self.product(uri, copy).size + resize  # type: ignore[union-attr]
-                _remade(self._makers[uri], size, number, _crc(uri), ChecksumMemo())  # raises before any change
+                _remade(self._maker(uri), size, number, _crc(uri), ChecksumMemo())  # raises before any change
                 product = replace(base, size=size, mtime=base.mtime + number * REPROCESS_SECONDS)
                 self._revision_sizes[(uri, number)] = size  # both copies of one revision share bytes
                 self._revisions[(uri, copy)] = (number, product)
@@ -536,7 +617,7 @@ class Catalog:
     def misreport_size(self, uri: str, delta: int) -> None:
         """Make the product rows state a size ``delta`` bytes off the file's (0: the truth again).
         Raises KeyError for an unknown uri."""
-        if uri not in self._products:
+        if self.product(uri) is None:
             raise KeyError(uri)
         with self._lock:
             self._size_errors[uri] = delta
@@ -544,7 +625,7 @@ class Catalog:
     def make_dynamic(self, uri: str) -> None:
         """Serve the product as a file generated on the fly: null ``size`` in rows, no Content-Length and
         no ranges on HTTPS, not in S3 (path_lookup 404). Raises KeyError for an unknown uri."""
-        if uri not in self._products:
+        if self.product(uri) is None:
             raise KeyError(uri)
         with self._lock:
             self._dynamic.add(uri)
@@ -570,8 +651,22 @@ class Catalog:
         return self._digest(uri, copy, "etag")
 
     def products(self) -> Iterable[TwinProduct]:
-        """Every product once (unique by uri), in construction order."""
+        """Every product built at construction once (unique by uri), in construction order: all but the
+        ~300,000 member and guide-star products of MOSAIC_OBS_ID, which exist only on demand
+        (:meth:`product`, :meth:`product_for_s3_key`, :meth:`product_rows`)."""
         return self._products.values()
+
+    def product_for_s3_key(self, key: str) -> TwinProduct | None:
+        """The on-demand (MOSAIC_PROGRAM) product stored under S3 `key`, or None. O(1)."""
+        if not key.startswith(_Mosaic.S3_PREFIX):
+            return None
+        product = self.product("mast:JWST/product/" + key.rpartition("/")[2])
+        return product if product is not None and product.s3_key == key else None
+
+    def lazy_s3_keys(self, prefix: str, limit: int) -> list[str] | None:
+        """The on-demand S3 keys starting with `prefix`, sorted, when there are at most `limit` of them
+        (a prefix inside one visit folder of MOSAIC_PROGRAM); None when `prefix` covers more."""
+        return self._mosaic.s3_keys(prefix, limit)
 
     def read(self, uri: str, offset: int, length: int, copy: str = "http") -> bytes:
         """Bytes [offset, offset+length) of the product's ``copy`` as it stands now, clipped to its
@@ -692,28 +787,35 @@ class Catalog:
     ) -> str:
         """Register a product once (later calls with the same uri are ignored); returns the uri."""
         if uri not in self._products:
-            self._products[uri] = TwinProduct(
-                uri=uri,
-                filename=filename,
-                size=size,
-                s3_key=s3_key,
-                exclusive=program.exclusive,
-                program=program.proposal_id,
-                send_content_length=uri != NO_LENGTH_URI,
-                mtime=program.processed.timestamp(),
-            )
+            self._products[uri], self._product_base_rows[uri] = self._new_product(
+                program, _FileSpec(uri, filename, size, s3_key, maker, row))
             self._makers[uri] = maker
-            base = {name: None for name, _ in PRODUCT_COLUMNS}
-            base.update(row)
-            base.update(
-                dataURI=uri,
-                productFilename=filename,
-                size=None if uri == NULL_SIZE_URI else size,
-                proposal_id=program.proposal_id,
-                dataRights=program.data_rights,
-            )
-            self._product_base_rows[uri] = base
         return uri
+
+    @staticmethod
+    def _new_product(program: _Program, spec: _FileSpec) -> tuple[TwinProduct, dict]:
+        """The TwinProduct of `spec` and its product row (every PRODUCT_COLUMNS key; parent_obsid unset)."""
+        uri = spec.uri
+        product = TwinProduct(
+            uri=uri,
+            filename=spec.filename,
+            size=spec.size,
+            s3_key=spec.s3_key,
+            exclusive=program.exclusive,
+            program=program.proposal_id,
+            send_content_length=uri != NO_LENGTH_URI,
+            mtime=program.processed.timestamp(),
+        )
+        base = {name: None for name, _ in PRODUCT_COLUMNS}
+        base.update(spec.row)
+        base.update(
+            dataURI=uri,
+            productFilename=spec.filename,
+            size=None if uri == NULL_SIZE_URI else spec.size,
+            proposal_id=program.proposal_id,
+            dataRights=program.data_rights,
+        )
+        return product, base
 
     def _list_product(self, entry: _ObservationEntry, uri: str) -> None:
         """List product `uri` under observation `entry` (once), with parent_obsid = that observation."""
@@ -725,18 +827,26 @@ class Catalog:
         row = {name: None for name, _ in OBSERVATION_COLUMNS}
         row.update(values)
         entry = _ObservationEntry(row)
-        self._observations[row["obs_id"]] = entry
+        self._observations[str(row["obsid"])] = entry
         return entry
 
     def _build_file(self, uri: str, revision: int = 0) -> GeneratedFile:
         """Generate (not read) the bytes description of a product's revision; memoised by the LRU in
-        __init__."""
-        if revision == 0:
-            generated = self._makers[uri]()
-            assert generated.size == self._products[uri].size, uri
-            return generated
-        memo = self._revision_memos.setdefault((uri, revision), ChecksumMemo())
-        return _remade(self._makers[uri], self._revision_sizes[(uri, revision)], revision, _crc(uri), memo)
+        __init__. Raises KeyError for an unknown uri."""
+        if revision:
+            memo = self._revision_memos.setdefault((uri, revision), ChecksumMemo())
+            return _remade(self._maker(uri), self._revision_sizes[(uri, revision)], revision, _crc(uri), memo)
+        return self._maker(uri)()
+
+    def _maker(self, uri: str) -> Callable[[], GeneratedFile]:
+        """The maker of a product's bytes as built (revision 0). Raises KeyError for an unknown uri."""
+        maker = self._makers.get(uri)
+        if maker is None:
+            found = self._mosaic.product(uri)
+            if found is None:
+                raise KeyError(uri)
+            maker = found[1]
+        return maker
 
     # ------------------------------------------------------------------ JWST products
 
@@ -788,19 +898,21 @@ class Catalog:
         name = exposure.name
         if name not in exposure_ids:
             exposure_ids[name] = self._new_id(f"exposure-{program.proposal_id}", program.id_base + 100_000)
-        obsid_value = id_style(exposure_ids[name])
+        candidate = exposure_ids[name] - program.id_base - 100_000 + 1
+        return [self._add_product(program=program, **spec._asdict())
+                for spec in self._exposure_files(exposure, filters, id_style(exposure_ids[name]), candidate)]
+
+    def _exposure_files(self, exposure: _Exposure, filters: str, obsid_value: object,
+                        candidate: int) -> list[_FileSpec]:
+        """The files of one exposure-detector: level-1/2/3 FITS, previews (public programs), and its
+        level-2 association (candidate number `candidate`)."""
+        program = exposure.program
+        name = exposure.name
         s3_dir = f"jwst/public/jw{program.padded}/{exposure.visit_id}"
         exp_type = "NRC_IMAGE" if exposure.instrument == "NIRCAM" else "MIR_IMAGE"
         sky = self._sky(program, _microns(exposure.filter))
-        uris = []
-        fits_suffixes = (
-            ("uncal", "RampModel", "uncalibrated", 1, "exposure (L1b): uncalibrated 4D exposure data"),
-            ("rate", "ImageModel", "countrate", 2, "exposure (L2a): corrected count rate image"),
-            ("rateints", "CubeModel", "countrate", 2, "exposure (L2a): corrected count rate per integration"),
-            ("cal", "ImageModel", "calibrated", 2, "exposure (L2b): calibrated exposure"),
-            ("calints", "CubeModel", "calibrated", 2, "exposure (L2b): calibrated exposure per integration"),
-            ("crf", "ImageModel", "calibrated", 3, "exposure (L3): outlier-flagged calibrated exposure"),
-        )
+        specs = []
+        fits_suffixes = _EXPOSURE_SUFFIXES
         if program.exclusive:
             fits_suffixes = tuple(entry for entry in fits_suffixes if entry[0] in ("uncal", "rate", "cal"))
         for suffix, datamodel, filetype, level, description in fits_suffixes:
@@ -816,8 +928,8 @@ class Catalog:
                 ra=exposure.ra, dec=exposure.dec, exp_type=exp_type)
             wcs = (exposure.ra, exposure.dec, exposure.pixel_scale)
             s3_key = None if program.exclusive or uri == HTTP_ONLY_URI else f"{s3_dir}/{filename}"
-            uris.append(self._add_product(
-                program=program, uri=uri, filename=filename, size=size, s3_key=s3_key,
+            specs.append(_FileSpec(
+                uri=uri, filename=filename, size=size, s3_key=s3_key,
                 maker=self._jwst_fits_maker(uri, size, cards, images, exposure.shape, wcs, sky),
                 row=self._jwst_row(program, obsid_value, name, description, "SCIENCE", suffix.upper(), level, filters,
                                    recommended=suffix == "cal")))
@@ -827,14 +939,13 @@ class Catalog:
                 uri = f"mast:JWST/product/{filename}"
                 size = self._scaled(real + _crc(uri) % (real // 4), _MIN_JPEG_SIZE)
                 s3_key = f"{s3_dir}/{filename}" if product_type == "PREVIEW" else None
-                uris.append(self._add_product(
-                    program=program, uri=uri, filename=filename, size=size, s3_key=s3_key,
+                specs.append(_FileSpec(
+                    uri=uri, filename=filename, size=size, s3_key=s3_key,
                     maker=self._jpeg_maker(uri, size, f"{name} calibrated preview", sky,
                                            Wcs(exposure.ra, exposure.dec, exposure.pixel_scale, exposure.shape),
                                            512 if product_type == "PREVIEW" else 128),
                     row=self._jwst_row(program, obsid_value, name, f"{product_type.title()} image", product_type, None, 2, filters,
                                        versioned=False)))
-        candidate = exposure_ids[name] - program.id_base - 100_000 + 1
         asn_name = f"jw{program.padded}-o{exposure.observation:03d}_{program.asn_version}_image2_{candidate:05d}_asn.json"
         level3_dir = f"jwst/public/jw{program.padded}/L3/t/o{exposure.observation:03d}"
         uri = f"mast:JWST/product/{asn_name}"
@@ -851,11 +962,11 @@ class Catalog:
             "asn_pool": f"{program.pool_stem}.csv",
             "products": [{"name": name, "members": [{"expname": f"{name}_rate.fits", "exptype": "science"}]}],
         }
-        uris.append(self._add_product(
-            program=program, uri=uri, filename=asn_name, size=2048, s3_key=None if program.exclusive else f"{level3_dir}/{asn_name}",
+        specs.append(_FileSpec(
+            uri=uri, filename=asn_name, size=2048, s3_key=None if program.exclusive else f"{level3_dir}/{asn_name}",
             maker=functools.partial(_padded_json_file, asn, 2048),
             row=self._jwst_row(program, obsid_value, name, "Association table: level 2", "INFO", "ASN", 2, filters)))
-        return uris
+        return specs
 
     def _level3_products(self, level3: _Level3, obsid_value: object) -> list[str]:
         """Level-3 products of an observation (i2d, segm, cat.ecsv, asn.json, previews); returns uris."""
@@ -961,46 +1072,42 @@ class Catalog:
         """Guide-star AUXILIARY files of one visit (acq1, acq2, id attempts, track, fine-guide segments)."""
         visit_id = f"jw{program.padded}{observation:03d}{visit:03d}"
         s3_dir = f"jwst/public/jw{program.padded}/{visit_id}"
-        # (obs_id stem, exp_type, leading dims (nints, ngroups), spatial shape, start, duration)
-        groups: list[tuple[str, str, tuple[int, int], tuple[int, int], float, float]] = []
-
-        def stamp(mjd: float) -> str:
-            return _mjd_to_datetime(mjd).strftime("%Y%j%H%M%S")
-
-        t = start_mjd - 600 / 86400.0
-        for attempt in (1, 2, 3):
-            groups.append((f"{visit_id}_gs-id_{attempt}_image", "FGS_ID-IMAGE", (1, 2), (2048, 2048), t, 25.0))
-            t += 40 / 86400.0
-        for kind, dims, shape in (("acq1", (6, 2), (128, 128)), ("acq2", (5, 2), (32, 32))):
-            groups.append((f"{visit_id}_gs-{kind}_{stamp(t)}", f"FGS_{kind.upper()}", dims, shape, t, 30.0))
-            t += 45 / 86400.0
-        groups.append((f"{visit_id}_gs-track_{stamp(t)}", "FGS_TRACK", (3000, 1), (32, 32), t, 150.0))
-        t = start_mjd
-        for _ in range(fine_guide_segments):
-            groups.append((f"{visit_id}_gs-fg_{stamp(t)}", "FGS_FINEGUIDE", (500, 1), (8, 8), t, 8.0))
-            t += 8.0 / 86400.0
+        start = _mjd_to_datetime(start_mjd)
+        groups = [_guide_group(visit_id, start, index) for index in range(_GUIDE_SETUP_GROUPS + fine_guide_segments)]
         uris = []
-        for stem, exp_type, (nints, ngroups), shape, begin, duration in groups:
+        for stem, exp_type, dims, shape, begin, duration in groups:
             obsid_value = id_style(self._new_id(f"guide-{program.proposal_id}", program.id_base + 200_000))
-            is_id_image = "_gs-id_" in stem
-            for level, suffix in ((1, "uncal"), (2, "cal")):
-                filename = f"{stem}-{suffix}.fits" if is_id_image else f"{stem}_{suffix}.fits"
-                uri = f"mast:JWST/product/{filename}"
-                images = _jwst_images(f"gs_{suffix}", nints, ngroups)
-                size = self._fits_size(uri, images, shape)
-                cards = functools.partial(
-                    _jwst_primary_cards, program=program, filename=filename,
-                    datamodel="GuiderRawModel" if level == 1 else "GuiderCalModel",
-                    filetype="uncalibrated" if level == 1 else "calibrated", obs_id=stem, observation=observation,
-                    instrument="FGS", detector="GUIDER1", filt=None, pupil=None, start_mjd=begin, duration=duration,
-                    ra=ra, dec=dec, exp_type=exp_type)
-                uris.append(self._add_product(
-                    program=program, uri=uri, filename=filename, size=size, s3_key=f"{s3_dir}/{filename}",
-                    maker=self._jwst_fits_maker(uri, size, cards, images, shape, (ra, dec, 0.069 * _ARCSEC),
-                                                self._sky(program, 2.0)),
-                    row=self._jwst_row(program, obsid_value, stem, f"guide star data: {exp_type.lower()}", "AUXILIARY",
-                                       stem.split("_")[1].upper(), level, None)))
+            for spec in self._guide_files(program, observation, stem, exp_type, dims, shape, begin, duration,
+                                          obsid_value, s3_dir, ra, dec):
+                uris.append(self._add_product(program=program, **spec._asdict()))
         return uris
+
+    def _guide_files(self, program: _Program, observation: int, stem: str, exp_type: str, dims: tuple[int, int],
+                     shape: tuple[int, int], begin: float, duration: float, obsid_value: object,
+                     s3_dir: str | None, ra: float, dec: float) -> list[_FileSpec]:
+        """The uncal (level 1) and cal (level 2) AUXILIARY files of one guide-star exposure `stem`; not in
+        S3 when `s3_dir` is None."""
+        nints, ngroups = dims
+        is_id_image = "_gs-id_" in stem
+        specs = []
+        for level, suffix in ((1, "uncal"), (2, "cal")):
+            filename = f"{stem}-{suffix}.fits" if is_id_image else f"{stem}_{suffix}.fits"
+            uri = f"mast:JWST/product/{filename}"
+            images = _jwst_images(f"gs_{suffix}", nints, ngroups)
+            size = self._fits_size(uri, images, shape)
+            cards = functools.partial(
+                _jwst_primary_cards, program=program, filename=filename,
+                datamodel="GuiderRawModel" if level == 1 else "GuiderCalModel",
+                filetype="uncalibrated" if level == 1 else "calibrated", obs_id=stem, observation=observation,
+                instrument="FGS", detector="GUIDER1", filt=None, pupil=None, start_mjd=begin, duration=duration,
+                ra=ra, dec=dec, exp_type=exp_type)
+            specs.append(_FileSpec(
+                uri=uri, filename=filename, size=size, s3_key=f"{s3_dir}/{filename}" if s3_dir else None,
+                maker=self._jwst_fits_maker(uri, size, cards, images, shape, (ra, dec, 0.069 * _ARCSEC),
+                                            self._sky(program, 2.0)),
+                row=self._jwst_row(program, obsid_value, stem, f"guide star data: {exp_type.lower()}", "AUXILIARY",
+                                   stem.split("_")[1].upper(), level, None)))
+        return specs
 
     def _jwst_observation(self, level3: _Level3, obsid: int, objid: int, id_style: Callable[[int], object],
                           exposure_ids: dict[str, int], shared: list[str], half_width: float,
@@ -1349,6 +1456,207 @@ class Catalog:
             entry.row["target_name"] = f"GOODS-S-{number:03d}"
             if number % 50 == 0:
                 entry.row["t_exptime"] = None
+
+    def _build_planned(self) -> None:
+        """Planned observations (calib_level -1, t_obs_release in the future, no products: CAOM lists them
+        next to executed ones) in programs 2733, MOSAIC_PROGRAM and BIG_PROGRAM, and a second row sharing
+        SHARED_OBS_ID (another obsid listing the same level-3 files, as CAOM can hold several planes of
+        one observation)."""
+        by_obs_id = {entry.row["obs_id"]: entry for entry in self._observations.values()}
+        for obs_id, sibling, obsid, filters, em_range in (
+            (PLANNED_2733_OBS_ID, "jw02733-o001_t001_nircam_clear-f090w", "87600050", "F150W;CLEAR", (1331.0, 1668.0)),
+            (PLANNED_MOSAIC_OBS_ID, MOSAIC_OBS_ID, "410000002", "F444W;CLEAR", (3880.0, 4986.0)),
+            (PLANNED_BIG_OBS_ID, "jw05500-o001_t001_miri_f770w", 330_000_521, "F770W", (6581.0, 8687.0)),
+        ):
+            row = dict(by_obs_id[sibling].row)
+            row.update(obs_id=obs_id, obsid=obsid, objID=type(obsid)(int(obsid) + 1_000_000), calib_level=-1,
+                       filters=filters, em_min=em_range[0], em_max=em_range[1], wave_min=em_range[0],
+                       wave_max=em_range[1], t_min=None, t_max=None, t_obs_release=PLANNED_RELEASE_MJD,
+                       jpegURL=None, dataURL=None, srcDen=None)
+            self._add_observation(row)
+        executed = by_obs_id[SHARED_OBS_ID]
+        obsid = str(int(executed.row["obsid"]) + 2_000)
+        twin = self._add_observation(dict(executed.row, obsid=obsid, objID=str(int(obsid) + 1_000_000)))
+        twin.product_rows.extend(dict(row, parent_obsid=obsid) for row in executed.product_rows)
+
+
+class ProductRows(Sequence[dict]):
+    """Product rows of one observation generated by index when asked for (fresh dicts): O(1) memory
+    whatever the count, O(rows asked) time. Slicing returns a list of the sliced rows."""
+
+    def __init__(self, count: int, row_at: Callable[[int], dict]) -> None:
+        self._count = count
+        self._row_at = row_at
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self._row_at(position) for position in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self._row_at(index)
+
+
+class _Mosaic:
+    """MOSAIC_PROGRAM: a COSMOS-Web-like NIRCam mosaic whose one level-3 observation MOSAIC_OBS_ID lists
+    over 300,000 products, generated on demand by row index and parsed back from a dataURI or S3 key.
+
+    Rows: the observation's level-3 products and pool (built eagerly, 7 rows), then per visit (150) its 8
+    member exposures (4 dithers x nrcalong/nrcblong; uncal, rate, rateints, cal, calints, crf, cal.jpg,
+    cal_thumb.jpg, image2 asn.json: 72 rows) and its guide-star files (3 id attempts, acq1, acq2, track
+    and 960 fine-guide segments, uncal and cal each: 1,932 AUXILIARY rows): 300,607 rows. In S3: every
+    file but thumbnails and every tenth fine-guide segment's files.
+    """
+
+    URI_PREFIX = f"mast:JWST/product/jw0{MOSAIC_PROGRAM}"
+    S3_PREFIX = f"jwst/public/jw0{MOSAIC_PROGRAM}/"
+    DETECTORS = ("nrcalong", "nrcblong")
+    DITHERS = 4
+    EXPOSURES_PER_VISIT = DITHERS * len(DETECTORS)
+    FILES_PER_EXPOSURE = 9
+    GUIDE_GROUPS = _GUIDE_SETUP_GROUPS + MOSAIC_FINE_GUIDE_SEGMENTS
+    VISIT_ROWS = EXPOSURES_PER_VISIT * FILES_PER_EXPOSURE + 2 * GUIDE_GROUPS
+    FILTERS = "F277W;CLEAR"
+    FIRST_VISIT = datetime(2024, 1, 3, 0, 0, tzinfo=timezone.utc)
+    VISIT_SECONDS = 6 * 3600
+    _EXPOSURE_NAME = re.compile(r"jw01727001(\d{3})_02101_(\d{5})_(nrc[ab]long)_")
+    _ASN_NAME = re.compile(r"jw01727-o001_\d{8}t\d{6}_image2_(\d{5})_asn\.json")
+    _GUIDE_NAME = re.compile(r"jw01727001(\d{3})_gs-(?:id_(\d)_image-|(acq1|acq2|track|fg)_(\d{13})_)")
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.program = program = _Program(
+            proposal_id=MOSAIC_PROGRAM, pi="Mosaic, Twin",
+            title="Twin COSMOS-Web-like NIRCam mosaic (one observation of 300,000 products)", proposal_type="GO",
+            target="COSMOS", target_classification="Galaxy; Extragalactic deep field", release_mjd=60450.0,
+            processed=datetime(2024, 3, 20, 8, 0, tzinfo=timezone.utc), id_base=410_000_000, cal_ver="1.13.4",
+            field=Field(150.1163, 2.2009, seed=1727, half_width=0.4, count=20000))
+        self.ra0, self.dec0 = 150.1163, 2.2009
+        members = tuple(self._exposure(index) for index in range(MOSAIC_VISITS * self.EXPOSURES_PER_VISIT))
+        level3 = _Level3(program, "NIRCAM", "clear-f277w", self.FILTERS, 1, self.ra0, self.dec0, (15000, 15000),
+                         0.063 * _ARCSEC, (2416.0, 3127.0), members)
+        pool = catalog._pool_product(program, MOSAIC_OBSID, list(members[:40]))
+        entry = catalog._jwst_observation(level3, int(MOSAIC_OBSID), int(MOSAIC_OBSID) + 20_000_000, str, {},
+                                          [pool], 0.3, list_members=False)
+        self.head = [dict(row) for row in entry.product_rows]
+        entry.product_rows.clear()
+        self.rows = ProductRows(len(self.head) + MOSAIC_VISITS * self.VISIT_ROWS, self._row_at)
+        self._exposure_files = functools.lru_cache(maxsize=32)(self._exposure_files_uncached)
+        self._guide_files = functools.lru_cache(maxsize=64)(self._guide_files_uncached)
+
+    # ---- generation by index -------------------------------------------------------------------------
+
+    def _visit_start(self, visit: int) -> datetime:
+        return self.FIRST_VISIT + timedelta(seconds=(visit - 1) * self.VISIT_SECONDS)
+
+    def _exposure(self, index: int) -> _Exposure:
+        """Member exposure `index` (0-based over the observation: visit-major, then dither, detector)."""
+        visit, within = divmod(index, self.EXPOSURES_PER_VISIT)
+        dither, detector = divmod(within, len(self.DETECTORS))
+        column, line = divmod(visit, 15)
+        ra = self.ra0 + (column - 4.5) * 0.04 / math.cos(math.radians(self.dec0)) + dither * 0.5 * _ARCSEC
+        dec = self.dec0 + (line - 7) * 0.04
+        start = self._visit_start(visit + 1) + timedelta(seconds=dither * 300)
+        return _Exposure(self.program, "NIRCAM", self.DETECTORS[detector], "F277W", "CLEAR", 1, visit + 1, "02101",
+                         dither + 1, ra, dec, _datetime_to_mjd(start), 268.4, 1, 8, (2048, 2048), 0.063 * _ARCSEC)
+
+    def _exposure_files_uncached(self, index: int) -> list[_FileSpec]:
+        obsid_value = str(self.program.id_base + 100_000 + index)
+        return self.catalog._exposure_files(self._exposure(index), self.FILTERS, obsid_value, index + 1)
+
+    def _guide_files_uncached(self, visit: int, group: int) -> list[_FileSpec]:
+        visit_id = f"jw{self.program.padded}001{visit:03d}"
+        stem, exp_type, dims, shape, begin, duration = _guide_group(visit_id, self._visit_start(visit), group)
+        segment = group - _GUIDE_SETUP_GROUPS
+        s3_dir = None if segment % 10 == 9 else f"{self.S3_PREFIX}{visit_id}"
+        obsid_value = str(self.program.id_base + 1_000_000 + (visit - 1) * self.GUIDE_GROUPS + group)
+        return self.catalog._guide_files(self.program, 1, stem, exp_type, dims, shape, begin, duration,
+                                         obsid_value, s3_dir, self.ra0, self.dec0)
+
+    def _spec_at(self, index: int) -> _FileSpec:
+        visit, offset = divmod(index - len(self.head), self.VISIT_ROWS)
+        exposure_rows = self.EXPOSURES_PER_VISIT * self.FILES_PER_EXPOSURE
+        if offset < exposure_rows:
+            exposure, slot = divmod(offset, self.FILES_PER_EXPOSURE)
+            return self._exposure_files(visit * self.EXPOSURES_PER_VISIT + exposure)[slot]
+        group, level = divmod(offset - exposure_rows, 2)
+        return self._guide_files(visit + 1, group)[level]
+
+    def _row_at(self, index: int) -> dict:
+        if index < len(self.head):
+            return dict(self.head[index])
+        _, row = self.catalog._new_product(self.program, self._spec_at(index))
+        row["parent_obsid"] = MOSAIC_OBSID
+        return row
+
+    # ---- lookup by name ------------------------------------------------------------------------------
+
+    def _candidates(self, filename: str) -> list[_FileSpec]:
+        """The generated files that may be `filename` (those of the exposure or guide-star exposure the
+        name points at); [] when it points at none."""
+        match = self._EXPOSURE_NAME.match(filename)
+        if match:
+            visit, dither, detector = int(match[1]), int(match[2]), self.DETECTORS.index(match[3])
+            if not (1 <= visit <= MOSAIC_VISITS and 1 <= dither <= self.DITHERS):
+                return []
+            return self._exposure_files((visit - 1) * self.EXPOSURES_PER_VISIT + (dither - 1) * 2 + detector)
+        match = self._ASN_NAME.fullmatch(filename)
+        if match:
+            index = int(match[1]) - 1
+            return self._exposure_files(index) if 0 <= index < MOSAIC_VISITS * self.EXPOSURES_PER_VISIT else []
+        match = self._GUIDE_NAME.match(filename)
+        if not match or not 1 <= int(match[1]) <= MOSAIC_VISITS:
+            return []
+        visit = int(match[1])
+        if match[2]:
+            group = int(match[2]) - 1
+        elif match[3] != "fg":
+            group = 3 + ("acq1", "acq2", "track").index(match[3])
+        else:
+            try:
+                begin = datetime.strptime(match[4], "%Y%j%H%M%S").replace(tzinfo=timezone.utc)
+            except ValueError:
+                return []
+            seconds = (begin - self._visit_start(visit)).total_seconds()
+            group = _GUIDE_SETUP_GROUPS + int(seconds) // 8
+            if seconds % 8:
+                return []
+        return self._guide_files(visit, group) if 0 <= group < self.GUIDE_GROUPS else []
+
+    def product(self, uri: str) -> tuple[TwinProduct, Callable[[], GeneratedFile]] | None:
+        """The generated product with this dataURI and its bytes maker, or None. O(1)."""
+        filename = uri.rpartition("/")[2]
+        for spec in self._candidates(filename):
+            if spec.uri == uri:
+                return self.catalog._new_product(self.program, spec)[0], spec.maker
+        return None
+
+    def s3_keys(self, prefix: str, limit: int) -> list[str] | None:
+        """Generated S3 keys starting with `prefix` (sorted) if at most `limit`; None if `prefix` spans
+        more (see :meth:`Catalog.lazy_s3_keys`)."""
+        if not prefix.startswith(self.S3_PREFIX) and not self.S3_PREFIX.startswith(prefix):
+            return []
+        level3_dir = f"{self.S3_PREFIX}L3/t/o001/"
+        visit_dir = re.match(rf"{re.escape(self.S3_PREFIX)}jw01727001(\d{{3}})", prefix)
+        if visit_dir and 1 <= int(visit_dir[1]) <= MOSAIC_VISITS:
+            visit = int(visit_dir[1])
+            first = (visit - 1) * self.EXPOSURES_PER_VISIT
+            specs = [spec for index in range(first, first + self.EXPOSURES_PER_VISIT)
+                     for spec in self._exposure_files_uncached(index)]
+            specs += [spec for group in range(self.GUIDE_GROUPS) for spec in self._guide_files_uncached(visit, group)]
+        elif prefix.startswith(level3_dir) or (level3_dir.startswith(prefix) and len(prefix) > len(self.S3_PREFIX)):
+            specs = [self._exposure_files_uncached(index)[-1]
+                     for index in range(MOSAIC_VISITS * self.EXPOSURES_PER_VISIT)]
+        elif len(prefix) > len(self.S3_PREFIX) + len("jw01727001") and not prefix.startswith(level3_dir):
+            return []
+        else:
+            return None
+        keys = sorted(spec.s3_key for spec in specs if spec.s3_key and spec.s3_key.startswith(prefix))
+        return keys if len(keys) <= limit else None
 
 
 # -------------------------------------------------------------------------------------------------------

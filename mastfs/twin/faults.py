@@ -15,6 +15,7 @@ import copy
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ KINDS = (
     "mutate_rows",
     "endless_paging",
     "crafted_names",
+    "slow_query",
+    "error_timeout",
+    "page_shift",
 )
 # Kinds that need a response body to act on (they change how the body is written).
 BODY_KINDS = frozenset({"reset", "truncate"})
@@ -54,8 +58,17 @@ KIND_ENDPOINTS: dict[str, frozenset[str]] = {
     "mutate_rows": frozenset({"invoke"}),
     "endless_paging": frozenset({"invoke"}),
     "crafted_names": frozenset({"invoke", "path_lookup"}),
+    "slow_query": frozenset({"invoke"}),
+    "error_timeout": frozenset({"invoke"}),
+    "page_shift": frozenset({"invoke"}),
 }
 MUTATE_MODES = ("mixed", "types", "missing")
+SLOW_QUERY_SHAPES = ("executing", "first_byte")
+SLOW_QUERY_SERVICES = frozenset({"Mast.Caom.Products", "Mast.Caom.Filtered", "Mast.Caom.Filtered.Position"})
+"""The services a ``slow_query`` fault slows (MAST's large JWST queries are product and CAOM searches)."""
+PAGE_SHIFT_MODES = ("insert", "drop")
+TIMEOUT_MESSAGE = "Query timed out: the server did not finish in time. Please try again later."
+"""Default ``msg`` of an ``error_timeout`` answer (MAST reports its server-side timeouts as ERROR)."""
 CRAFTED_FIELDS = ("productFilename", "dataURI", "obs_id")
 ENDLESS_PAGES = 1_000_000
 """Pages an ``endless_paging`` answer claims by default."""
@@ -159,6 +172,7 @@ class FaultController:
         self._generation = 0
         self._stopped = False
         self._executing: dict[str, int] = {}
+        self._slow_queries: dict[str, tuple[float, str]] = {}
 
     def add(
         self,
@@ -184,6 +198,12 @@ class FaultController:
             raise FaultError(f"mutate_rows mode must be one of {', '.join(MUTATE_MODES)}")
         if kind == "crafted_names" and params.get("field", "productFilename") not in CRAFTED_FIELDS:
             raise FaultError(f"crafted_names field must be one of {', '.join(CRAFTED_FIELDS)}")
+        if kind == "slow_query" and params.get("shape", "executing") not in SLOW_QUERY_SHAPES:
+            raise FaultError(f"slow_query shape must be one of {', '.join(SLOW_QUERY_SHAPES)}")
+        if kind == "page_shift" and params.get("mode", "insert") not in PAGE_SHIFT_MODES:
+            raise FaultError(f"page_shift mode must be one of {', '.join(PAGE_SHIFT_MODES)}")
+        if kind == "error_timeout" and not isinstance(params.get("msg", ""), str):
+            raise FaultError("error_timeout msg must be a string")
         if count is not None and (not isinstance(count, int) or count < 0):
             raise FaultError(f"count must be a non-negative integer or None, not {count!r}")
         for name, value in params.items():
@@ -224,6 +244,7 @@ class FaultController:
         with self._lock:
             self._faults.clear()
             self._executing.clear()
+            self._slow_queries.clear()
             self._generation += 1
             self._released.notify_all()
         logger.info("twin faults cleared")
@@ -283,6 +304,38 @@ class FaultController:
         identical requests get EXECUTING too before one gets COMPLETE."""
         with self._lock:
             self._executing[request_key] = max(0, polls - 1)
+
+    def slow_query(self, query_key: str, service: str) -> tuple[str, float] | None:
+        """For one invoke request of the query ``query_key`` (its body without ``page``): the shape
+        ("executing" or "first_byte") and the seconds left before MAST has the answer, when a
+        ``slow_query`` fault holds the query; None otherwise. The first request of a query takes (and
+        counts down) a matching fault and starts its clock; every later request of it (polls, other pages)
+        reads that clock, 0 seconds left once it has run out."""
+        now = time.monotonic()
+        with self._lock:
+            started = self._slow_queries.get(query_key)
+        if started is None:
+            hit = self.take("invoke", service, {"slow_query"})
+            if not hit:
+                return None
+            fault = hit[0]
+            started = (now + fault.number("seconds", 90.0), str(fault.params.get("shape", "executing")))
+            with self._lock:
+                started = self._slow_queries.setdefault(query_key, started)
+        ready_at, shape = started
+        return shape, max(0.0, ready_at - now)
+
+    def hold(self, seconds: float) -> None:
+        """Block the calling server thread for ``seconds``, or less if :meth:`clear` or :meth:`shutdown`
+        is called meanwhile."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            generation = self._generation
+            while not self._stopped and self._generation == generation:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._released.wait(min(left, 0.2))
 
     def stall(self, poll_seconds: float = 0.2) -> None:
         """Block the calling server thread until :meth:`clear` or :meth:`shutdown` is called."""

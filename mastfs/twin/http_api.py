@@ -24,7 +24,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
@@ -33,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog
+from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog, ProductRows
 from mastfs.twin.connections import ResetRegistry, TrackedConnections
 from mastfs.twin.faults import (
     BODY_KINDS,
@@ -42,6 +43,8 @@ from mastfs.twin.faults import (
     HTML_200_PAGE,
     NGINX_504_PAGE,
     RANGE_KINDS,
+    SLOW_QUERY_SERVICES,
+    TIMEOUT_MESSAGE,
     Fault,
     FaultController,
     FaultError,
@@ -64,6 +67,13 @@ PATH_LOOKUP_PATHS = ("/api/v0.1/path_lookup/", "/api/v0.1/path_lookup")
 WHOAMI_PATH = "/whoami"
 RESOLVER_PATH = "/Santa-war/query"
 ADMIN_PREFIX = "/__twin__/"
+ENDPOINT_BY_PATH = {INVOKE_PATH: "invoke", COLUMNS_CONFIG_PATH: "columnsconfig", DOWNLOAD_PATH: "download",
+                    WHOAMI_PATH: "whoami", RESOLVER_PATH: "resolver",
+                    **dict.fromkeys(PATH_LOOKUP_PATHS, "path_lookup")}
+DEFAULT_MAX_URL_LENGTH = 3400
+"""Longest request target (path and query as sent) answered; longer ones get ``414 Request-URI Too
+Large``. Between a path_lookup of 40 JWST dataURIs (at most 3,202 characters for the longest ones in the
+catalog, with ``use_cloud_path=True``) and one of 50 typical ones (3,577 and more): see docs/twin.md."""
 
 FILTERED = "Mast.Caom.Filtered"
 FILTERED_POSITION = "Mast.Caom.Filtered.Position"
@@ -75,6 +85,9 @@ COUNT_COLUMN = "COUNT_BIG(*)"
 # MAST's declared field types (string, float, int, boolean, ...); columns not listed get a type inferred
 # from their first non-null value.
 FIELD_TYPES = {**dict(OBSERVATION_COLUMNS), **dict(PRODUCT_COLUMNS), "distance": "float", "objID1": "string"}
+PRODUCT_FIELDS = [{"name": name, "type": declared} for name, declared in PRODUCT_COLUMNS]
+STREAM_BATCH_ROWS = 500
+"""Rows JSON-encoded per piece of a streamed invoke answer."""
 
 CONTENT_TYPES = {
     ".fits": "application/fits",
@@ -109,6 +122,7 @@ class Reply:
     stream: tuple[str, int, int] | None = None
     length_known: bool = True
     revision: int | None = None  # the product revision a stream reads (None: the current one)
+    pieces: Iterable[bytes] | None = None  # a body generated while it is sent (length unknown)
 
     @property
     def body_length(self) -> int:
@@ -120,6 +134,59 @@ def json_reply(payload: object, status: int = 200) -> Reply:
     """A JSON reply (UTF-8, compact)."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     return Reply(status, [("Content-Type", "application/json; charset=utf-8")], body)
+
+
+def invoke_reply(payload: dict) -> Reply:
+    """An invoke answer: in memory when ``payload["data"]`` is a list, else (rows generated on demand)
+    streamed chunked, :data:`STREAM_BATCH_ROWS` rows JSON-encoded at a time, so a page of any size costs
+    O(batch) memory."""
+    rows = payload.get("data")
+    if isinstance(rows, list) or rows is None:
+        return json_reply(payload)
+    head = {name: value for name, value in payload.items() if name != "data"}
+
+    def pieces() -> Iterator[bytes]:
+        yield json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"data":['
+        for start in range(0, len(rows), STREAM_BATCH_ROWS):
+            batch = ",".join(json.dumps(row, separators=(",", ":")) for row in rows[start : start + STREAM_BATCH_ROWS])
+            yield (b"," if start else b"") + batch.encode()
+        yield b"]}"
+
+    return Reply(200, [("Content-Type", "application/json; charset=utf-8")], length_known=False, pieces=pieces())
+
+
+def query_key(request: dict) -> str:
+    """The identity of the query a Mashup request belongs to: its body without ``page`` (polls re-send
+    the body; pages of one query share its cacheBreaker)."""
+    return json.dumps({name: value for name, value in request.items() if name != "page"}, sort_keys=True,
+                      default=str)
+
+
+def request_page(request: dict) -> int:
+    """The request's ``page`` (1 when absent or not a number)."""
+    try:
+        return int(request.get("page") or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def chained_rows(sources: list[Sequence[dict]]) -> Sequence[dict]:
+    """The rows of ``sources`` one after the other: the list itself for one list, else a lazy view."""
+    if len(sources) == 1:
+        return sources[0]
+    if all(isinstance(source, list) for source in sources):
+        return [row for source in sources for row in source]
+    ends = []
+    total = 0
+    for source in sources:
+        total += len(source)
+        ends.append(total)
+
+    def row_at(index: int) -> dict:
+        which = bisect_right(ends, index)
+        return sources[which][index - (ends[which - 1] if which else 0)]
+
+    return ProductRows(total, row_at)
 
 
 def html_reply(status: int, title: str, detail: str = "") -> Reply:
@@ -348,11 +415,13 @@ class MastHttpServer(TrackedConnections, ThreadingHTTPServer):
         faults: FaultController,
         stats: TwinStats,
         link: Link | None = None,
+        max_url_length: int = DEFAULT_MAX_URL_LENGTH,
     ) -> None:
         self.catalog = catalog
         self.faults = faults
         self.stats = stats
         self.link = link if link is not None else Link()
+        self.max_url_length = max_url_length  # 0: no limit (the stdlib's 65,536 still applies)
         self.observations: list[dict] = catalog.observation_rows()
         self.observation_columns: set[str] = set()
         for row in self.observations:
@@ -419,6 +488,14 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         method = self.command
         if path.startswith(ADMIN_PREFIX):
             self._write(self._admin(method, path[len(ADMIN_PREFIX) :]), stat_keys=())
+            return
+        limit = self.server.max_url_length
+        if limit and len(self.path) > limit:
+            endpoint = ENDPOINT_BY_PATH.get(path)
+            stat_keys = [endpoint] if endpoint else []
+            self.server.stats.count_request(stat_keys)
+            self._log_request(endpoint or "unknown", status=414, url_length=len(self.path))
+            self._write(html_reply(414, "Request-URI Too Large"), stat_keys)
             return
         if path == INVOKE_PATH and method == "POST":
             self._invoke()
@@ -594,7 +671,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _body_pieces(self, reply: Reply, limit: int) -> Iterator[memoryview | bytes]:
-        """The first ``limit`` body bytes of ``reply`` in pieces of at most CHUNK_SIZE."""
+        """The first ``limit`` body bytes of ``reply`` in pieces of at most CHUNK_SIZE (a generated body
+        whole, as generated)."""
+        if reply.pieces is not None:
+            yield from reply.pieces
+            return
         if reply.stream is None:
             view = memoryview(reply.body)[:limit]
             for start in range(0, len(view), CHUNK_SIZE):
@@ -641,6 +722,18 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                                       status=400)
             if method in ("GET", "PUT"):
                 return json_reply(self.server.link.to_json())
+        if route == "limits":
+            if method == "PUT":
+                try:
+                    spec = json.loads(self.body or b"null")
+                    length = spec.get("max_url_length", self.server.max_url_length)
+                    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                        raise ValueError(f"bad max_url_length {length!r}")
+                except (AttributeError, ValueError) as exc:
+                    return json_reply({"error": f"limits are {{max_url_length: int >= 0}}: {exc}"}, status=400)
+                self.server.max_url_length = length
+            if method in ("GET", "PUT"):
+                return json_reply({"max_url_length": self.server.max_url_length})
         if route == "requests" and method == "GET":
             return json_reply({"requests": stats.requests()})
         if route == "sha256" and method == "GET":
@@ -696,6 +789,14 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         stat_keys = ["invoke", f"invoke:{service}"]
         self._log_request("invoke", service=service, params=request.get("params"), page=request.get("page"),
                           pagesize=request.get("pagesize"))
+        if service in SLOW_QUERY_SERVICES:
+            slow = self.server.faults.slow_query(query_key(request), service)
+            if slow is not None and slow[1] > 0:
+                if slow[0] == "executing":
+                    self.server.stats.count_request(stat_keys)
+                    self._write(self._executing_reply(request), stat_keys)
+                    return
+                self.server.faults.hold(slow[1])
         polls_left = self.server.faults.executing_polls_left(raw_request)
         if polls_left:
             self.server.stats.count_request(stat_keys)
@@ -712,15 +813,17 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 return self._executing_reply(request)
             if fault is not None and fault.kind in ("mutate_rows", "endless_paging", "crafted_names"):
                 return self._hostile_invoke_reply(request, fault)
-            return self._invoke_reply(request)
+            if fault is not None and fault.kind == "error_timeout":
+                return json_reply({"status": "ERROR", "msg": str(fault.params.get("msg", TIMEOUT_MESSAGE)),
+                                   "data": [], "fields": []})
+            if fault is not None and fault.kind == "page_shift":
+                return self._page_shift_reply(request, str(fault.params.get("mode", "insert")))
+            return self._invoke_reply(request, in_memory=fault is not None and fault.kind in BODY_KINDS)
 
-        self._serve(
-            "invoke",
-            service,
-            stat_keys,
-            build,
-            extra_kinds=("executing", "mutate_rows", "endless_paging", "crafted_names"),
-        )
+        kinds = ["executing", "mutate_rows", "endless_paging", "crafted_names", "error_timeout"]
+        if request_page(request) >= 2:
+            kinds.append("page_shift")
+        self._serve("invoke", service, stat_keys, build, extra_kinds=kinds)
 
     def _executing_reply(self, request: dict) -> Reply:
         return json_reply(
@@ -740,11 +843,29 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             }
         )
 
-    def _invoke_reply(self, request: dict) -> Reply:
+    def _invoke_reply(self, request: dict, in_memory: bool = False) -> Reply:
+        """The service's answer (streamed when its rows are generated on demand, unless ``in_memory``)."""
         try:
-            return json_reply(self._run_service(request))
+            payload = self._run_service(request)
+            if in_memory and "data" in payload:
+                payload["data"] = list(payload["data"])
+            return invoke_reply(payload)
         except InvokeError as exc:
             return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
+
+    def _page_shift_reply(self, request: dict, mode: str) -> Reply:
+        """Page ``request.page`` (>= 2) of an answer whose rows moved since page 1 was served: ``insert``
+        answers as if one row had been inserted at the front (this page starts with the previous page's
+        last row, rowsFiltered is one more, the new row is never seen), ``drop`` answers no rows while
+        paging still announces them."""
+        try:
+            payload = self._run_service(request, shift=1 if mode == "insert" else 0)
+        except InvokeError as exc:
+            return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
+        if mode == "drop" and "paging" in payload:
+            payload["data"] = []
+            payload["paging"]["rows"] = 0
+        return invoke_reply(payload)
 
     def _hostile_invoke_reply(self, request: dict, fault: Fault) -> Reply:
         """The answer to ``request`` rewritten as the hostile fault asks: rows with wrong types or missing
@@ -753,6 +874,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         ``field``). Service errors stay errors."""
         try:
             payload = self._run_service(request)
+            if "data" in payload:
+                payload["data"] = list(payload["data"])
             if fault.kind == "endless_paging":
                 real_pages = int((payload.get("paging") or {}).get("pagesFiltered") or 0)
                 page = int((payload.get("paging") or {}).get("page") or 1)
@@ -766,9 +889,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 payload = crafted_rows(payload, str(fault.params.get("field", "productFilename")))
         except InvokeError as exc:
             return json_reply({"status": "ERROR", "msg": str(exc), "data": [], "fields": []})
-        return json_reply(payload)
+        return invoke_reply(payload)
 
-    def _run_service(self, request: dict) -> dict:
+    def _run_service(self, request: dict, shift: int = 0) -> dict:
+        """The COMPLETE answer to ``request`` (raises InvokeError for service errors); ``shift`` rows are
+        counted as inserted before the first one (the ``page_shift`` fault)."""
         service = request.get("service")
         params = request.get("params", {})
         if not isinstance(params, dict):
@@ -786,11 +911,9 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             obsids = params.get("obsid")
             if obsids is None or str(obsids).strip() == "":
                 raise InvokeError("Mast.Caom.Products needs params.obsid.")
-            rows: list[dict] = []
-            for obsid in str(obsids).split(","):
-                if obsid.strip():
-                    rows.extend(self.server.catalog.product_rows(obsid.strip()))
-            return self._table(request, rows, fields_for(rows))
+            sources = [self.server.catalog.product_rows(obsid.strip())
+                       for obsid in str(obsids).split(",") if obsid.strip()]
+            return self._table(request, chained_rows(sources), PRODUCT_FIELDS, shift)
         if service in (FILTERED, FILTERED_POSITION):
             filters = params.get("filters", [])
             if not isinstance(filters, list):
@@ -801,13 +924,13 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 if "position" not in params:
                     raise InvokeError("Mast.Caom.Filtered.Position needs params.position.")
                 rows = self._within(rows, *parse_position(params["position"]))
-            return self._select(request, params, rows)
+            return self._select(request, params, rows, shift)
         if service == CONE:
             try:
                 ra, dec, radius = (float(params[name]) for name in ("ra", "dec", "radius"))
             except (KeyError, TypeError, ValueError):
                 raise InvokeError("Mast.Caom.Cone needs numeric params ra, dec and radius.") from None
-            return self._select(request, params, self._within(self.server.observations, ra, dec, radius))
+            return self._select(request, params, self._within(self.server.observations, ra, dec, radius), shift)
         raise InvokeError(f"Unknown service: {service}")
 
     def _within(self, rows: list[dict], ra: float, dec: float, radius_deg: float) -> list[dict]:
@@ -821,8 +944,9 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 selected.append({**row, "objID1": row.get("objID"), "distance": distance})
         return selected
 
-    def _select(self, request: dict, params: dict, rows: list[dict]) -> dict:
-        """Apply ``params.columns`` (``*``, ``COUNT_BIG(*)`` or a comma list) and page the result."""
+    def _select(self, request: dict, params: dict, rows: list[dict], shift: int = 0) -> dict:
+        """Apply ``params.columns`` (``*``, ``COUNT_BIG(*)`` or a comma list) and page the result
+        (``shift``: see :meth:`_table`)."""
         columns = str(params.get("columns", "*")).strip()
         if columns.replace(" ", "").upper() == COUNT_COLUMN:
             counted = [{"Column1": len(rows)}]
@@ -832,6 +956,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 request,
                 rows,
                 fields_for(rows, self.server.observations[0] if self.server.observations else None),
+                shift,
             )
         wanted = [name.strip() for name in columns.split(",") if name.strip()]
         known = self.server.observation_columns | {"distance", "objID1"}
@@ -840,12 +965,14 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             raise InvokeError(f"Invalid column name: {', '.join(unknown)}")
         projected = [{name: row.get(name) for name in wanted} for row in rows]
         return self._table(
-            request, projected, [{"name": name, "type": field_type(name, rows)} for name in wanted]
+            request, projected, [{"name": name, "type": field_type(name, rows)} for name in wanted], shift
         )
 
-    def _table(self, request: dict, rows: list[dict], fields: list[dict]) -> dict:
-        """A COMPLETE response holding page ``request.page`` of ``rows`` (``pagesize`` rows a page)."""
-        total = len(rows)
+    def _table(self, request: dict, rows: Sequence[dict], fields: list[dict], shift: int = 0) -> dict:
+        """A COMPLETE response holding page ``request.page`` of ``rows`` (``pagesize`` rows a page); its
+        ``data`` is a list when ``rows`` is, else a lazy view generating the page's rows when sent.
+        ``shift`` unseen rows are counted before the first row (pages after the first start earlier)."""
+        total = len(rows) + shift
         try:
             page = int(request.get("page") or 1)
             page_size = int(request.get("pagesize") or max(total, 1))
@@ -853,8 +980,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             raise InvokeError("page and pagesize must be integers.") from None
         if page < 1 or page_size < 1:
             raise InvokeError("page and pagesize must be positive.")
-        start = (page - 1) * page_size
-        data = rows[start : start + page_size]
+        start = max(0, (page - 1) * page_size - shift)
+        if isinstance(rows, list):
+            data: Sequence[dict] = rows[start : start + page_size]
+        else:
+            data = ProductRows(max(0, min(page_size, len(rows) - start)), lambda index: rows[start + index])
         return {
             "status": "COMPLETE",
             "msg": "",

@@ -56,6 +56,8 @@ REGION = "us-east-1"
 PARTITION = "aws"
 OBJECT_CONTENT_TYPE = "binary/octet-stream"
 ADMIN_PING_PATH = "/__twin__/ping"
+LAZY_LISTING_LIMIT = 10_000
+"""Most on-demand catalog keys one listing registers in moto (one visit folder of the mosaic program)."""
 
 _account_numbers = itertools.count(int.from_bytes(os.urandom(3), "big") * 1000)
 
@@ -207,24 +209,36 @@ class S3Gateway:
 
     # ---- lazy registration -----------------------------------------------------------------------------
 
+    def product(self, key: str) -> TwinProduct | None:
+        """The catalog product stored under ``key`` (built or generated on demand), or None."""
+        return self.products.get(key) or self.catalog.product_for_s3_key(key)
+
     def register(self, keys: Iterable[str]) -> None:
         """Make the catalog keys ``keys`` exist in moto's bucket (idempotent)."""
         with self._register_lock:
             for key in keys:
                 if key in self._registered:
                     continue
-                self.bucket.keys[key] = LazyCatalogKey(
-                    self.products[key], self.catalog, self.account_id, self.owner
-                )
+                product = self.product(key)
+                if product is None:
+                    continue
+                self.bucket.keys[key] = LazyCatalogKey(product, self.catalog, self.account_id, self.owner)
                 self._registered.add(key)
 
     def register_prefix(self, prefix: str) -> None:
-        """Register every catalog key starting with ``prefix`` (before moto lists them)."""
+        """Register every catalog key starting with ``prefix`` (before moto lists them). Keys generated on
+        demand (the mosaic program's) are registered only when the prefix selects at most
+        LAZY_LISTING_LIMIT of them (one visit folder); a wider listing leaves them out (logged)."""
         start = bisect.bisect_left(self._sorted_keys, prefix)
         stop = start
         while stop < len(self._sorted_keys) and self._sorted_keys[stop].startswith(prefix):
             stop += 1
         self.register(self._sorted_keys[start:stop])
+        generated = self.catalog.lazy_s3_keys(prefix, LAZY_LISTING_LIMIT)
+        if generated is None:
+            logger.warning("twin s3: listing %r leaves out the mosaic program's generated keys (too many)", prefix)
+        else:
+            self.register(generated)
 
     def dispose(self) -> None:
         """Drop this gateway's bucket and keys from moto (the twin is stopping)."""
@@ -257,8 +271,12 @@ class S3Gateway:
         request_id = uuid.uuid4().hex[:16].upper()
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = self.account_id
 
-        in_cloud = bucket == BUCKET and key in self.products and self._in_cloud(key)
-        is_catalog_get = method == "GET" and in_cloud and set(query) <= {"x-id"}
+        product = self.product(key) if bucket == BUCKET and key else None
+        if product is not None and not self._in_cloud(product.uri):
+            product = None  # a product made dynamic left the bucket
+        is_catalog_get = method == "GET" and product is not None and set(query) <= {"x-id"}
+        is_generated_head = (method == "HEAD" and product is not None and key not in self.products
+                             and set(query) <= {"x-id"})
         kinds = set(GENERIC_KINDS)
         if is_catalog_get:
             kinds |= BODY_KINDS
@@ -278,13 +296,15 @@ class S3Gateway:
             status, headers, body = self._fault_response(terminal, request_id)
         elif method not in ("GET", "HEAD"):
             status, headers, body = self._error(403, request_id)
+        elif is_generated_head:  # answered here: registering in moto would keep a key per HEAD
+            status, headers, _ = self._get_object(environ, product.uri, request_id, None)
         elif is_catalog_get:
-            status, headers, body = self._get_object(environ, self.products[key].uri, request_id, terminal)
+            status, headers, body = self._get_object(environ, product.uri, request_id, terminal)
             length = int(dict(headers).get("Content-Length", 0))
             start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
             return self._counted(body, stat_keys, environ, terminal, length)
         else:
-            if in_cloud:
+            if product is not None:
                 self.register([key])
             elif bucket == BUCKET and not key:
                 self.register_prefix(query.get("prefix", [""])[0])
@@ -329,9 +349,9 @@ class S3Gateway:
             headers.append(("Retry-After", str(int(fault.number("retry_after", 1)))))
         return status, headers, body
 
-    def _in_cloud(self, key: str) -> bool:
-        """Whether catalog key ``key`` is in the bucket now (a product made dynamic is not)."""
-        product = self.catalog.product(self.products[key].uri, "s3")
+    def _in_cloud(self, uri: str) -> bool:
+        """Whether the product ``uri`` is in the bucket now (a product made dynamic is not)."""
+        product = self.catalog.product(uri, "s3")
         return product is not None and product.s3_key is not None
 
     def _get_object(

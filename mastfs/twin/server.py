@@ -20,7 +20,7 @@ from types import TracebackType
 from mastfs.twin.catalog import Catalog
 from mastfs.twin.connections import ResetRegistry
 from mastfs.twin.faults import FaultController, TwinStats
-from mastfs.twin.http_api import MastHttpServer
+from mastfs.twin.http_api import DEFAULT_MAX_URL_LENGTH, MastHttpServer
 from mastfs.twin.link import Link
 from mastfs.twin.s3 import ADMIN_PING_PATH, BUCKET, S3Gateway, S3Server
 
@@ -66,19 +66,25 @@ class Twin:
 
     @classmethod
     def start(cls, host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float = 1.0,
-              link: Link | None = None) -> Twin:
+              link: Link | None = None, max_url_length: int = DEFAULT_MAX_URL_LENGTH,
+              query_seconds: float = 0.0, query_shape: str = "executing") -> Twin:
         """Build the catalog at ``scale``, start the HTTP server on ``port`` and the S3 server on
         ``s3_port`` (0 = any free port) in background threads, and return once both answer. ``link``
-        paces product bodies (default: loopback, no pacing).
+        paces product bodies (default: loopback, no pacing); request targets longer than
+        ``max_url_length`` get 414 (0: no limit); ``query_seconds`` > 0 arms a ``slow_query`` fault of
+        that many seconds and ``query_shape`` ("executing" or "first_byte") for every query.
 
-        Raises OSError when a port cannot be bound, TimeoutError when a server does not come up.
+        Raises OSError when a port cannot be bound, TimeoutError when a server does not come up,
+        FaultError for a bad ``query_shape``.
         """
         catalog = Catalog(scale=scale)
         faults = FaultController()
+        if query_seconds > 0:
+            faults.add("invoke", "slow_query", seconds=query_seconds, shape=query_shape)
         stats = TwinStats()
         resets = ResetRegistry()
         link = link if link is not None else Link()
-        http_server = MastHttpServer((host, port), catalog, faults, stats, link)
+        http_server = MastHttpServer((host, port), catalog, faults, stats, link, max_url_length)
         try:
             gateway = S3Gateway(catalog, faults, stats, resets, link)
             s3_server = S3Server(host, s3_port, gateway, resets)
@@ -126,6 +132,15 @@ class Twin:
         """Request and body-byte counters, same JSON as ``GET /__twin__/stats`` (see docs/twin.md)."""
         return self._stats.snapshot()
 
+    @property
+    def max_url_length(self) -> int:
+        """Longest request target the HTTP server answers (longer: 414); 0 means no limit."""
+        return self._http_server.max_url_length
+
+    @max_url_length.setter
+    def max_url_length(self, length: int) -> None:
+        self._http_server.max_url_length = length
+
     def reset_stats(self) -> None:
         """Zero the counters."""
         self._stats.reset()
@@ -159,7 +174,8 @@ class Twin:
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float = 1.0,
-          link: Link | None = None) -> None:
+          link: Link | None = None, max_url_length: int = DEFAULT_MAX_URL_LENGTH, query_seconds: float = 0.0,
+          query_shape: str = "executing") -> None:
     """Run a twin in the foreground: print one JSON line (:meth:`Twin.info`) to stdout, then serve
     until SIGTERM or SIGINT, then stop cleanly and return (the CLI exits 0)."""
     stop_requested = threading.Event()
@@ -170,7 +186,9 @@ def serve(host: str = "127.0.0.1", port: int = 0, s3_port: int = 0, scale: float
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with Twin.start(host=host, port=port, s3_port=s3_port, scale=scale, link=link) as twin:
+        with Twin.start(host=host, port=port, s3_port=s3_port, scale=scale, link=link,
+                        max_url_length=max_url_length, query_seconds=query_seconds,
+                        query_shape=query_shape) as twin:
             sys.stdout.write(json.dumps(twin.info()) + "\n")
             sys.stdout.flush()
             while not stop_requested.wait(0.5):
