@@ -42,7 +42,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, TypeVar
 
 import trio
@@ -660,17 +660,28 @@ def _whole_file_hashers(checks: dict[str, Any]) -> dict[str, _Digest]:
             digests[name] = _Digest(checks[name].lower(), hasher.update, hasher.hexdigest)
     for name, value in (checks.get("s3") or {}).items():
         if name == "ChecksumCRC32":
-            state = [0]
-
-            def update(data: bytes, state: list[int] = state) -> None:
-                state[0] = zlib.crc32(data, state[0])
-
-            digests[name] = _Digest(value, update, lambda state=state: base64.b64encode(
-                state[0].to_bytes(4, "big")).decode())
+            digests[name] = _crc32_digest(value)
         elif name in ("ChecksumSHA256", "ChecksumSHA1"):
             hasher = hashlib.new(name[len("Checksum"):].lower())
-            digests[name] = _Digest(value, hasher.update, lambda h=hasher: base64.b64encode(h.digest()).decode())
+            digests[name] = _Digest(value, hasher.update, partial(_b64_digest, hasher))
     return digests
+
+
+def _b64_digest(hasher: Any) -> str:
+    return base64.b64encode(hasher.digest()).decode()
+
+
+def _crc32_digest(expected: str) -> _Digest:
+    """A running CRC32 of the bytes, as S3 states it (base64 of the big-endian 32-bit value)."""
+    state = [0]
+
+    def update(data: bytes) -> None:
+        state[0] = zlib.crc32(data, state[0])
+
+    def result() -> str:
+        return base64.b64encode(state[0].to_bytes(4, "big")).decode()
+
+    return _Digest(expected, update, result)
 
 
 def _has_digest(checks: dict[str, Any]) -> bool:
@@ -694,7 +705,7 @@ def _read_checks(directory: str) -> dict[str, Any] | None:
     return checks if isinstance(checks, dict) and isinstance(checks.get("size"), int) else None
 
 
-def _subdirs(path: str) -> list[os.DirEntry]:
+def _subdirs(path: str) -> list[os.DirEntry[str]]:
     return [entry for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False)]
 
 

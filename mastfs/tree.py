@@ -128,9 +128,10 @@ class ArchiveView(Protocol):
 
 
 class BytesView(Protocol):
-    """What the tree needs of the byte layer (:class:`mastfs.reader.ByteReader`): verified bytes of a
-    product through a per-handle stream, and where they come from."""
+    """What the tree needs of the byte layer (:class:`mastfs.reader.ByteReader`): the version a product is
+    at now, verified bytes of it through a per-handle stream, and where they come from."""
 
+    async def pin(self, ref: ProductRef, /) -> ProductRef: ...
     def open_stream(self, ref: ProductRef, /) -> ReadStream: ...
     async def read_view(self, stream: ReadStream, offset: int, length: int, /) -> bytes | memoryview: ...
     def source_of(self, ref: ProductRef, /) -> str | None: ...
@@ -557,7 +558,7 @@ class Tree:
         has_token: bool,
         product_ref: Callable[..., ProductRef],
         cache_usage: Callable[[], tuple[int, int]],
-        cached_bytes: Callable[[ProductRef], int],
+        cached_bytes: Callable[[str], int],
     ) -> None:
         self.archive = archive
         self.reader = reader

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import BadResponse, MastfsError
 
@@ -96,7 +97,7 @@ def content_range_total(header: str | None) -> int | None:
     return None if match.group(3) == "*" else int(match.group(3))
 
 
-def from_s3(response: Mapping) -> ObjectVersion:
+def from_s3(response: Mapping[str, Any]) -> ObjectVersion:
     """The version a HeadObject or GetObject answer states (size: ContentLength of a HEAD, the
     Content-Range total of a ranged GET)."""
     total = content_range_total(response.get("ContentRange"))
