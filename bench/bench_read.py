@@ -56,8 +56,6 @@ from mastfs.twin import link as twin_link
 from mastfs.twin.catalog import Catalog, TwinProduct
 
 HEADER_BYTES = 2880
-ETAG_TIMEOUT = 900.0
-"""Seconds the warm-up waits for the twin to hash a >= 1 GiB object (it generates every byte once)."""
 HEADER_GOAL_BYTES = 64 * 1024
 COLD_GOAL_RATIO = 1.0
 WARM_GOAL_RATIO = 0.8
@@ -157,11 +155,7 @@ def locate(mount: Mount, product: TwinProduct) -> str:
 def warm_up(ctx: Context) -> None:
     """One throwaway mount that looks up and reads the first bytes of every >= 1 GiB product, and direct
     ranged GETs of each: pays the one-time costs outside every measurement (the twin's lazy S3 key
-    registration, file layouts and ETags (an MD5 of each whole object, as S3 states), Python imports and
-    the page cache of the code)."""
-    for product in ctx.big_products():  # the twin's ETags: it generates each whole object once to hash it
-        ctx.http.get(f"{ctx.twin.info['mast_url']}/__twin__/product", params={"uri": product.uri},
-                     timeout=ETAG_TIMEOUT).raise_for_status()
+    registration and file layouts, Python imports and the page cache of the code)."""
     cache = ctx.cache_dir("warm-up")
     try:
         with ctx.mount(cache) as mount:

@@ -474,7 +474,8 @@ exist, and never cost a request to MAST.
 - `user.mastfs.*` are mastfs's own, on product files: `user.mastfs.uri` (the product's dataURI),
   `user.mastfs.cached_bytes` (how many of its bytes the local cache holds), `user.mastfs.kind` (below),
   `user.mastfs.observation_date` and, once the file was opened in this mount, `user.mastfs.source`
-  (where its bytes come from: `s3://<bucket>/<key>` or the HTTPS download URL).
+  (where its bytes come from: `s3://<bucket>/<key>` or the HTTPS download URL) and `user.mastfs.etag`
+  (the ETag of the version the last open read).
 - `user.mastfs.observation_date`, on observation directories and their files: when the observation
   was made, ISO 8601 UTC (`2022-06-12T01:12:00Z`), from `t_min`, else `t_max`, else `t_obs_release`
   (planned observations); absent when all three are null.

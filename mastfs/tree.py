@@ -835,14 +835,21 @@ class Tree:
             self.log_once(("true-size", uri, pinned.size), logging.WARNING,
                           "MAST lists %s as %d bytes but the server has %d; showing %d", uri, listed,
                           pinned.size, pinned.size)
-        self._learn(pinned)
+        self._learn(pinned, changed=ref is not None and ref.version_key != pinned.version_key)
         return pinned
 
-    def _learn(self, pinned: Any) -> None:
+    def _learn(self, pinned: ProductRef, changed: bool) -> None:
+        """Show the pinned true size from now on, and once the product ``changed`` on MAST in this mount its
+        new Last-Modified as the modification time (until then the observation's date, as listed, so
+        ``cp -p`` and ``rsync`` see one date before and after reading)."""
         uri = pinned.uri
         self.refs.put(uri, pinned)
         self._pinned_at[uri] = time.monotonic()
-        self.truths.put(uri, (pinned.size, _http_time(pinned.version.last_modified if pinned.version else None)))
+        known = self.truths.peek(uri)
+        modified = known[1] if known is not None else None
+        if changed and pinned.version is not None:
+            modified = _http_time(pinned.version.last_modified)
+        self.truths.put(uri, (pinned.size, modified))
         if len(self._pinned_at) > len(self.refs):  # refs dropped from the LRU take their times along
             for gone in [gone for gone in self._pinned_at if gone not in self.refs]:
                 del self._pinned_at[gone]

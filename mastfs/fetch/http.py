@@ -133,6 +133,9 @@ class HttpFetcher:
                                              follow_redirects=True)
             if response.status_code != 200:
                 raise self._error_for(response, uri)
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type == "text/html" and not uri.lower().endswith((".html", ".htm")):
+                raise BadResponse(f"version of {uri}: answered an HTML page, not the file")
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 return _version_of(response, int(length))

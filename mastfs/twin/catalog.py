@@ -646,9 +646,21 @@ class Catalog:
         return answer
 
     def etag(self, uri: str, copy: str = "http") -> str:
-        """The quoted S3 ETag of a copy's bytes (:func:`s3_etag`), computed once per revision by
-        streaming :meth:`read`. Raises KeyError for an unknown uri."""
-        return self._digest(uri, copy, "etag")
+        """The quoted S3 ETag of a copy (:func:`s3_etag`): for an object of at most MULTIPART_THRESHOLD
+        bytes its content MD5 (computed once per revision by streaming :meth:`read`: what clients such as
+        rclone check); for a larger one the multipart form ``md5(part digests)-N`` over digests of the
+        product's identity and revision per part, not of its bytes (hashing a generated >= 1 GiB object
+        took longer than a client's deadline; no client can check a multipart ETag without the part
+        sizes anyway). Raises KeyError for an unknown uri."""
+        product = self.product(uri, copy)
+        if product is None:
+            raise KeyError(uri)
+        if product.size <= MULTIPART_THRESHOLD:
+            return self._digest(uri, copy, "etag")
+        revision = self.revision(uri, copy)
+        parts = [hashlib.md5(f"{uri}\n{revision}\n{part}".encode(), usedforsecurity=False).digest()
+                 for part in range(-(-product.size // MULTIPART_PART_SIZE))]
+        return s3_etag(parts, product.size)
 
     def products(self) -> Iterable[TwinProduct]:
         """Every product built at construction once (unique by uri), in construction order: all but the
