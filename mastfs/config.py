@@ -146,6 +146,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("deadline", parse_duration("30s"), parse_duration,
            "most seconds one operation may take, retries included, before EIO",
            "a hung network must never hang ls or read", metavar="DURATION"),
+    Option("query_timeout", parse_duration("600s"), parse_duration,
+           "most seconds one metadata query may take while MAST is answering (slow queries, EXECUTING "
+           "polls, a slow first byte), its pages and retries included, before EIO",
+           "large JWST queries take minutes on MAST's side (astroquery's default is 600 s); an unreachable "
+           "MAST still fails within --deadline", metavar="DURATION"),
     Option("retries", 5, int, "attempts per request for transient failures", "MAST answers 503/504 at times"),
     Option("transfers", 8, int, "parallel range requests for reads and prefetch",
            "parallel ranges beat one stream on fast links"),
@@ -184,6 +189,7 @@ class Settings:
     ttl_released: float
     ttl_negative: float
     deadline: float
+    query_timeout: float
     retries: int
     transfers: int
     token_file: str
