@@ -466,9 +466,9 @@ class ObservationDir(DirNode):
         return await super().child(tree, name)
 
 
-class GroupDir(DirNode):
-    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation. Its file nodes are
-    made as they are listed or looked up, not kept here (one listing may hold 300,000)."""
+class ObservationSubdir(DirNode):
+    """A directory inside an observation directory (a group, ``recommended/``): it has the
+    observation's time and stays the same node while the observation directory does."""
 
     __slots__ = ("observation_dir",)
 
@@ -477,13 +477,20 @@ class GroupDir(DirNode):
         self.observation_dir = observation_dir
 
     def same_as(self, other: Node) -> bool:
-        return isinstance(other, GroupDir) and other.observation_dir is self.observation_dir
+        return type(other) is type(self) and other.observation_dir is self.observation_dir
 
     def mtime(self, tree: Tree) -> float:
         return self.observation_dir.mtime(tree)
 
     def nlink(self) -> int:
         return 2
+
+
+class GroupDir(ObservationSubdir):
+    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation. Its file nodes are
+    made as they are listed or looked up, not kept here (one listing may hold 300,000)."""
+
+    __slots__ = ()
 
     async def _files(self, tree: Tree) -> tuple[ProductTable, dict[str, int]]:
         """The observation's product table and this group's file name -> row index. Raises NotFound
@@ -528,24 +535,11 @@ class GroupDir(DirNode):
         return keys[uri], True
 
 
-class RecommendedDir(DirNode):
+class RecommendedDir(ObservationSubdir):
     """``recommended/``: the observation's "Minimum Recommended Products", as the very nodes (inodes,
     cache identity) of their files in the level and group directories."""
 
-    __slots__ = ("observation_dir",)
-
-    def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
-        super().__init__(ino, path)
-        self.observation_dir = observation_dir
-
-    def same_as(self, other: Node) -> bool:
-        return isinstance(other, RecommendedDir) and other.observation_dir is self.observation_dir
-
-    def mtime(self, tree: Tree) -> float:
-        return self.observation_dir.mtime(tree)
-
-    def nlink(self) -> int:
-        return 2
+    __slots__ = ()
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
         """Name -> the ProductFile node of the same product in its group directory. Raises NotFound when
