@@ -157,6 +157,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("token_file", "", str, "file (mode 0600) holding a MAST token",
            "exclusive-access data needs a token; env MAST_API_TOKEN and the astroquery keyring also work",
            metavar="FILE"),
+    Option("token_hosts", [], parse_list,
+           "hosts a redirected download may carry the MAST token to, besides the MAST host and *.stsci.edu "
+           "(comma-separated; *.domain patterns)",
+           "MAST may redirect downloads; the token must reach only hosts you trust, and never over plain http",
+           metavar="LIST"),
     Option("log_level", "INFO", parse_choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level",
            "quiet by default, verbose when debugging"),
     Option("log_file", "", str, "write the log here (default: stderr, or the journal under systemd)",
@@ -193,6 +198,7 @@ class Settings:
     retries: int
     transfers: int
     token_file: str
+    token_hosts: list[str]
     log_level: str
     log_file: str
     allow_other: bool

@@ -58,6 +58,9 @@ _PROBE_NAMES = frozenset(
     )
 )
 _FORBIDDEN_CHARS = frozenset("/\\%*;?\"'`<>|&$=!{}#^")
+# Control characters, DEL, undecodable bytes (surrogate escapes) and the forbidden characters: one search
+# per name (a listing checks 300,000 names).
+_BAD_CHARACTER = re.compile("[\x00-\x1f\x7f\udc80-\udcff" + re.escape("".join(sorted(_FORBIDDEN_CHARS))) + "]")
 _PROGRAM_ID = re.compile(r"[1-9][0-9]{0,6}")
 _OBS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9 +._()\[\]:,-]{0,99}")
@@ -116,11 +119,12 @@ def check_component(name: str) -> None:
         raise InvalidName(f"hidden or empty name {name!r}")
     if name.lower() in _PROBE_NAMES:
         raise InvalidName(f"file-manager probe {name!r}")
-    for char in name:
-        if ord(char) < 0x20 or ord(char) == 0x7F or char in _FORBIDDEN_CHARS:
-            raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
+    bad = _BAD_CHARACTER.search(name)
+    if bad is not None:
+        char = bad.group()
         if 0xDC80 <= ord(char) <= 0xDCFF:
             raise InvalidName("name is not valid UTF-8")
+        raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
 
 
 def parse_program_id(name: str) -> str:
@@ -256,6 +260,10 @@ class Placement:
         return "" if name is None else f"{self.group_names[self.group_of[index]]}/{name}"
 
 
+PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level", "productGroupDescription")
+"""The product fields :func:`place_products` reads (name, group, level, whether recommended)."""
+
+
 def place_products(products: Iterable[ProductLike]) -> Placement:
     """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
     by_group: dict[str, dict[str, int]] = {}
@@ -313,8 +321,13 @@ _KIND_OF_SUFFIX = {suffix: kind for kind, suffixes in PRODUCT_KINDS.items() for 
 def product_kind(product: ProductLike) -> str:
     """``image``, ``table``, ``spectrum``, ``cube``, ``preview`` or ``other``: what a viewer would open
     ``product`` as, from its file name (see :data:`PRODUCT_KINDS`)."""
-    name = product.filename.lower()
-    if name.endswith(_IMAGE_EXTENSIONS):
+    return kind_of_filename(product.filename)
+
+
+def kind_of_filename(filename: str) -> str:
+    """:func:`product_kind` of a file name (a ``~2`` suffix of a shown name is ignored)."""
+    name = filename.lower()
+    if name.split("~", 1)[0].endswith(_IMAGE_EXTENSIONS):
         return "preview"
     stem = name.split(".", 1)[0]
     return _KIND_OF_SUFFIX.get(stem.rsplit("_", 1)[-1], "other") if "_" in stem else "other"
@@ -411,13 +424,22 @@ def products_csv_header(columns: Sequence[str]) -> bytes:
     return csv_lines([*columns, "mastfs_path", "mastfs_kind", "mastfs_observation_date"], [])
 
 
-def products_csv_rows(products: Iterable[ProductLike], columns: Sequence[str], paths: Iterable[str],
-                      date: str | None = None) -> bytes:
-    """Lines of ``products.csv`` (no header): each product's ``columns``, then its path relative to
-    the observation directory (``paths``, in step with ``products``; empty for products not shown), its
-    :func:`product_kind` and ``date``, the observation's (:func:`observation_date`)."""
-    return csv_lines((), ([*(product.fields.get(column) for column in columns), path, product_kind(product), date]
-                          for product, path in zip(products, paths, strict=True)))
+def products_csv_rows(columns: Sequence[Sequence[Any]], paths: Sequence[str], date: str | None = None) -> bytes:
+    """Lines of ``products.csv`` (no header) from column-wise values (``columns[c][row]``, every column
+    of the header in order), each row ended by its path relative to the observation directory
+    (``paths[row]``; empty for products not shown), the kind of that file (:func:`kind_of_filename`)
+    and ``date``, the observation's (:func:`observation_date`)."""
+    cells = [_text_column(values) for values in columns]
+    kinds = [kind_of_filename(path.rsplit("/", 1)[-1]) if path else "" for path in paths]
+    dates = [date or ""] * len(paths)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(zip(*cells, paths, kinds, dates, strict=True))
+    return buffer.getvalue().encode("utf-8")
+
+
+def _text_column(values: Sequence[Any]) -> list[str]:
+    """A column's values as CSV cells (:func:`text_value`, nulls empty); plain text passes as it is."""
+    return [value if type(value) is str else (text_value(value) or "") for value in values]
 
 
 def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str], date: str | None = None) -> bytes:
@@ -428,8 +450,9 @@ def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str], date
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
+    values = [[product.fields.get(column) for product in products] for column in columns]
     return products_csv_header(list(columns)) + products_csv_rows(
-        products, list(columns), (paths.get(product.data_uri, "") for product in products), date)
+        values, [paths.get(product.data_uri, "") for product in products], date)
 
 
 def planned_csv(observations: Sequence[ObservationLike]) -> bytes:

@@ -433,17 +433,16 @@ class ObservationDir(DirNode):
 
     async def _load(self, tree: Tree) -> _ObservationContents:
         products = await tree.archive.products(self.observation)
-        placement = namespace.place_products(products)
+        placement = namespace.place_products(products.projected(namespace.PLACEMENT_FIELDS))
         columns = list(products.columns)
         date = namespace.observation_date(self.observation)
 
         def render(part: int) -> bytes:
             if part == 0:
                 return namespace.products_csv_header(columns)
-            chunk = products.chunk(part - 1)
+            values = products.chunk_columns(part - 1, columns)
             first = products.chunk_start(part - 1)
-            return namespace.products_csv_rows(chunk, columns,
-                                               (placement.path(first + i) for i in range(len(chunk))), date)
+            return namespace.products_csv_rows(values, [placement.path(first + i) for i in range(len(values[0]))], date)
 
         return _ObservationContents(products, placement, Content.parts(1 + products.chunk_count, render))
 

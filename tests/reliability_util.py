@@ -148,9 +148,11 @@ def product_path(twin, obs_id: str, uri: str) -> str:
 
 
 def big_program_obs_ids(twin) -> list[str]:
-    """The obs_ids of the twin's 520-observation program (a supply of fresh, small observations)."""
-    return sorted(row["obs_id"] for row in twin.catalog.observation_rows()
-                  if str(row["proposal_id"]) == twin_catalog.BIG_PROGRAM)
+    """The obs_ids of the twin's 520-observation program (a supply of fresh, small observations): each
+    once, executed ones only (not its planned observation), and not SHARED_OBS_ID (two rows)."""
+    return sorted({row["obs_id"] for row in twin.catalog.observation_rows()
+                   if str(row["proposal_id"]) == twin_catalog.BIG_PROGRAM and row["calib_level"] != -1
+                   and row["obs_id"] != twin_catalog.SHARED_OBS_ID})
 
 
 def science_product(twin, obs_id: str, *, in_s3: bool | None = None) -> str:

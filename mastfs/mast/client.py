@@ -9,6 +9,7 @@ The client caches nothing: that is the Archive's job.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -410,9 +411,14 @@ class MastClient:
 
     @staticmethod
     def _take_page(collected: Any, rows: list[dict[str, Any]], query: QueryProgress) -> int:
+        """Hand one page's rows to the sink. An httpx response is a reference cycle (its stream points
+        back at it), so its body (MBs for a page of thousands of rows) would wait for a rare full
+        collection: one collection per page of a multi-page answer frees it before the next page comes."""
         collected.extend(rows)
         query.pages += 1
         query.rows += len(rows)
+        if query.pages_total > 1:
+            gc.collect()
         return len(rows)
 
     def queries(self) -> list[dict[str, Any]]:

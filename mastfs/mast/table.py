@@ -19,11 +19,11 @@ import json
 import logging
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 from ..errors import BadResponse
-from .models import Product
+from .models import ID_COLUMNS, MAX_SIZE, Product, normalise_id
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,6 @@ def _pack(values: list[Any]) -> bytes:
 def _unpack(blob: bytes) -> list[Any]:
     values: list[Any] = json.loads(zlib.decompress(blob))
     return values
-
-
-def _rights_code(product: Product) -> int:
-    rights = product.data_rights
-    if rights is None:
-        return _RIGHTS_ABSENT
-    return _RIGHTS_EXCLUSIVE if product.is_exclusive else _RIGHTS_PUBLIC
 
 
 class ProductTable(Sequence[Product]):
@@ -116,12 +109,28 @@ class ProductTable(Sequence[Product]):
             self._decoded = (number, self._decode(number))
         return self._decoded[1]
 
+    def chunk_columns(self, number: int, names: Sequence[str]) -> list[list[Any]]:
+        """The values of columns ``names`` in chunk ``number``, one list per name (nulls where a column
+        is absent), without making Products."""
+        count = min(CHUNK_ROWS, len(self) - number * CHUNK_ROWS)
+        packed = self._chunks[number]
+        return [_unpack(packed[name]) if name in packed else [None] * count for name in names]
+
+    def projected(self, names: Sequence[str]) -> Iterator[Product]:
+        """Every row in order as a Product holding only columns ``names`` (cheaper than ``iter``)."""
+        for number in range(len(self._chunks)):
+            columns = self.chunk_columns(number, names)
+            for values in zip(*columns, strict=True):
+                yield Product(dict(zip(names, values, strict=True)))
+
     def _decode(self, number: int) -> list[Product]:
         first = number * CHUNK_ROWS
         count = min(CHUNK_ROWS, len(self) - first)
         packed = self._chunks[number]
-        columns = [_unpack(packed[name]) if name in packed else [None] * count for name in self.columns]
-        return [Product({name: values[row] for name, values in zip(self.columns, columns, strict=True)})
+        names = [name for name in self.columns if name in packed]
+        columns = [_unpack(packed[name]) for name in names]
+        nulls = dict.fromkeys(name for name in self.columns if name not in packed)
+        return [Product({**nulls, **{name: values[row] for name, values in zip(names, columns, strict=True)}})
                 for row in range(count)]
 
     def size(self, index: int) -> int | None:
@@ -174,15 +183,19 @@ class ProductTable(Sequence[Product]):
 
 
 class ProductTableBuilder:
-    """Packs product rows as they arrive (one page at a time) into a :class:`ProductTable`."""
+    """Packs product rows as they arrive (one page at a time) into a :class:`ProductTable`.
+
+    Rows are taken column by column straight from the raw row objects (no Product per row): a
+    300,000-row answer is packed in seconds. Id columns are normalised as :func:`normalise_row` does."""
 
     def __init__(self) -> None:
         self._columns: dict[str, None] = {}
         self._chunks: list[dict[str, bytes]] = []
-        self._pending: list[Product] = []
+        self._pending: list[Mapping[str, Any]] = []
         self._sizes: array[int] = array("q")
         self._rights = bytearray()
         self._seen: set[int] = set()  # hashes of the dataURIs taken (a str per row would cost 100 bytes)
+        self._last_keys: Any = None
         self.dropped = 0
         self.duplicates = 0
 
@@ -193,30 +206,38 @@ class ProductTableBuilder:
         """Pack ``rows`` (raw row objects or Products): rows without a dataURI are dropped (counted in
         ``dropped``), a dataURI already packed is skipped (``duplicates``)."""
         for row in rows:
-            try:
-                product = row if isinstance(row, Product) else Product.from_row(row)
-            except BadResponse:
+            fields = row.fields if isinstance(row, Product) else row
+            uri = fields.get("dataURI") if isinstance(fields, Mapping) else None
+            if uri is None or not isinstance(uri, str | int | float) or not str(uri).strip():
                 self.dropped += 1
                 continue
-            uri_hash = hash(product.data_uri)
+            uri_hash = hash(str(uri).strip())
             if uri_hash in self._seen:
                 self.duplicates += 1
                 continue
             self._seen.add(uri_hash)
-            self._columns.update(dict.fromkeys(product.fields))
-            size = product.size
-            self._sizes.append(_UNKNOWN_SIZE if size is None else size)
-            self._rights.append(_rights_code(product))
-            self._pending.append(product)
+            keys = fields.keys()
+            if keys != self._last_keys:
+                self._columns.update(dict.fromkeys(map(str, keys)))
+                self._last_keys = keys
+            self._sizes.append(_packed_size(fields.get("size")))
+            self._rights.append(_packed_rights(fields.get("dataRights")))
+            self._pending.append(fields)
             if len(self._pending) == CHUNK_ROWS:
                 self._flush()
 
     def _flush(self) -> None:
         if not self._pending:
             return
-        names = {name for product in self._pending for name in product.fields}
-        self._chunks.append({name: _pack([product.fields.get(name) for product in self._pending])
-                             for name in self._columns if name in names})
+        chunk = {}
+        for name in self._columns:
+            values = [row.get(name) for row in self._pending]
+            if name in ID_COLUMNS:
+                values = [value if type(value) is str and value and not value[0].isspace()
+                          and not value[-1].isspace() else normalise_id(value) for value in values]
+            if any(value is not None for value in values):
+                chunk[name] = _pack(values)
+        self._chunks.append(chunk)
         self._pending = []
 
     def finish(self) -> ProductTable:
@@ -226,3 +247,21 @@ class ProductTableBuilder:
             log.warning("dropped %d product row(s) without a dataURI", self.dropped)
         self._seen = set()
         return ProductTable(list(self._columns), self._chunks, self._sizes, bytes(self._rights))
+
+
+def _packed_size(value: Any) -> int:
+    """A row's ``size`` as :attr:`Product.size` reads it, -1 for unknown."""
+    if type(value) is int:
+        return value if 0 <= value <= MAX_SIZE else _UNKNOWN_SIZE
+    size = Product({"size": value}).size
+    return _UNKNOWN_SIZE if size is None else size
+
+
+def _packed_rights(value: Any) -> int:
+    """A row's ``dataRights`` as :attr:`Product.data_rights` reads it, as one byte."""
+    if value == "PUBLIC":
+        return _RIGHTS_PUBLIC
+    product = Product({"dataRights": value})
+    if product.data_rights is None:
+        return _RIGHTS_ABSENT
+    return _RIGHTS_EXCLUSIVE if product.is_exclusive else _RIGHTS_PUBLIC

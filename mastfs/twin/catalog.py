@@ -35,6 +35,7 @@ import hashlib
 import logging
 import math
 import re
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ SHARED_OBS_ID = "jw05500-o007_t001_miri_f770w"
 PLANNED_RELEASE_MJD = 62502.0
 """t_obs_release of the planned observations: 2029-12-01, in the future."""
 UNRESOLVABLE_NAME = "NoSuchObject 12345"
+TOKEN_STATES = ("valid", "expired", "invalid")
 VALID_TOKEN = "twin0valid0token0000000000000001"
 EXPIRED_TOKEN = "twin0expired0token00000000000002"
 HTTP_ONLY_URI = "mast:JWST/product/jw02733002001_02103_00001_mirimage_rateints.fits"
@@ -471,6 +473,9 @@ class Catalog:
         if scale <= 0:
             raise ValueError(f"scale must be positive, got {scale}")
         self.scale = scale
+        self._tokens_lock = threading.Lock()
+        self._grants: dict[str, frozenset[str]] = dict(_TOKEN_GRANTS)
+        self._expired: set[str] = {EXPIRED_TOKEN}
         self._observations: dict[str, _ObservationEntry] = {}  # by obsid: several rows may share an obs_id
         self._products: dict[str, TwinProduct] = {}
         self._product_base_rows: dict[str, dict] = {}
@@ -575,11 +580,29 @@ class Catalog:
         """"none" (no token), "valid", "expired" or "invalid"."""
         if not token:
             return "none"
-        if token in _TOKEN_GRANTS:
-            return "valid"
-        if token == EXPIRED_TOKEN:
-            return "expired"
-        return "invalid"
+        with self._tokens_lock:
+            if token in self._grants:
+                return "valid"
+            return "expired" if token in self._expired else "invalid"
+
+    def set_token(self, token: str, state: str) -> None:
+        """Make ``token`` "valid" (granting EXCLUSIVE_PROGRAM), "expired" or "invalid" (unknown) from now on:
+        what MAST does when a token expires or the user creates a new one. Raises ValueError otherwise."""
+        if not token or state not in TOKEN_STATES:
+            raise ValueError(f"a token needs a non-empty value and a state in {', '.join(TOKEN_STATES)}")
+        with self._tokens_lock:
+            self._grants.pop(token, None)
+            self._expired.discard(token)
+            if state == "valid":
+                self._grants[token] = frozenset({EXCLUSIVE_PROGRAM})
+            elif state == "expired":
+                self._expired.add(token)
+
+    def reset_tokens(self) -> None:
+        """Back to the built-in tokens: VALID_TOKEN valid, EXPIRED_TOKEN expired, no other."""
+        with self._tokens_lock:
+            self._grants = dict(_TOKEN_GRANTS)
+            self._expired = {EXPIRED_TOKEN}
 
     def whoami(self, token: str | None) -> dict:
         """The /whoami payload: the twin user when `token` is valid, else the anonymous answer."""
@@ -596,7 +619,8 @@ class Catalog:
         """True when `product` is public or `token` is valid and grants the product's program."""
         if not product.exclusive:
             return True
-        return self.token_status(token) == "valid" and product.program in _TOKEN_GRANTS[token]
+        with self._tokens_lock:
+            return product.program in self._grants.get(token or "", frozenset())
 
     def column_config(self, colconfig_id: str) -> dict:
         """Body of /portal/Mashup/Mashup.asmx/columnsconfig for `colconfig_id`.
