@@ -38,6 +38,7 @@ from .errors import BadResponse, NotFound, Unauthorized, Unavailable
 from .lru import LRU
 from .mast.client import MastClient
 from .mast.models import Observation, Product
+from .mast.table import ProductTable
 from .namespace import DEFAULT_CONE_RADIUS, MJD_UNIX_EPOCH
 from .singleflight import SingleFlight
 
@@ -85,8 +86,7 @@ def _identity(value: Any) -> Any:
 _OBSERVATIONS = _Codec(lambda items: [obs.fields for obs in items],
                        lambda rows: [Observation.from_row(row) for row in rows])
 _OBSERVATION = _Codec(lambda obs: obs.fields, Observation.from_row)
-_PRODUCTS = _Codec(lambda items: [product.fields for product in items],
-                   lambda rows: [Product.from_row(row) for row in rows])
+_PRODUCTS = _Codec(ProductTable.to_json, ProductTable.from_json)
 _POSITION = _Codec(list, tuple)
 _PLAIN = _Codec(_identity, _identity)
 
@@ -141,10 +141,10 @@ class Archive:
         return await self._cached(self._key("observation", obs_id), _OBSERVATION, fetch,
                                   lambda obs: self._ttl_for([obs]))
 
-    async def products(self, obs: Observation) -> list[Product]:
-        """The products of ``obs`` (one Mast.Caom.Products query plus pages), unique by dataURI."""
+    async def products(self, obs: Observation) -> ProductTable:
+        """The products of ``obs`` (one Mast.Caom.Products query plus pages, packed), unique by dataURI."""
 
-        async def fetch() -> list[Product]:
+        async def fetch() -> ProductTable:
             return await self._client.products([obs.obsid])
 
         return await self._cached(self._key("products", obs.obsid), _PRODUCTS, fetch,
@@ -199,9 +199,10 @@ class Archive:
     async def s3_keys(self, products: Iterable[Product]) -> dict[str, str | None]:
         """S3 key of each product's dataURI, None where there is no cloud copy.
 
-        Cached per uri; the uris not cached are looked up in one path_lookup batch (50 uris a request).
-        When MAST fails (or refuses the lookup), stale keys are served and unknown ones answer None (the HTTPS download still
-        works), so a listing never fails for want of cloud paths.
+        Cached per uri; the uris not cached are looked up in one path_lookup batch (40 uris a request).
+        When MAST fails, stale keys are served and unknown ones are left out of the answer (the HTTPS
+        download still works, and the next call asks again): a listing never fails for want of cloud
+        paths, and a failed lookup is never remembered as "not in S3".
         """
         uris = list(dict.fromkeys(product.data_uri for product in products))
         now = self._clock()
@@ -229,7 +230,7 @@ class Archive:
             found = await self._flights.run(batch_key, lambda: self._lookup_s3(missing))
         except (Unavailable, BadResponse, Unauthorized) as exc:  # the HTTPS download decides access
             self._note_outage(exc)
-            found = {uri: stale.get(uri) for uri in missing}
+            found = {uri: stale[uri] for uri in missing if uri in stale}
         keys.update(found)
         return keys
 
@@ -302,7 +303,7 @@ class Archive:
                       ttl_of: Callable[[V], float]) -> V:
         entry = self._memory.get(key)
         if entry is None or entry.expires <= self._clock():
-            entry = await self._flights.run(key, lambda: self._refresh(key, codec, fetch, ttl_of))
+            entry = await self._flights.run_detached(key, lambda: self._refresh(key, codec, fetch, ttl_of))
         if entry.missing:
             raise NotFound(f"{key.split('/', 1)[0]} {key.rsplit('/', 1)[-1]!r} does not exist "
                            f"(remembered)")
@@ -335,16 +336,16 @@ class Archive:
         return fresh
 
     async def _lookup_s3(self, uris: list[str]) -> dict[str, str | None]:
+        """Keys of ``uris`` from MAST, stored; a uri MAST gave no answer about is left out (unsettled)."""
         found = await self._client.path_lookup(uris)
         now = self._clock()
         entries = []
-        for uri in uris:
-            key = found.get(uri)
+        for uri, key in found.items():
             ttl = self._settings.ttl_released if key else self._settings.ttl_recent
             entries.append((self._key("s3", uri), _Entry(key, now + ttl), _PLAIN))
         self._note_recovery()
         await self._store_many(entries)
-        return {uri: found.get(uri) for uri in uris}
+        return found
 
     async def _remember_program(self, pid: str, observations: list[Observation]) -> None:
         """Store each observation of a fresh program listing under its own key, and index the program."""

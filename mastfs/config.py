@@ -146,12 +146,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("deadline", parse_duration("30s"), parse_duration,
            "most seconds one operation may take, retries included, before EIO",
            "a hung network must never hang ls or read", metavar="DURATION"),
+    Option("query_timeout", parse_duration("600s"), parse_duration,
+           "most seconds one metadata query may take while MAST is answering (slow queries, EXECUTING "
+           "polls, a slow first byte), its pages and retries included, before EIO",
+           "large JWST queries take minutes on MAST's side (astroquery's default is 600 s); an unreachable "
+           "MAST still fails within --deadline", metavar="DURATION"),
     Option("retries", 5, int, "attempts per request for transient failures", "MAST answers 503/504 at times"),
     Option("transfers", 8, int, "parallel range requests for reads and prefetch",
            "parallel ranges beat one stream on fast links"),
     Option("token_file", "", str, "file (mode 0600) holding a MAST token",
            "exclusive-access data needs a token; env MAST_API_TOKEN and the astroquery keyring also work",
            metavar="FILE"),
+    Option("token_hosts", [], parse_list,
+           "hosts a redirected download may carry the MAST token to, besides the MAST host and *.stsci.edu "
+           "(comma-separated; *.domain patterns)",
+           "MAST may redirect downloads; the token must reach only hosts you trust, and never over plain http",
+           metavar="LIST"),
     Option("log_level", "INFO", parse_choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level",
            "quiet by default, verbose when debugging"),
     Option("log_file", "", str, "write the log here (default: stderr, or the journal under systemd)",
@@ -184,9 +194,11 @@ class Settings:
     ttl_released: float
     ttl_negative: float
     deadline: float
+    query_timeout: float
     retries: int
     transfers: int
     token_file: str
+    token_hosts: list[str]
     log_level: str
     log_file: str
     allow_other: bool

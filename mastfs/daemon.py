@@ -9,8 +9,9 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
   (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
-  source, hits and misses, errors by type), ``mast`` (API requests and failures) and ``interrupted``
-  (requests whose wait ended because a signal interrupted the requester).
+  source, hits and misses, reads and runs waiting, transfer slots, errors by type), ``mast`` (API requests
+  and failures), ``interrupted`` (requests whose wait ended because a signal interrupted the requester)
+  and ``token`` (TokenKeeper.status(): source, state, MAST user, last check; never the token).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
 - ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?, "recommended": bool?}`` ->
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import __version__, fuse_ops, namespace
-from .auth import find_token, install_redaction
+from .auth import TokenKeeper, find_token_and_source
 from .config import Settings
 from .errors import BadResponse, MastfsError, Unavailable
 from .tree import Tree
@@ -121,6 +122,7 @@ class Services:
     reader: ByteReader
     cache: BlockCache
     client: MastClient
+    tokens: TokenKeeper
     mast_probe: MastProbe = field(default_factory=lambda: MastProbe())
 
 
@@ -150,9 +152,10 @@ class MastProbe:
 
 
 @contextlib.asynccontextmanager
-async def open_services(settings: Settings, token: str | None) -> AsyncIterator[Services]:
+async def open_services(settings: Settings, token: str | TokenKeeper | None) -> AsyncIterator[Services]:
     """Build the HTTP client, MastClient, Archive, BlockCache, fetchers and ByteReader, and the Tree over
-    them; close them all on exit. Raises OSError when the cache directory is unusable."""
+    them; close them all on exit. ``token`` is the mount's TokenKeeper (a plain token: one that is never
+    re-read). Raises OSError when the cache directory is unusable."""
     from .archive import Archive
     from .blockcache import BlockCache, ProductRef
     from .fetch.http import HttpFetcher
@@ -164,19 +167,22 @@ async def open_services(settings: Settings, token: str | None) -> AsyncIterator[
     os.makedirs(settings.cache_dir, mode=0o700, exist_ok=True)
     os.chmod(settings.cache_dir, 0o700)  # blocks of exclusive-access data may live here
     policy = RetryPolicy.from_settings(settings)
+    tokens = token if isinstance(token, TokenKeeper) else TokenKeeper(settings, token, "given" if token else "none",
+                                                                        renewable=False)
     async with make_http_client(settings) as http:
-        client = MastClient(http, settings, token_provider=lambda: token)
+        client = MastClient(http, settings, token_provider=tokens.current)
         archive = Archive(client, settings)
         cache = BlockCache(settings.blocks_dir, settings.cache_size,
                            settings.min_free_space)
-        http_fetcher = HttpFetcher(http, settings.mast_url, token, policy)
+        http_fetcher = HttpFetcher(http, settings.mast_url, tokens, policy, settings.token_hosts)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
         try:
             async with ByteReader(cache, http_fetcher, s3_fetcher, settings.source,
-                                  settings.transfers) as reader:
-                tree = Tree(archive, reader, settings, has_token=token is not None, product_ref=ProductRef,
-                            cache_usage=cache.usage, cached_bytes=functools.partial(cached_bytes, cache))
-                yield Services(tree, archive, reader, cache, client)
+                                  settings.transfers, deadline=settings.deadline) as reader:
+                tree = Tree(archive, reader, settings, has_token=tokens.current() is not None,
+                            product_ref=ProductRef, cache_usage=cache.usage,
+                            cached_bytes=functools.partial(cached_bytes, cache))
+                yield Services(tree, archive, reader, cache, client, tokens)
         finally:
             await archive.aclose()
 
@@ -251,6 +257,33 @@ def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:
     return True
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+MAX_BACKGROUND = 64
+"""FUSE requests the kernel lets wait on the daemon at once in the background (page-cache reads and
+readahead are background requests). The kernel's default, 12, queues the 13th concurrent read in the
+kernel until another ends, so it could take two deadlines; the daemon bounds the waits itself."""
+
+
+def raise_max_background(mountpoint: str, value: int = MAX_BACKGROUND) -> bool:
+    """Let ``value`` background requests of the mount reach the daemon at once (and start congestion at
+    three quarters of it), through the fusectl filesystem at :data:`FUSECTL` (root only, and only where it
+    is mounted, as systemd does at boot; best effort). Returns whether it was set."""
+    entry = _mount_entry(mountpoint)
+    if entry is None or entry[0].split(":")[0] != "0":
+        return False
+    directory = os.path.join(FUSECTL, entry[0].split(":")[1])
+    try:
+        for name, number in (("max_background", value), ("congestion_threshold", value * 3 // 4)):
+            with open(os.path.join(directory, name), "w", encoding="ascii") as handle:
+                handle.write(str(number))
+    except OSError as exc:
+        log.debug("cannot raise the FUSE background limit in %s (%s); the kernel lets 12 reads wait at once",
+                  directory, exc.strerror)
+        return False
+    log.debug("FUSE background limit of %s raised to %d", mountpoint, value)
+    return True
+
+
 def _sd_notify(state: str) -> None:
     """Send ``state`` to systemd's $NOTIFY_SOCKET, if any (Type=notify)."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -275,8 +308,8 @@ def python_module_command(module: str, *args: str) -> list[str]:
     current directory (where a folder named ``mastfs``, e.g. a clone of the repository, would shadow the
     installed package)."""
     bootstrap = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-                 f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
-    return [sys.executable, "-c", bootstrap, *args]
+                 "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", bootstrap, module, *args]  # the module stays visible in ps
 
 
 def prepare_mountpoint(mountpoint: str) -> str | None:
@@ -315,7 +348,7 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
     return None
 
 
-async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
+async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int:
     """Mount, serve until unmounted or signalled, and unmount; returns the exit status (1 when the kernel
     refused the mount or the mount never answered)."""
     async with open_services(settings, token) as services:
@@ -330,6 +363,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
         except RuntimeError as exc:
             log.error("cannot mount %s: %s (see the lines above from fusermount3)", mountpoint, exc)
             return 1
+        raise_max_background(mountpoint)  # before the first request: no read may queue in the kernel
         stop = _Stop()
         try:
             async with trio.open_nursery() as nursery:
@@ -342,6 +376,7 @@ async def _serve(settings: Settings, mountpoint: str, token: str | None) -> int:
 
                 nursery.start_soon(serve_fuse)
                 nursery.start_soon(operations.interrupts.run)
+                nursery.start_soon(services.tokens.watch, services.client.whoami)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
                 # A statfs through the kernel, from another process, proves the mount answers (served by
@@ -391,13 +426,12 @@ def run_foreground(settings: Settings, mountpoint: str) -> int:
     configure_logging(settings)
     tune_malloc()
     try:
-        token = find_token(settings)
+        token, source = find_token_and_source(settings)
     except MastfsError as exc:
         log.error("%s (%s)", exc, getattr(exc, "reason", ""))
         return 1
-    install_redaction(token)
     try:
-        return trio.run(_serve, settings, mountpoint, token)
+        return trio.run(_serve, settings, mountpoint, TokenKeeper(settings, token, source))
     except OSError as exc:  # the cache directory cannot be created or read
         log.error("cannot start: %s", exc)
         return 1
@@ -677,6 +711,7 @@ class ControlHandler:
             "mast": self.services.client.stats(),
             "mast_probe": self.services.mast_probe.as_dict(),
             "interrupted": self.operations.interrupts.interrupted,
+            "token": self.services.tokens.status(),
             "tree": self.services.tree.stats(),
         }
 
@@ -781,7 +816,7 @@ async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """Body of the detached daemon (``python -m mastfs.daemon MOUNTPOINT``, settings as JSON on stdin,
+    """Body of the detached daemon (``mastfs.daemon MOUNTPOINT`` run as a module, settings as JSON on stdin,
     so nothing sensitive shows on the command line)."""
     values = json.loads(sys.stdin.read())
     sys.stdin.close()

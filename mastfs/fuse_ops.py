@@ -83,7 +83,6 @@ def boundary(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_DOTS = (".", "..")
 
 
 def _pid(ctx: Any) -> int:
@@ -139,7 +138,7 @@ class Operations(pyfuse3.Operations):
         """Ends the waits of requesters interrupted by a signal (run ``interrupts.run()`` beside serving)."""
         self._openers: dict[int, int] = {}
         self._failed_reads: dict[int, tuple[float, MastfsError]] = {}
-        self._dir_handles: dict[int, list[tuple[str, Attributes]]] = {}
+        self._dir_handles: dict[int, tuple[list[tuple[str, Attributes]], list[Any]]] = {}
         self._next_dir_handle = 1
 
     def where(self, handler: str, args: tuple[Any, ...]) -> str:
@@ -184,10 +183,11 @@ class Operations(pyfuse3.Operations):
     @boundary
     async def opendir(self, inode: int, ctx: Any) -> int:
         """Snapshot the listing once per open, so readdir continuations page through one consistent list;
-        ``.`` and ``..`` come first, as on a local disk."""
+        ``.`` and ``..`` come first, as on a local disk. The snapshot holds the nodes, not their
+        attributes (made as readdir hands each out)."""
 
-        async def listing() -> list[tuple[str, Attributes]]:
-            return await self.tree.dot_entries(inode) + await self.tree.listdir(inode)
+        async def listing() -> tuple[list[tuple[str, Attributes]], list[Any]]:
+            return await self.tree.dot_entries(inode), await self.tree.listdir(inode)
 
         entries = await self.interrupts.call(_pid(ctx), listing)
         handle = self._next_dir_handle
@@ -197,20 +197,25 @@ class Operations(pyfuse3.Operations):
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dir_handles.get(fh)
-        if entries is None:
+        listing = self._dir_handles.get(fh)
+        if listing is None:
             raise NotFound(f"no open directory handle {fh}")
-        for index in range(start_id, len(entries)):
-            name, attributes = entries[index]
+        dots, nodes = listing
+        for index in range(start_id, len(dots) + len(nodes)):
+            if index < len(dots):
+                name, attributes = dots[index]
+            else:
+                node = nodes[index - len(dots)]
+                name, attributes = node.name, await self.tree.attributes(node)
             if not pyfuse3.readdir_reply(token, name.encode("utf-8"), entry_attributes(attributes), index + 1):
                 break
-            if name not in _DOTS:  # the kernel takes a reference to each entry but . and ..
+            if index >= len(dots):  # the kernel takes a reference to each entry but . and ..
                 self.tree.remember(attributes.ino)
 
     @boundary
     async def releasedir(self, fh: int) -> None:
-        entries = self._dir_handles.pop(fh, None) or []
-        self.tree.release_listing([attributes.ino for name, attributes in entries if name not in _DOTS])
+        _dots, nodes = self._dir_handles.pop(fh, None) or ((), [])
+        self.tree.release_listing([node.ino for node in nodes])
 
     # ------------------------------------------------------------------------------------- files
 

@@ -28,6 +28,8 @@ README_NAME = "README.txt"
 OBSERVATION_SIDECAR = "observation.json"
 PRODUCTS_SIDECAR = "products.csv"
 SIDECARS = (OBSERVATION_SIDECAR, PRODUCTS_SIDECAR)
+PLANNED_SIDECAR = "planned.csv"
+"""In a program, target or cone directory holding planned observations: those left out of it."""
 
 DEFAULT_CONE_RADIUS = 0.2
 """Radius in degrees of ``/cone/<ra>,<dec>/`` (astroquery's default for region queries)."""
@@ -56,6 +58,9 @@ _PROBE_NAMES = frozenset(
     )
 )
 _FORBIDDEN_CHARS = frozenset("/\\%*;?\"'`<>|&$=!{}#^")
+# Control characters, DEL, undecodable bytes (surrogate escapes) and the forbidden characters: one search
+# per name (a listing checks 300,000 names).
+_BAD_CHARACTER = re.compile("[\x00-\x1f\x7f\udc80-\udcff" + re.escape("".join(sorted(_FORBIDDEN_CHARS))) + "]")
 _PROGRAM_ID = re.compile(r"[1-9][0-9]{0,6}")
 _OBS_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9 +._()\[\]:,-]{0,99}")
@@ -114,11 +119,12 @@ def check_component(name: str) -> None:
         raise InvalidName(f"hidden or empty name {name!r}")
     if name.lower() in _PROBE_NAMES:
         raise InvalidName(f"file-manager probe {name!r}")
-    for char in name:
-        if ord(char) < 0x20 or ord(char) == 0x7F or char in _FORBIDDEN_CHARS:
-            raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
+    bad = _BAD_CHARACTER.search(name)
+    if bad is not None:
+        char = bad.group()
         if 0xDC80 <= ord(char) <= 0xDCFF:
             raise InvalidName("name is not valid UTF-8")
+        raise InvalidName(f"character {char!r} cannot occur in a mastfs name")
 
 
 def parse_program_id(name: str) -> str:
@@ -230,50 +236,67 @@ def safe_filename(product: ProductLike) -> str | None:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """An observation's products arranged into directories.
+class Placement:
+    """Where each of a sequence of products (unique by dataURI) is shown, by its index in the sequence.
 
-    groups: group directory name -> {file name -> product}, groups in display order (levels, then
-    product types, then ``other``), files sorted by name. Products are deduplicated by dataURI; two
-    different products with one file name get ``~2``, ``~3`` ... appended to the later names.
-    paths: dataURI -> path relative to the observation directory (``level2/x_cal.fits``).
-    recommended: file name in ``recommended/`` -> path of that product's file (``level3/x_i2d.fits``), for
-    the products MAST marks "Minimum Recommended Products", sorted by name (names made unique as above).
+    groups: group directory name -> {file name -> index}, groups in display order (levels, then
+    product types, then ``other``), files sorted by name; two different products with one file name get
+    ``~2``, ``~3`` ... appended to the later names. ``names[i]`` is the file name of product ``i`` and
+    ``group_of[i]`` the position of its group in ``groups`` (``names[i]`` None: not shown as a file).
+    Holds one str and one int per product, not the products themselves. ``recommended``: file name in
+    ``recommended/`` -> index, for the products MAST marks "Minimum Recommended Products" (sorted by
+    name, made unique like the others).
     """
 
-    groups: dict[str, dict[str, Any]]
-    paths: dict[str, str]
-    recommended: dict[str, str]
+    groups: dict[str, dict[str, int]]
+    names: list[str | None]
+    group_of: bytearray
+    group_names: tuple[str, ...]
+    recommended: dict[str, int]
+
+    def path(self, index: int) -> str:
+        """Path of product ``index`` relative to the observation directory, "" when not shown."""
+        name = self.names[index]
+        return "" if name is None else f"{self.group_names[self.group_of[index]]}/{name}"
 
 
-def layout_products(products: Iterable[ProductLike]) -> Layout:
-    """Arrange ``products`` into group directories; see :class:`Layout`."""
-    by_group: dict[str, dict[str, Any]] = {}
-    paths: dict[str, str] = {}
-    recommended: dict[str, str] = {}
-    for product in products:
-        uri = product.data_uri
-        if not uri or uri in paths:
-            continue
+PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level", "productGroupDescription")
+"""The product fields :func:`place_products` reads (name, group, level, whether recommended)."""
+
+
+def place_products(products: Iterable[ProductLike]) -> Placement:
+    """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
+    by_group: dict[str, dict[str, int]] = {}
+    placed: list[tuple[str, str] | None] = []
+    recommended: dict[str, int] = {}
+    for index, product in enumerate(products):
         name = safe_filename(product)
         if name is None:
+            placed.append(None)
             continue
         group = product_group(product)
         files = by_group.setdefault(group, {})
-        unique, counter = name, 1
-        while unique in files:
-            counter += 1
-            unique = f"{name}~{counter}"
-        files[unique] = product
-        paths[uri] = f"{group}/{unique}"
+        unique = _unique_name(name, files)
+        files[unique] = index
+        placed.append((group, unique))
         if is_recommended(product):
-            shown, counter = name, 1
-            while shown in recommended:
-                counter += 1
-                shown = f"{name}~{counter}"
-            recommended[shown] = paths[uri]
-    groups = {group: dict(sorted(by_group[group].items())) for group in sorted(by_group, key=_group_order)}
-    return Layout(groups, paths, dict(sorted(recommended.items())))
+            recommended[_unique_name(name, recommended)] = index
+    order = sorted(by_group, key=_group_order)
+    position = {group: number for number, group in enumerate(order)}
+    names: list[str | None] = [None if where is None else where[1] for where in placed]
+    group_of = bytearray(0 if where is None else position[where[0]] for where in placed)
+    del placed
+    groups = {group: dict(sorted(by_group.pop(group).items())) for group in order}
+    return Placement(groups, names, group_of, tuple(order), dict(sorted(recommended.items())))
+
+
+def _unique_name(name: str, taken: Mapping[str, int]) -> str:
+    """``name``, or ``name~2``, ``name~3`` ...: the first not in ``taken``."""
+    unique, counter = name, 1
+    while unique in taken:
+        counter += 1
+        unique = f"{name}~{counter}"
+    return unique
 
 
 def is_recommended(product: ProductLike) -> bool:
@@ -298,8 +321,13 @@ _KIND_OF_SUFFIX = {suffix: kind for kind, suffixes in PRODUCT_KINDS.items() for 
 def product_kind(product: ProductLike) -> str:
     """``image``, ``table``, ``spectrum``, ``cube``, ``preview`` or ``other``: what a viewer would open
     ``product`` as, from its file name (see :data:`PRODUCT_KINDS`)."""
-    name = product.filename.lower()
-    if name.endswith(_IMAGE_EXTENSIONS):
+    return kind_of_filename(product.filename)
+
+
+def kind_of_filename(filename: str) -> str:
+    """:func:`product_kind` of a file name (a ``~2`` suffix of a shown name is ignored)."""
+    name = filename.lower()
+    if name.split("~", 1)[0].endswith(_IMAGE_EXTENSIONS):
         return "preview"
     stem = name.split(".", 1)[0]
     return _KIND_OF_SUFFIX.get(stem.rsplit("_", 1)[-1], "other") if "_" in stem else "other"
@@ -313,6 +341,34 @@ def observation_date(observation: ObservationLike) -> str | None:
         if unix is not None:
             return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An observation's products arranged into directories (:func:`place_products` with the products
+    themselves in place of their indices).
+
+    groups: group directory name -> {file name -> product}; paths: dataURI -> path relative to the
+    observation directory (``level2/x_cal.fits``). Products are deduplicated by dataURI first.
+    """
+
+    groups: dict[str, dict[str, Any]]
+    paths: dict[str, str]
+
+
+def layout_products(products: Iterable[ProductLike]) -> Layout:
+    """Arrange ``products`` into group directories; see :class:`Layout`."""
+    first: dict[str, ProductLike] = {}
+    for product in products:
+        if product.data_uri and product.data_uri not in first:
+            first[product.data_uri] = product
+    unique = list(first.values())
+    placement = place_products(unique)
+    groups = {group: {name: unique[index] for name, index in files.items()}
+              for group, files in placement.groups.items()}
+    paths = {product.data_uri: placement.path(index) for index, product in enumerate(unique)
+             if placement.names[index] is not None}
+    return Layout(groups, paths)
 
 
 # ------------------------------------------------------------------------------------- values, sidecars
@@ -350,22 +406,80 @@ def observation_json(observation: ObservationLike) -> bytes:
     return (json.dumps(dict(observation.fields), indent=2, default=str, allow_nan=False) + "\n").encode()
 
 
+def csv_lines(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    """CSV text (UTF-8, ``\n`` line ends) of ``rows`` of field values (nulls as empty cells, values as
+    :func:`text_value` writes them), headed by ``header`` unless it is empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if header:
+        writer.writerow(header)
+    for row in rows:
+        writer.writerow([text_value(value) or "" for value in row])
+    return buffer.getvalue().encode("utf-8")
+
+
+def products_csv_header(columns: Sequence[str]) -> bytes:
+    """The first line of ``products.csv``: every column of the product rows, then ``mastfs_path``,
+    ``mastfs_kind`` and ``mastfs_observation_date``."""
+    return csv_lines([*columns, "mastfs_path", "mastfs_kind", "mastfs_observation_date"], [])
+
+
+def products_csv_rows(columns: Sequence[Sequence[Any]], paths: Sequence[str], date: str | None = None) -> bytes:
+    """Lines of ``products.csv`` (no header) from column-wise values (``columns[c][row]``, every column
+    of the header in order), each row ended by its path relative to the observation directory
+    (``paths[row]``; empty for products not shown), the kind of that file (:func:`kind_of_filename`)
+    and ``date``, the observation's (:func:`observation_date`)."""
+    cells = [_text_column(values) for values in columns]
+    kinds = [kind_of_filename(path.rsplit("/", 1)[-1]) if path else "" for path in paths]
+    dates = [date or ""] * len(paths)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(zip(*cells, paths, kinds, dates, strict=True))
+    return buffer.getvalue().encode("utf-8")
+
+
+def _text_column(values: Sequence[Any]) -> list[str]:
+    """A column's values as CSV cells (:func:`text_value`, nulls empty); plain text passes as it is."""
+    return [value if type(value) is str else (text_value(value) or "") for value in values]
+
+
 def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str], date: str | None = None) -> bytes:
     """Content of ``products.csv``: one row per product row, every field (union of all rows' columns
     in first-seen order), then ``mastfs_path`` (the file's path relative to the observation directory,
-    empty for products not shown as files), ``mastfs_kind`` (:func:`product_kind`) and
-    ``mastfs_observation_date`` (``date``, the observation's). Nulls are empty cells."""
+    empty for products not shown as files), ``mastfs_kind`` and ``mastfs_observation_date`` (``date``).
+    Nulls are empty cells."""
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
-    header = [*columns, "mastfs_path", "mastfs_kind", "mastfs_observation_date"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for product in products:
-        row = [text_value(product.fields.get(column)) or "" for column in columns]
-        writer.writerow([*row, paths.get(product.data_uri, ""), product_kind(product), date or ""])
-    return buffer.getvalue().encode("utf-8")
+    values = [[product.fields.get(column) for product in products] for column in columns]
+    return products_csv_header(list(columns)) + products_csv_rows(
+        values, [paths.get(product.data_uri, "") for product in products], date)
+
+
+def planned_csv(observations: Sequence[ObservationLike]) -> bytes:
+    """Content of ``planned.csv``: one row per planned observation left out of a listing, every field
+    of its row (union of the rows' columns in first-seen order)."""
+    columns: dict[str, None] = {}
+    for observation in observations:
+        columns.update(dict.fromkeys(observation.fields))
+    return csv_lines(list(columns), ([observation.fields.get(column) for column in columns]
+                                     for observation in observations))
+
+
+def is_planned(observation: ObservationLike, now_mjd: float) -> bool:
+    """Whether an observation row describes an observation not yet executed: ``calib_level`` -1 (how
+    CAOM marks planned observations), or no time of observation at all and a release date in the
+    future."""
+    level = observation.fields.get("calib_level")
+    if level is not None and not isinstance(level, bool):
+        try:
+            if float(level) == -1:
+                return True
+        except (TypeError, ValueError):
+            pass
+    fields = observation.fields
+    release = fields.get("t_obs_release")
+    return (fields.get("t_min") is None and fields.get("t_max") is None
+            and isinstance(release, (int, float)) and not isinstance(release, bool) and release > now_mjd)
 
 
 MJD_UNIX_EPOCH = 40587.0
@@ -447,8 +561,8 @@ exist, and never cost a request to MAST.
 - `recommended/` holds the products whose `productGroupDescription` is "Minimum Recommended
   Products": MAST's default set (the Portal's download basket, astroquery's `mrp_only=True`), e.g. a
   JWST level-3 observation's i2d mosaic, source catalog and previews, and its members' cal files. They
-  are the same files as in the level and group directories (same inode, link count 2, one cache
-  entry: reading either downloads once). `mastfs prefetch --recommended PATH` fetches only those.
+  are the same files as in the level and group directories (same inode, one cache entry: reading
+  either downloads once). `mastfs prefetch --recommended PATH` fetches only those.
 
 ## Attributes
 

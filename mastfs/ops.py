@@ -107,11 +107,20 @@ def format_status(status: dict[str, Any]) -> str:
         sent, failed = mast.get("requests", {}), mast.get("errors", {})
         lines.append("  MAST API  " + (", ".join(f"{name} {count} ({failed.get(name, 0)} failed)"
                                                  for name, count in sorted(sent.items())) or "no requests yet"))
-    errors = [f"{name} {count}" for name, count in sorted(reader.get("errors", {}).items())]
+        queries = mast.get("queries", [])
+        lines.append(f"  queries   {len(queries)} metadata queries in flight")
+        for query in queries:
+            pages = (f"page {query.get('pages', 0)} of {query.get('pages_total')}" if query.get("pages_total")
+                     else "no page yet")
+            waits = f", {query.get('polls', 0)} EXECUTING polls" if query.get("polls") else ""
+            errors = f", {query.get('transient_errors')} transient errors" if query.get("transient_errors") else ""
+            lines.append(f"    {_duration(query.get('seconds', 0))} {pages} ({query.get('rows', 0)} rows{waits}"
+                         f"{errors}): {query.get('what')}")
+    problems = [f"{name} {count}" for name, count in sorted(reader.get("errors", {}).items())]
     failed_calls = sum(mast.get("errors", {}).values())
     if failed_calls:
-        errors.append(f"{failed_calls} failed MAST API call{'s' if failed_calls != 1 else ''}")
-    lines.append("  errors    " + (", ".join(errors) or "none"))
+        problems.append(f"{failed_calls} failed MAST API call{'s' if failed_calls != 1 else ''}")
+    lines.append("  errors    " + (", ".join(problems) or "none"))
     last = mast.get("last_error")
     if last:
         when = datetime.fromtimestamp(last["time"]).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -123,8 +132,17 @@ def format_status(status: dict[str, Any]) -> str:
     tree = status.get("tree", {})
     lines.append(f"  metadata  {tree.get('nodes', 0)} inodes in memory ({tree.get('kernel_inodes', 0)} known to the "
                  f"kernel), {tree.get('memos', 0)} listings memoised")
+    token = status.get("token")
+    if token:
+        checked = token.get("last_check")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checked)) if checked else "never"
+        lines.append(f"  token     {token.get('state')} (from {token.get('source')}; MAST user "
+                     f"{token.get('ezid') or '-'}; last checked {when}; renewed {token.get('renewals', 0)} times)")
     in_flight = reader.get("in_flight", [])
-    lines.append(f"  transfers {len(in_flight)} in flight")
+    waiting, slots = reader.get("waiting", {}), reader.get("slots", {})
+    lines.append(f"  transfers {len(in_flight)} in flight, {slots.get('busy', 0)} of {slots.get('total', 0)} slots "
+                 f"busy, {waiting.get('runs', 0)} waiting for a slot; {waiting.get('reads', 0)} reads waiting "
+                 "for bytes")
     for transfer in in_flight:
         total = transfer.get("bytes_total") or 0
         done = transfer.get("bytes_done", 0)

@@ -40,7 +40,7 @@ from typing import Any
 import trio
 
 from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_index, block_span, block_start
-from .errors import IntegrityError, MastfsError, NotFound, Unavailable
+from .errors import IntegrityError, MastfsError, NotFound, Unauthorized, Unavailable
 from .fetch import ColdStartFetcher, WholeFileFetcher
 from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .lru import LRU
@@ -62,6 +62,8 @@ SEQUENTIAL_SLACK = 1024 * 1024
 """A read starting this close to where the stream's previous reads ended still counts as sequential."""
 RECENT_PRODUCTS = 10
 """How many recently fetched products :meth:`ByteReader.stats` lists with the source of their bytes."""
+DEADLINE = 30.0
+"""Default seconds one read may wait for its bytes, and one run for a transfer slot plus each block."""
 STORE_GRACE = 5.0
 """Seconds a closing ByteReader waits for fetched blocks to reach the disk before cancelling the rest."""
 SOURCES = ("auto", "s3", "http")
@@ -102,14 +104,17 @@ class _Flight:
 
 
 class _RunProgress:
-    """What one network run has handed over so far, and from which source."""
+    """What one network run has handed over so far, from which source, and the cancel scope holding its
+    deadline (``limit``; pushed back by one deadline at each block handed over)."""
 
-    __slots__ = ("flights", "delivered", "source")
+    __slots__ = ("flights", "delivered", "source", "limit", "started")
 
-    def __init__(self, flights: list[_Flight], source: str) -> None:
+    def __init__(self, flights: list[_Flight], source: str, limit: trio.CancelScope) -> None:
         self.flights = flights
         self.delivered = 0
         self.source = source
+        self.limit = limit
+        self.started = False
 
 
 class ByteReader:
@@ -118,7 +123,10 @@ class ByteReader:
     ``cache`` is the :class:`BlockCache`; ``http_fetcher`` reads over HTTPS, ``s3_fetcher`` (optional)
     from the cloud bucket; ``source`` is "auto" (S3 when the product has an S3 key and is public, else
     HTTPS; a product missing from S3 falls back to HTTPS and is remembered), "s3" (S3 only) or "http"
-    (HTTPS only); ``transfers`` bounds parallel network runs. Use as ``async with ByteReader(...)``.
+    (HTTPS only); ``transfers`` bounds parallel network runs. ``deadline`` bounds, in seconds, each read
+    (from its call to its bytes, whatever it waits for) and each run (from its start, waiting for a
+    transfer slot included, to its first block, then to each next block): a run past it is cancelled, which
+    frees its slot and closes its connection. Use as ``async with ByteReader(...)``.
     """
 
     def __init__(
@@ -132,6 +140,7 @@ class ByteReader:
         memory_limit: int = MEMORY_LIMIT,
         max_readahead: int = MAX_READAHEAD_BLOCKS,
         run_blocks: int = RUN_BLOCKS,
+        deadline: float = DEADLINE,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
@@ -141,6 +150,8 @@ class ByteReader:
         self._source = source
         self._transfers = max(1, transfers)
         self._transfer_slots = trio.CapacityLimiter(self._transfers)
+        self._deadline = deadline
+        self._waiting = {"reads": 0, "runs": 0}  # reads waiting for bytes, runs waiting for a slot
         self._unstored = trio.Semaphore(UNSTORED_BLOCKS)
         self._max_readahead = max(0, max_readahead)
         self._run_blocks = max(1, run_blocks)
@@ -148,6 +159,7 @@ class ByteReader:
         self._flights: dict[BlockKey, _Flight] = {}
         self._verifying: SingleFlight[str, bool | None] = SingleFlight()
         self._not_in_cloud: set[str] = set()  # uris
+        self._s3_only_warned: set[str] = set()
         self._pinned: LRU[str, str] = LRU(PINS_KEPT)  # uri -> version key of its latest pin
         self._fits: LRU[str, FitsCheck] = LRU(FITS_CHECKS_KEPT)  # version key -> its FITS check
         self._hdu_failures: dict[tuple[str, int], int] = {}  # (version key, HDU start) -> failed checks
@@ -259,8 +271,9 @@ class ByteReader:
         (``b""`` at or after the end).
 
         Raises NotFound, Unauthorized, Unavailable, BadResponse or IntegrityError from the block(s) the
-        read needs (never from readahead). Cancellation returns at once; the blocks keep loading in the
-        background.
+        read needs (never from readahead); Unavailable when the bytes are not there within the deadline.
+        Cancellation returns at once; the blocks keep loading in the background (each run bounded by the
+        deadline too).
         """
         data = await self.read_view(stream, offset, length)
         return data if isinstance(data, bytes) else bytes(data)
@@ -272,6 +285,14 @@ class ByteReader:
 
         Raises VersionChanged once a later pin found another version of the product: an open file
         never serves bytes of two versions, nor old bytes after a newer open saw the new ones."""
+        with trio.move_on_after(self._deadline):
+            return await self._read_view(stream, offset, length)
+        error = Unavailable(f"{stream.ref.uri}: bytes from {offset} not fetched within the {self._deadline:g}s "
+                            "deadline")
+        self._count_error(error, "a read")
+        raise error
+
+    async def _read_view(self, stream: ReadStream, offset: int, length: int) -> bytes | memoryview:
         ref = stream.ref
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length ({offset}, {length})")
@@ -351,10 +372,13 @@ class ByteReader:
         """Counters for ``mastfs status``: transfers in flight per product (uri, source, bytes fetched
         since its transfers began / total, runs in flight), bytes fetched per source, the source of the
         ``RECENT_PRODUCTS`` products most recently fetched (newest first), cache hits and misses (per
-        block; ``requests`` counts network requests), errors by type."""
+        block; ``requests`` counts network requests), errors by type; ``waiting``: reads waiting for
+        their bytes and runs waiting for a transfer slot; ``slots``: transfer slots busy and in all."""
         used, limit = self._cache.usage()
         return {
             "in_flight": [dict(entry) for entry in self._active.values()],
+            "waiting": dict(self._waiting),
+            "slots": {"busy": self._transfer_slots.borrowed_tokens, "total": self._transfers},
             "bytes_fetched": dict(self._bytes_fetched),
             "recent": [{"uri": uri, "source": source} for uri, source in reversed(list(self._recent.items()))],
             "cache": {
@@ -381,7 +405,11 @@ class ByteReader:
             return data
         flight = self._flights.get(key) or self._ensure(ref, index, index, keep=True)[0]
         assert flight is not None
-        await flight.done.wait()
+        self._waiting["reads"] += 1
+        try:
+            await flight.done.wait()
+        finally:
+            self._waiting["reads"] -= 1
         if flight.error is not None:
             raise flight.error
         assert flight.data is not None
@@ -446,11 +474,18 @@ class ByteReader:
         """Background: fetch consecutive blocks with one run (one transfer slot), hand each over and
         start its store; the flights that get no data end with the run's error."""
         ref = flights[0].ref
+        what = f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}"
         self._counts["misses"] += len(flights)
-        run = _RunProgress(flights, "")
+        run = _RunProgress(flights, "", trio.CancelScope(deadline=trio.current_time() + self._deadline))
         try:
-            async with self._transfer_slots:
+            with run.limit:
+                self._waiting["runs"] += 1
                 try:
+                    await self._transfer_slots.acquire()
+                finally:
+                    self._waiting["runs"] -= 1
+                try:
+                    run.started = True
                     while True:
                         try:
                             await self._fetch_run(ref, run)
@@ -463,8 +498,16 @@ class ByteReader:
                                 raise IntegrityError(f"{ref.uri}: {exc}") from exc
                             log.warning("%s: %s; its blocks were dropped and are fetched again", ref.uri, exc)
                 except Exception as exc:
-                    self._count_error(exc, f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}")
+                    self._count_error(exc, what)
                     self._fail(flights[run.delivered:], exc)
+                finally:
+                    self._transfer_slots.release()
+            if run.limit.cancelled_caught and run.delivered < len(flights):
+                waited = "" if run.started else " (all that time waiting for a transfer slot)"
+                error = Unavailable(f"{ref.uri}: block {flights[run.delivered].index} not fetched within the "
+                                    f"{self._deadline:g}s deadline{waited}")
+                self._count_error(error, what)
+                self._fail(flights[run.delivered:], error)
         finally:
             self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
 
@@ -473,7 +516,10 @@ class ByteReader:
         flights = run.flights
         bounds = [block_start(flight.index) for flight in flights[run.delivered:]]
         bounds.append(block_span(flights[-1].index, ref.size)[1])
-        run.source = self._source_for(ref)
+        source = self._source_for(ref)
+        if source is None:
+            raise self._s3_only_failure(ref, "MAST lists no cloud copy")
+        run.source = source
         progress = self._transfer_started(ref, run.source)
         delivered_before = run.delivered
 
@@ -484,6 +530,7 @@ class ByteReader:
                 raise IntegrityError(f"{ref.uri}: fetcher handed over {len(data)} bytes for block {flight.index}")
             self._check_fits(ref, flight.index, data)
             run.delivered += 1
+            run.limit.deadline = trio.current_time() + self._deadline  # the next block gets a deadline too
             self._bytes_fetched[run.source] += len(data)
             self._note_recent(ref.uri, run.source)
             progress["bytes_done"] += len(data)
@@ -503,16 +550,36 @@ class ByteReader:
                     self._counts["requests"] += 1
                     await self._s3.fetch_blocks(ref.s3_key, bounds, deliver, ref.version)
                     return
-                except NotFound:
-                    if self._source == "s3" or run.delivered:
+                except NotFound as exc:
+                    if self._source == "s3":
+                        raise self._s3_only_failure(ref, str(exc)) from exc
+                    if run.delivered:
                         raise
                     log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
                     self._not_in_cloud.add(ref.uri)
                     run.source = progress["source"] = "http"
             self._counts["requests"] += 1
-            await self._http.fetch_blocks(ref.uri, bounds[run.delivered - delivered_before:], deliver, ref.version)
+            try:
+                await self._http.fetch_blocks(ref.uri, bounds[run.delivered - delivered_before:], deliver,
+                                              ref.version)
+            except Unauthorized as exc:
+                if ref.exclusive:
+                    raise
+                log.warning("MAST refused a download of the public file %s (%s): not a matter of access "
+                            "rights (public data needs no token); MAST may be failing, try again later",
+                            ref.uri, exc)
+                raise Unavailable(f"{ref.uri}: MAST refused the request ({exc})") from exc
         finally:
             self._transfer_ended(ref)
+
+    def _s3_only_failure(self, ref: ProductRef, why: str) -> Unavailable:
+        """The error (EIO, never ENOENT: the file exists) of a read S3 cannot serve under ``--source s3``,
+        logged once per product with the way out."""
+        if ref.version_key not in self._s3_only_warned:
+            self._s3_only_warned.add(ref.version_key)
+            log.warning("S3 cannot serve %s (%s) and the mount reads from S3 only (--source s3); mount with "
+                        "--source auto to read such files over HTTPS", ref.uri, why)
+        return Unavailable(f"{ref.uri}: S3 cannot serve it ({why}) and the source is s3 only")
 
     async def _store(self, flight: _Flight, data: bytes) -> None:
         """Background: put a fetched block on disk; check the whole product once it is complete."""
@@ -561,22 +628,21 @@ class ByteReader:
         ``s3://<bucket>/<key>`` or the HTTPS download URL (HTTPS for exclusive products, products found
         missing from S3 and ``source`` "http"); None when no allowed source has them (``source`` "s3"
         and no S3 copy)."""
-        try:
-            source = self._source_for(ref)
-        except NotFound:
+        source = self._source_for(ref)
+        if source is None:
             return None
         if source == "s3":
             assert self._s3 is not None and ref.s3_key
             return self._s3.location(ref.s3_key)
         return self._http.location(ref.uri)
 
-    def _source_for(self, ref: ProductRef) -> str:
-        """"s3" or "http" for ``ref`` per ``source`` (see the class); NotFound when neither may serve it."""
+    def _source_for(self, ref: ProductRef) -> str | None:
+        """"s3" or "http" for ``ref`` per ``source`` (see the class); None when neither may serve it."""
         if self._source == "http":
             return "http"
         if self._source == "s3":
             if self._s3 is None or not ref.s3_key:
-                raise NotFound(f"{ref.uri}: not in the cloud (source is s3 only)")
+                return None
             return "s3"
         cloud = self._s3 is not None and ref.s3_key and not ref.exclusive
         return "s3" if cloud and ref.uri not in self._not_in_cloud else "http"

@@ -65,3 +65,30 @@ class SingleFlight(Generic[K, V]):
         finally:
             del self._flights[key]
             flight.done.set()
+
+    async def run_detached(self, key: K, produce: Callable[[], Awaitable[V]]) -> V:
+        """Like :meth:`run`, but ``produce()`` runs in a background (trio system) task and every caller,
+        the first included, only waits for it: a caller whose wait is cancelled (a Ctrl-C on ``ls``)
+        leaves the flight going, and a later caller of ``key`` joins it instead of starting over.
+        ``produce()`` must bound its own time; if the daemon stops first, waiters get RuntimeError."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight()
+            trio.lowlevel.spawn_system_task(self._fly, key, flight, produce, name=f"flight {key!r}")
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.value  # type: ignore[return-value]
+
+    async def _fly(self, key: K, flight: _Flight[V], produce: Callable[[], Awaitable[V]]) -> None:
+        try:
+            flight.value = await produce()
+            flight.landed = True
+        except Exception as exc:
+            flight.error = exc
+        except BaseException:  # cancelled: the trio run (the daemon) is ending
+            flight.error = RuntimeError(f"flight {key!r} cancelled as the daemon stops")
+            raise
+        finally:
+            del self._flights[key]
+            flight.done.set()

@@ -24,6 +24,7 @@ Contract:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import os
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .blockcache import ProductRef
     from .config import Settings
     from .mast.models import Observation, Product
+    from .mast.table import ProductTable
     from .reader import ReadStream
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ the cache's 64 KiB first block; ``cp``, ``cat`` and ``dd`` read at least 128 KiB
 the kernel reads ahead. Not the block cache's BLOCK_SIZE (4 MiB)."""
 SIZE_RESOLVERS = 8
 """Most concurrent size look-ups (HEAD requests) when a listing holds products of unknown size."""
+S3_LOOKUP_SPAN = 200
+"""Opening a product looks up the S3 keys of this many neighbours in its directory at once (5
+path_lookup requests), not of the whole directory (which may hold 300,000)."""
 
 TOKEN_HELP = (
     "get a token at https://auth.mast.stsci.edu/token, then set MAST_API_TOKEN or the token_file "
@@ -117,7 +122,7 @@ class ArchiveView(Protocol):
 
     async def program(self, pid: str, /) -> list[Observation]: ...
     async def observation(self, obs_id: str, /) -> Observation: ...
-    async def products(self, obs: Observation, /) -> list[Product]: ...
+    async def products(self, obs: Observation, /) -> ProductTable: ...
     async def target(self, name: str, /) -> list[Observation]: ...
     async def cone(self, ra: float, dec: float, radius: float, /) -> list[Observation]: ...
     async def resolved_size(self, product: Product, /) -> int | None: ...
@@ -137,12 +142,61 @@ class BytesView(Protocol):
     def source_of(self, ref: ProductRef, /) -> str | None: ...
 
 
+class Content:
+    """The bytes of a virtual file, made at once (``Content(data)``) or part by part on demand
+    (``Content.parts(count, render)``: ``render(i)`` makes part ``i``), so a products.csv of 300,000 rows
+    is never held whole. Parts are rendered once to learn the size; a read renders only the parts it
+    covers (the last one rendered is kept)."""
+
+    def __init__(self, data: bytes = b"", *, count: int = 0,
+                 render: Callable[[int], bytes] | None = None) -> None:
+        self._render = render or (lambda _part: data)
+        self._count = count if render is not None else 1
+        self._ends: list[int] | None = None
+        self._last: tuple[int, bytes] | None = None
+
+    @classmethod
+    def parts(cls, count: int, render: Callable[[int], bytes]) -> Content:
+        return cls(count=count, render=render)
+
+    def _part(self, number: int) -> bytes:
+        if self._last is None or self._last[0] != number:
+            self._last = (number, self._render(number))
+        return self._last[1]
+
+    @property
+    def size(self) -> int:
+        if self._ends is None:
+            total, ends = 0, []
+            for number in range(self._count):
+                total += len(self._part(number))
+                ends.append(total)
+            self._ends = ends
+        return self._ends[-1] if self._ends else 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (fewer only at the end)."""
+        if self.size == 0 or length <= 0:
+            return b""
+        assert self._ends is not None
+        pieces = []
+        number = bisect.bisect_right(self._ends, offset)
+        while length > 0 and number < self._count:
+            start = self._ends[number - 1] if number else 0
+            piece = self._part(number)[offset - start:offset - start + length]
+            pieces.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+            number += 1
+        return b"".join(pieces)
+
+
 @dataclass
 class OpenFile:
     """One open file handle: virtual content, or a product read through the ByteReader's stream."""
 
     node: Node
-    content: bytes | None = None
+    content: Content | None = None
     ref: ProductRef | None = None
     stream: ReadStream | None = None
     changed: bool = False  # this open found another version or size than the kernel was shown
@@ -158,13 +212,23 @@ class _Memo:
 
 
 class Node:
-    """One path of the tree. Subclasses say whether they are directories and what they hold."""
+    """One path of the tree. Subclasses say whether they are directories and what they hold. Nodes
+    use slots: a listing of 300,000 files holds 300,000 of them."""
 
+    __slots__ = ("ino", "_path")
     is_dir = False
 
     def __init__(self, ino: int, path: tuple[str, ...]) -> None:
         self.ino = ino
-        self.path = path
+        self._path = path
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self._path
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
 
     @property
     def path_text(self) -> str:
@@ -192,12 +256,17 @@ class Node:
 
 
 class DirNode(Node):
-    """A directory: ``entries`` lists it, ``child`` looks one name up (validated first, before any I/O)."""
+    """A directory: ``entries`` lists it, ``child`` looks one name up (validated first, before any I/O),
+    ``children`` gives its nodes in display order."""
 
+    __slots__ = ()
     is_dir = True
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
         raise NotImplementedError
+
+    async def children(self, tree: Tree) -> list[Node]:
+        return list((await self.entries(tree)).values())
 
     async def child(self, tree: Tree, name: str) -> Node:
         namespace.check_component(name)
@@ -208,6 +277,8 @@ class DirNode(Node):
 
 
 class RootDir(DirNode):
+    __slots__ = ()
+
     def nlink(self) -> int:
         return 2 + len(namespace.TOP_DIRECTORIES)
 
@@ -221,6 +292,8 @@ class RootDir(DirNode):
 
 
 class ReadmeFile(Node):
+    __slots__ = ()
+
     async def size(self, tree: Tree) -> int:
         return len(tree.readme)
 
@@ -228,6 +301,8 @@ class ReadmeFile(Node):
 class TopDir(DirNode):
     """``/program``, ``/obs``, ``/target``, ``/cone``: any valid name can be looked up; listing shows
     what was seen (programs: also those in the metadata cache)."""
+
+    __slots__ = ()
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
         kind = self.path[0]
@@ -252,6 +327,10 @@ class TopDir(DirNode):
         elif kind == "obs":
             namespace.parse_obs_id(name)
             observation = await tree.archive.observation(name)
+            if namespace.is_planned(observation, tree.mjd_now()):
+                tree.log_once(("planned", name), logging.INFO,
+                              "%s is a planned observation (not executed yet): it has no products", name)
+                raise NotFound(f"{name} is planned, not executed yet")
             node = tree.intern(ObservationDir, path, observation)
         elif kind == "target":
             namespace.parse_target_name(name)
@@ -268,7 +347,10 @@ class TopDir(DirNode):
 
 
 class ObservationListDir(DirNode):
-    """A directory of observation directories, named by obs_id, from one Archive query."""
+    """A directory of observation directories, named by obs_id, from one Archive query. Planned
+    observations (not executed yet, no products) are left out and named in ``planned.csv``."""
+
+    __slots__ = ()
 
     async def observations(self, tree: Tree) -> list[Observation]:
         raise NotImplementedError
@@ -278,18 +360,28 @@ class ObservationListDir(DirNode):
 
     async def _load(self, tree: Tree) -> dict[str, Node]:
         entries: dict[str, Node] = {}
+        planned = []
+        now = tree.mjd_now()
         for observation in await self.observations(tree):
             name = observation.obs_id
+            if namespace.is_planned(observation, now):
+                planned.append(observation)
+                continue
             try:
                 namespace.parse_obs_id(name)
             except InvalidName:
                 log.warning("observation id %r cannot be a file name; not shown in %s", name, self.path_text)
                 continue
             entries.setdefault(name, tree.intern(ObservationDir, (*self.path, name), observation))
+        if planned:
+            entries[namespace.PLANNED_SIDECAR] = tree.intern(
+                PlannedFile, (*self.path, namespace.PLANNED_SIDECAR), namespace.planned_csv(planned))
         return entries
 
 
 class ProgramDir(ObservationListDir):
+    __slots__ = ()
+
     async def observations(self, tree: Tree) -> list[Observation]:
         observations = await tree.archive.program(self.path[1])
         if not observations:
@@ -299,6 +391,8 @@ class ProgramDir(ObservationListDir):
 
 class QueryDir(ObservationListDir):
     """``/target/<name>`` or ``/cone/<ra>,<dec>[,<r>]``."""
+
+    __slots__ = ()
 
     async def observations(self, tree: Tree) -> list[Observation]:
         kind, name = self.path[0], self.path[1]
@@ -314,14 +408,17 @@ class QueryDir(ObservationListDir):
 
 @dataclass(frozen=True)
 class _ObservationContents:
-    """An observation directory's products, laid out, with its sidecar contents."""
+    """An observation directory's products (a packed ProductTable), where each is shown, and the
+    content of products.csv (made part by part when read)."""
 
-    products: list[Product]
-    layout: namespace.Layout
-    sidecars: dict[str, bytes]
+    products: ProductTable
+    placement: namespace.Placement
+    products_csv: Content
 
 
 class ObservationDir(DirNode):
+    __slots__ = ("observation",)
+
     def __init__(self, ino: int, path: tuple[str, ...], observation: Observation) -> None:
         super().__init__(ino, path)
         self.observation = observation
@@ -344,20 +441,25 @@ class ObservationDir(DirNode):
 
     async def _load(self, tree: Tree) -> _ObservationContents:
         products = await tree.archive.products(self.observation)
-        layout = namespace.layout_products(products)
-        sidecars = {
-            namespace.OBSERVATION_SIDECAR: namespace.observation_json(self.observation),
-            namespace.PRODUCTS_SIDECAR: namespace.products_csv(products, layout.paths,
-                                                               namespace.observation_date(self.observation)),
-        }
-        return _ObservationContents(products, layout, sidecars)
+        placement = namespace.place_products(products.projected(namespace.PLACEMENT_FIELDS))
+        columns = list(products.columns)
+        date = namespace.observation_date(self.observation)
+
+        def render(part: int) -> bytes:
+            if part == 0:
+                return namespace.products_csv_header(columns)
+            values = products.chunk_columns(part - 1, columns)
+            first = products.chunk_start(part - 1)
+            return namespace.products_csv_rows(values, [placement.path(first + i) for i in range(len(values[0]))], date)
+
+        return _ObservationContents(products, placement, Content.parts(1 + products.chunk_count, render))
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
         contents = await self.contents(tree)
         entries: dict[str, Node] = {}
-        for group in contents.layout.groups:
+        for group in contents.placement.groups:
             entries[group] = tree.intern(GroupDir, (*self.path, group), self)
-        if contents.layout.recommended:
+        if contents.placement.recommended:
             entries[namespace.RECOMMENDED_DIR] = tree.intern(RecommendedDir, (*self.path, namespace.RECOMMENDED_DIR),
                                                              self)
         for name in namespace.SIDECARS:
@@ -371,16 +473,18 @@ class ObservationDir(DirNode):
         return await super().child(tree, name)
 
 
-class GroupDir(DirNode):
-    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation."""
+class ObservationSubdir(DirNode):
+    """A directory inside an observation directory (a group, ``recommended/``): it has the
+    observation's time and stays the same node while the observation directory does."""
+
+    __slots__ = ("observation_dir",)
 
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
         super().__init__(ino, path)
         self.observation_dir = observation_dir
-        self._entries: tuple[dict[str, Product], dict[str, Node]] | None = None  # (products, their nodes)
 
     def same_as(self, other: Node) -> bool:
-        return isinstance(other, GroupDir) and other.observation_dir is self.observation_dir
+        return type(other) is type(self) and other.observation_dir is self.observation_dir
 
     def mtime(self, tree: Tree) -> float:
         return self.observation_dir.mtime(tree)
@@ -388,64 +492,80 @@ class GroupDir(DirNode):
     def nlink(self) -> int:
         return 2
 
-    async def products(self, tree: Tree) -> dict[str, Product]:
-        """File name -> product of this group. Raises NotFound when the group is gone after a refresh."""
-        files = (await self.observation_dir.contents(tree)).layout.groups.get(self.path[-1])
+
+class GroupDir(ObservationSubdir):
+    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation. Its file nodes are
+    made as they are listed or looked up, not kept here (one listing may hold 300,000)."""
+
+    __slots__ = ()
+
+    async def _files(self, tree: Tree) -> tuple[ProductTable, dict[str, int]]:
+        """The observation's product table and this group's file name -> row index. Raises NotFound
+        when the group is gone after a refresh."""
+        contents = await self.observation_dir.contents(tree)
+        files = contents.placement.groups.get(self.name)
         if files is None:
             raise NotFound(f"{self.path_text} no longer exists")
-        return files
+        return contents.products, files
 
-    async def entries(self, tree: Tree) -> dict[str, Node]:
-        """The file nodes, made once per listing of the observation (thousands in a level-3 one)."""
-        files = await self.products(tree)
-        if self._entries is None or self._entries[0] is not files:
-            self._entries = (files, {name: tree.intern(ProductFile, (*self.path, name), self, product)
-                                     for name, product in files.items()})
-        return self._entries[1]
+    async def children(self, tree: Tree) -> list[Node]:
+        table, files = await self._files(tree)
+        return [tree.intern(ProductFile, (*self.path, name), self, table, index) for name, index in files.items()]
 
-    async def s3_keys(self, tree: Tree) -> dict[str, str | None]:
-        """S3 keys of every product in this directory, looked up in one batch call per listing on the
-        first open (memoised under a key no real path can have: names never contain NUL)."""
+    async def child(self, tree: Tree, name: str) -> Node:
+        namespace.check_component(name)
+        table, files = await self._files(tree)
+        index = files.get(name)
+        if index is None:
+            raise NotFound(f"{self.path_text}/{name}")
+        return tree.intern(ProductFile, (*self.path, name), self, table, index)
+
+    async def s3_key(self, tree: Tree, name: str, uri: str) -> tuple[str | None, bool]:
+        """(S3 key or None, settled) of file ``name`` with dataURI ``uri``. The keys of its stretch of
+        this directory (:data:`S3_LOOKUP_SPAN` names, so a small directory is one stretch) are looked up
+        in one Archive call and memoised (under a key no real path can have: names never contain NUL).
+        When the look-up said nothing about ``uri`` (it failed), settled is False and the memo goes, so
+        the next open asks again."""
+        table, files = await self._files(tree)
+        names = list(files)
+        stretch = bisect.bisect_left(names, name) // S3_LOOKUP_SPAN
+        memo_key = (*self.path, "\0s3", str(stretch))
 
         async def lookup() -> dict[str, str | None]:
-            return dict(await tree.archive.s3_keys(list((await self.products(tree)).values())))
+            span = names[stretch * S3_LOOKUP_SPAN:(stretch + 1) * S3_LOOKUP_SPAN]
+            return dict(await tree.archive.s3_keys([table[files[n]] for n in span]))
 
-        return await tree.memoised((*self.path, "\0s3"), lookup)
+        keys = await tree.memoised(memo_key, lookup)
+        if uri not in keys:
+            tree.forget_memos(memo_key)
+            return None, False
+        return keys[uri], True
 
 
-class RecommendedDir(DirNode):
+class RecommendedDir(ObservationSubdir):
     """``recommended/``: the observation's "Minimum Recommended Products", as the very nodes (inodes,
     cache identity) of their files in the level and group directories."""
 
-    def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
-        super().__init__(ino, path)
-        self.observation_dir = observation_dir
-
-    def same_as(self, other: Node) -> bool:
-        return isinstance(other, RecommendedDir) and other.observation_dir is self.observation_dir
-
-    def mtime(self, tree: Tree) -> float:
-        return self.observation_dir.mtime(tree)
-
-    def nlink(self) -> int:
-        return 2
+    __slots__ = ()
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
         """Name -> the ProductFile node of the same product in its group directory. Raises NotFound when
         the view is gone after a refresh."""
         observation_dir = self.observation_dir
-        recommended = (await observation_dir.contents(tree)).layout.recommended
-        if not recommended:
+        placement = (await observation_dir.contents(tree)).placement
+        if not placement.recommended:
             raise NotFound(f"{self.path_text} no longer exists")
         entries: dict[str, Node] = {}
-        for name, relative in recommended.items():
-            group, file_name = relative.split("/", 1)
-            group_dir = tree.intern(GroupDir, (*observation_dir.path, group), observation_dir)
-            entries[name] = (await group_dir.entries(tree))[file_name]
+        for name, index in placement.recommended.items():
+            group_name, file_name = placement.path(index).split("/", 1)  # recommended products are shown
+            group_dir = tree.intern(GroupDir, (*observation_dir.path, group_name), observation_dir)
+            entries[name] = await group_dir.child(tree, file_name)
         return entries
 
 
 class SidecarFile(Node):
+    __slots__ = ("observation_dir",)
+
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
         super().__init__(ino, path)
         self.observation_dir = observation_dir
@@ -456,31 +576,77 @@ class SidecarFile(Node):
     def mtime(self, tree: Tree) -> float:
         return self.observation_dir.mtime(tree)
 
-    async def content(self, tree: Tree) -> bytes:
-        if self.path[-1] == namespace.OBSERVATION_SIDECAR:
-            return namespace.observation_json(self.observation_dir.observation)
-        return (await self.observation_dir.contents(tree)).sidecars[self.path[-1]]
+    async def content(self, tree: Tree) -> Content:
+        if self.name == namespace.OBSERVATION_SIDECAR:
+            return Content(namespace.observation_json(self.observation_dir.observation))
+        return (await self.observation_dir.contents(tree)).products_csv
 
     async def size(self, tree: Tree) -> int:
-        return len(await self.content(tree))
+        return (await self.content(tree)).size
+
+
+class PlannedFile(Node):
+    """``planned.csv`` of a program, target or cone directory: the planned observations left out."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, ino: int, path: tuple[str, ...], text: bytes) -> None:
+        super().__init__(ino, path)
+        self.text = text
+
+    def same_as(self, other: Node) -> bool:
+        return isinstance(other, PlannedFile) and other.text == self.text
+
+    async def content(self, tree: Tree) -> Content:
+        return Content(self.text)
+
+    async def size(self, tree: Tree) -> int:
+        return len(self.text)
 
 
 class ProductFile(Node):
-    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, product: Product) -> None:
-        super().__init__(ino, path)
+    """One product: row ``index`` of its observation's ProductTable, decoded only when its fields are
+    needed (size and rights come packed). Its path is its group's plus its name."""
+
+    __slots__ = ("group_dir", "table", "index", "_name", "resolved_size")
+
+    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, table: ProductTable,
+                 index: int) -> None:
+        self.ino = ino
         self.group_dir = group_dir
-        self.observation_dir = group_dir.observation_dir
-        self.product = product
-        self.resolved_size: int | None = product.size
+        self.table = table
+        self.index = index
+        self._name = path[-1]
+        self.resolved_size: int | None = table.size(index)
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return (*self.group_dir.path, self._name)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def observation_dir(self) -> ObservationDir:
+        return self.group_dir.observation_dir
+
+    @property
+    def product(self) -> Product:
+        return self.table[self.index]
 
     def same_as(self, other: Node) -> bool:
-        return isinstance(other, ProductFile) and other.product == self.product
+        if not isinstance(other, ProductFile):
+            return False
+        if other.table is self.table:
+            return other.index == self.index
+        return other.product == self.product
 
     @property
     def exclusive(self) -> bool:
-        if self.product.data_rights is None:  # older rows: the observation's rights apply
+        if not self.table.rights_stated(self.index):  # older rows: the observation's rights apply
             return bool(self.observation_dir.observation.is_exclusive)
-        return bool(self.product.is_exclusive)
+        return self.table.exclusive(self.index)
 
     def mode(self, tree: Tree) -> int:
         if self.exclusive:  # the token, and so the bytes it brings, are the mounting user's alone
@@ -498,32 +664,31 @@ class ProductFile(Node):
         if learned is not None:
             return learned[0]
         if self.resolved_size is None:
-            size = await tree.archive.resolved_size(self.product)
+            product = self.product
+            size = await tree.archive.resolved_size(product)
             if size is None:
-                tree.log_once(("size", self.product.data_uri), logging.WARNING,
-                              "MAST states no size for %s; it is shown empty", self.product.data_uri)
+                tree.log_once(("size", product.data_uri), logging.WARNING,
+                              "MAST states no size for %s; it is shown empty", product.data_uri)
             self.resolved_size = size or 0
         return self.resolved_size
 
-    def nlink(self) -> int:
-        return 2 if namespace.is_recommended(self.product) else 1  # also in recommended/
-
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
-        values = namespace.field_xattrs(self.product.fields)
+        product = self.product
+        values = namespace.field_xattrs(product.fields)
         own = namespace.OWN_XATTR_PREFIX
-        values[own + "uri"] = self.product.data_uri.encode()
-        values[own + "kind"] = namespace.product_kind(self.product).encode()
+        values[own + "uri"] = product.data_uri.encode()
+        values[own + "kind"] = namespace.product_kind(product).encode()
         date = namespace.observation_date(self.observation_dir.observation)
         if date is not None:
             values[own + "observation_date"] = date.encode()
-        ref = tree.refs.peek(self.product.data_uri)
+        ref = tree.refs.peek(product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
             source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
             if source is not None:
                 values[own + "source"] = source.encode()
             if ref.version is not None and ref.version.etag:
                 values[own + "etag"] = ref.version.etag.encode()
-        values[own + "cached_bytes"] = str(tree.cached_bytes(self.product.data_uri)).encode()
+        values[own + "cached_bytes"] = str(tree.cached_bytes(product.data_uri)).encode()
         return values
 
 
@@ -700,6 +865,11 @@ class Tree:
             del self._memos[key]
         return len(doomed)
 
+    @staticmethod
+    def mjd_now() -> float:
+        """Now as a Modified Julian Date (to tell planned observations)."""
+        return time.time() / 86400.0 + namespace.MJD_UNIX_EPOCH
+
     def log_once(self, key: Any, level: int, message: str, *args: Any) -> None:
         """Log ``message`` the first time ``key`` is seen in this mount, at DEBUG afterwards."""
         first = key not in self._logged
@@ -741,25 +911,27 @@ class Tree:
             mtime=node.mtime(self), uid=self.uid, gid=self.gid,
         )
 
-    async def listdir(self, ino: int) -> list[tuple[str, Attributes]]:
-        """Every entry of directory ``ino`` with its attributes (for readdirplus), in display order. The
-        entries' nodes stay until :meth:`release_listing` with their numbers (or the kernel's forget).
+    async def listdir(self, ino: int) -> list[Node]:
+        """Every entry of directory ``ino`` in display order (``node.name`` its name,
+        :meth:`attributes` what readdirplus shows). The nodes stay until :meth:`release_listing` with
+        their numbers (or the kernel's forget).
 
         Sizes missing from product rows are resolved concurrently (at most :data:`SIZE_RESOLVERS` at a
-        time), each once.
+        time), each once, so attributes need no further request.
         """
         node = self.node(ino)
         if not isinstance(node, DirNode):
             raise NotFound(f"{node.path_text} is not a directory")
-        entries = await node.entries(self)
-        unresolved = [n for n in entries.values() if isinstance(n, ProductFile) and n.resolved_size is None]
+        children = await node.children(self)
+        unresolved = [n for n in children if isinstance(n, ProductFile) and n.resolved_size is None]
         if unresolved:
             await self._resolve_sizes(unresolved)
-        listed = [(name, await self.attributes(child)) for name, child in entries.items()]
-        for child in entries.values():  # held until release_listing; counted as readdir hands each out
+        for child in children:
+            await child.size(self)  # sidecars made now, so handing out attributes costs no wait
+        for child in children:  # held until release_listing; counted as readdir hands each out
             self._hand_out(child)
             self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
-        return listed
+        return children
 
     async def _resolve_sizes(self, files: list[ProductFile]) -> None:
         limiter = trio.CapacityLimiter(SIZE_RESOLVERS)
@@ -791,8 +963,8 @@ class Tree:
         if isinstance(node, DirNode):
             raise NotPermitted(f"{node.path_text} is a directory")
         if isinstance(node, ReadmeFile):
-            handle = OpenFile(node, content=self.readme)
-        elif isinstance(node, SidecarFile):
+            handle = OpenFile(node, content=Content(self.readme))
+        elif isinstance(node, SidecarFile | PlannedFile):
             handle = OpenFile(node, content=await node.content(self))
         else:
             assert isinstance(node, ProductFile)
@@ -816,15 +988,17 @@ class Tree:
     async def product_ref(self, node: ProductFile, *, fresh: bool = False) -> ProductRef:
         """The pinned ProductRef of the node's dataURI (shared by every observation listing it): the
         version and true size the server states (:meth:`ByteReader.pin`), reused for PIN_TTL seconds
-        unless ``fresh``. The S3 key is looked up once per directory listing unless ``--source http``.
-        A true size other than the row's is logged (WARNING, once per product) and shown from now on."""
+        unless ``fresh``. The S3 key is looked up (once per stretch of its directory) unless ``--source
+        http``; when that look-up failed the ref reads over HTTPS and is not kept, so the next open asks
+        for the key again. A true size other than the row's is logged (WARNING, once per product) and
+        shown from now on."""
         uri = node.product.data_uri
         ref = self.refs.get(uri)
         if ref is not None and not fresh and time.monotonic() - self._pinned_at.get(uri, -PIN_TTL) < PIN_TTL:
             return ref
-        s3_key = None
+        s3_key, settled = None, True
         if self.settings.source != "http":
-            s3_key = (await node.group_dir.s3_keys(self)).get(uri)
+            s3_key, settled = await node.group_dir.s3_key(self, node.name, uri)
         base = self.make_ref(uri=uri, size=node.product.size or 0, s3_key=s3_key, exclusive=node.exclusive)
         pinned = await self.reader.pin(base)
         if ref is not None and ref.version_key != pinned.version_key:
@@ -835,16 +1009,18 @@ class Tree:
             self.log_once(("true-size", uri, pinned.size), logging.WARNING,
                           "MAST lists %s as %d bytes but the server has %d; showing %d", uri, listed,
                           pinned.size, pinned.size)
-        self._learn(pinned, changed=ref is not None and ref.version_key != pinned.version_key)
+        self._learn(pinned, changed=ref is not None and ref.version_key != pinned.version_key, keep=settled)
         return pinned
 
-    def _learn(self, pinned: ProductRef, changed: bool) -> None:
+    def _learn(self, pinned: ProductRef, changed: bool, keep: bool) -> None:
         """Show the pinned true size from now on, and once the product ``changed`` on MAST in this mount its
         new Last-Modified as the modification time (until then the observation's date, as listed, so
-        ``cp -p`` and ``rsync`` see one date before and after reading)."""
+        ``cp -p`` and ``rsync`` see one date before and after reading). The ref itself is reused by the
+        next opens only when ``keep``."""
         uri = pinned.uri
-        self.refs.put(uri, pinned)
-        self._pinned_at[uri] = time.monotonic()
+        if keep:
+            self.refs.put(uri, pinned)
+            self._pinned_at[uri] = time.monotonic()
         known = self.truths.peek(uri)
         modified = known[1] if known is not None else None
         if changed and pinned.version is not None:
@@ -865,7 +1041,7 @@ class Tree:
         if open_file is None:
             raise NotFound(f"no open file handle {handle}")
         if open_file.content is not None:
-            return open_file.content[offset:offset + length]
+            return open_file.content.read(offset, length)
         assert open_file.stream is not None and open_file.ref is not None  # a product's handle
         try:
             return await self.reader.read_view(open_file.stream, offset, length)
@@ -995,9 +1171,9 @@ class Tree:
         if isinstance(node, ProductFile):
             yield node.path_text, node
         elif isinstance(node, DirNode) and not isinstance(node, TopDir | RootDir):
-            if isinstance(node, RecommendedDir) and not top:
+            if isinstance(node, RecommendedDir) and not top:  # its files are walked in their groups
                 return
-            for child in (await node.entries(self)).values():
+            for child in await node.children(self):
                 async for item in self._walk(child):
                     yield item
 

@@ -27,14 +27,16 @@ def twin():
 
 @pytest.fixture
 def clean_twin(twin):
-    """The session twin with no faults, a loopback link and zeroed counters, restored to no faults and
-    a loopback link afterwards."""
+    """The session twin with no faults, a loopback link, its built-in tokens and zeroed counters, restored
+    to no faults, a loopback link and the built-in tokens afterwards."""
     twin.faults.clear()
     twin.link.set(0, 0)
+    twin.catalog.reset_tokens()
     twin.reset_stats()
     yield twin
     twin.faults.clear()
     twin.link.set(0, 0)
+    twin.catalog.reset_tokens()
 
 
 @pytest.fixture(scope="module")

@@ -138,8 +138,13 @@ def layout_of(twin, obs_id: str) -> namespace.Layout:
 
 
 def expected_entries(twin, obs_id: str) -> list[str]:
-    """The sorted entries of an observation directory: its group directories and sidecars."""
-    return sorted([*layout_of(twin, obs_id).groups, *namespace.SIDECARS])
+    """The sorted entries of an observation directory: its group directories, ``recommended/`` when it
+    has Minimum Recommended Products, and sidecars."""
+    rows = twin.catalog.product_rows(str(observation_row(twin, obs_id)["obsid"]))
+    products = [Product.from_row(row) for row in rows]
+    recommended = [namespace.RECOMMENDED_DIR] if any(
+        namespace.is_recommended(p) and namespace.safe_filename(p) for p in products) else []
+    return sorted([*namespace.layout_products(products).groups, *recommended, *namespace.SIDECARS])
 
 
 def product_path(twin, obs_id: str, uri: str) -> str:
@@ -148,9 +153,11 @@ def product_path(twin, obs_id: str, uri: str) -> str:
 
 
 def big_program_obs_ids(twin) -> list[str]:
-    """The obs_ids of the twin's 520-observation program (a supply of fresh, small observations)."""
-    return sorted(row["obs_id"] for row in twin.catalog.observation_rows()
-                  if str(row["proposal_id"]) == twin_catalog.BIG_PROGRAM)
+    """The obs_ids of the twin's 520-observation program (a supply of fresh, small observations): each
+    once, executed ones only (not its planned observation), and not SHARED_OBS_ID (two rows)."""
+    return sorted({row["obs_id"] for row in twin.catalog.observation_rows()
+                   if str(row["proposal_id"]) == twin_catalog.BIG_PROGRAM and row["calib_level"] != -1
+                   and row["obs_id"] != twin_catalog.SHARED_OBS_ID})
 
 
 def science_product(twin, obs_id: str, *, in_s3: bool | None = None) -> str:

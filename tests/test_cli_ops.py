@@ -63,7 +63,7 @@ def wait_for(condition, what: str, timeout: float = WAIT):
 
 
 def daemons_of(mountpoint: str) -> list[psutil.Process]:
-    """Detached mastfs daemons serving ``mountpoint`` (``python -m mastfs.daemon MOUNTPOINT``)."""
+    """Detached mastfs daemons serving ``mountpoint`` (``python -c <bootstrap> mastfs.daemon MOUNTPOINT``)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []

@@ -7,8 +7,9 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability_util import twin_requests
 
-from mastfs.auth import LOGIN_HINT, REFUSED_HINT
+from mastfs.auth import LOGIN_HINT, REFUSED_HINT, TokenKeeper, token_may_go_to
 from mastfs.config import Settings
 from mastfs.errors import BadResponse, NotFound, Unauthorized, Unavailable
 from mastfs.fetch.http import HttpFetcher
@@ -201,3 +202,82 @@ def test_unauthorized_fault_is_not_retried(clean_twin, big):
     with pytest.raises(Unauthorized):
         http_fetch(clean_twin, big.uri, 0, 100, token="some-token")
     assert clean_twin.stats()["endpoints"]["download"]["requests"] == 1
+
+
+# ------------------------------------------------------------------------------ redirects and the token
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://mast.stsci.edu/api/v0.1/Download/file", True),
+    ("https://archive.stsci.edu/x", True),  # *.stsci.edu
+    ("https://stsci.edu/x", True),
+    ("https://mirror.example.org/x", True),  # --token-hosts *.example.org
+    ("https://example.org/x", True),
+    ("https://evil-stsci.edu/x", False),
+    ("https://stsci.edu.evil.com/x", False),
+    ("https://elsewhere.net/x", False),
+    ("http://archive.stsci.edu/x", False),  # plain http to a host that is not loopback
+    ("http://127.0.0.2:8080/x", False),  # loopback, but neither the MAST host nor listed
+    ("http://127.0.0.1:9999/x", True),  # the MAST host (any port), loopback: http allowed
+    ("ftp://mast.stsci.edu/x", False),
+])
+def test_the_token_goes_only_to_allowed_hosts(url, allowed):
+    mast = "https://mast.stsci.edu" if "127.0.0.1" not in url else "http://127.0.0.1:8000"
+    assert token_may_go_to(url, mast, ["*.example.org"]) is allowed
+
+
+def test_a_download_follows_redirects_with_its_range_and_the_allowlist(clean_twin, big):
+    clean_twin.faults.add("download", "redirect", hops=3)
+    assert http_fetch(clean_twin, big.uri, 1000, 5000, token=twin_catalog.VALID_TOKEN) == \
+        clean_twin.catalog.read(big.uri, 1000, 4000)
+    hops = [r for r in twin_requests(clean_twin) if r["endpoint"] == "download"]
+    assert [r["host"] for r in hops] == ["127.0.0.1", "127.0.0.2", "127.0.0.2", "127.0.0.2"]
+    assert [r["with_token"] for r in hops] == [True, False, False, False]
+    assert all(r["range"] == "bytes=1000-4999" for r in hops)
+
+
+def test_more_than_five_redirects_is_a_bad_response(clean_twin, big):
+    clean_twin.faults.add("download", "redirect", hops=6, to="mast")
+    with pytest.raises(BadResponse, match="more than 5 redirects"):
+        http_fetch(clean_twin, big.uri, 0, 100)
+
+
+def test_a_refused_token_is_read_again_from_its_file_once(clean_twin, tmp_path):
+    uri = twin_catalog.EXCLUSIVE_URI
+    token_file = tmp_path / "token"
+    token_file.write_text(twin_catalog.EXPIRED_TOKEN)
+    token_file.chmod(0o600)
+    settings = Settings.defaults(token_file=str(token_file))
+
+    async def main():
+        keeper = TokenKeeper(settings, twin_catalog.EXPIRED_TOKEN, f"file {token_file}", env={})
+        async with httpx.AsyncClient() as client:
+            fetcher = HttpFetcher(client, clean_twin.mast_url, keeper, FAST)
+            with pytest.raises(Unauthorized):
+                await fetch_range(fetcher, uri, 0, 100)
+            token_file.write_text(twin_catalog.VALID_TOKEN)
+            data = await fetch_range(fetcher, uri, 0, 100)
+        return data, keeper.status()
+
+    data, status = trio.run(main)
+    assert data == clean_twin.catalog.read(uri, 0, 100)
+    assert status["renewals"] == 1 and status["source"] == f"file {token_file}"
+    tries = [r["with_token"] for r in twin_requests(clean_twin) if r["endpoint"] == "download"]
+    assert tries == [True, True, True]  # refused, refused again after an unchanged re-read, then the new one
+
+
+def test_token_check_states(clean_twin):
+    from mastfs.mast.client import MastClient, make_http_client
+
+    async def state_of(token):
+        settings = Settings.defaults(mast_url=clean_twin.mast_url, deadline=5.0)
+        keeper = TokenKeeper(settings, token, "given", env={}, renewable=False)
+        async with make_http_client(settings) as http:
+            await keeper.check(MastClient(http, settings, token_provider=keeper.current).whoami)
+        return keeper.status()
+
+    valid = trio.run(state_of, twin_catalog.VALID_TOKEN)
+    assert valid["state"] == "valid" and valid["ezid"] == "twinuser" and valid["last_check"]
+    assert trio.run(state_of, twin_catalog.EXPIRED_TOKEN)["state"] == "refused"
+    assert trio.run(state_of, None)["state"] == "none"
+    assert twin_catalog.VALID_TOKEN not in str(valid)

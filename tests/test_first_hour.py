@@ -257,3 +257,97 @@ def test_run_waits_for_a_held_apt_lock(tmp_path):
     assert "another apt/dpkg is running" in result.stderr and "waiting" in result.stderr
     assert "Could not get lock" not in result.stderr
     assert waited > 4  # it waited for the holder rather than failing at once
+
+
+# ------------------------------------------------------------------------------ the README's session
+
+
+def readme_session() -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The README's example session: the demo's first lines, then (command, output lines) pairs."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Example session"):]
+    demo_block = section.split("```\n", 2)[1]
+    demo_lines = demo_block.splitlines()[1:]  # after "$ ./run demo /tmp/mast-demo"
+    console = section[section.index("```console\n") + len("```console\n"):]
+    console = console[:console.index("```")]
+    steps: list[tuple[str, list[str]]] = []
+    for line in console.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        else:
+            steps[-1][1].append(line)
+    return demo_lines, steps
+
+
+def in_terminal(command: str, cwd: str, env: dict[str, str]) -> list[str]:
+    """What a terminal 110 columns wide shows for ``command``: its stdout on a pty, then the last state of
+    what it drew on stderr (a progress bar redraws itself in place) first, as the eye sees it."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 110, 0, 0))
+    process = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                               stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    drawn = process.stderr.read().decode()
+    process.wait(timeout=WAIT)
+    stdout = b"".join(chunks).decode().replace("\r\n", "\n").splitlines()
+    bar = [part for part in re.split(r"[\r\n]", drawn) if part.strip()][-1:] if "[" in drawn else []
+    return bar + stdout
+
+
+def normalised(line: str) -> str:
+    line = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line.rstrip())
+    line = re.sub(r"mastfs-demo-cache-\w+", "mastfs-demo-cache-X", line)
+    return re.sub(r"^(-r[-rwx]{8} \d+ )\S+ \S+", r"\1you you", line)
+
+
+@pytest.mark.mount
+def test_readme_example_session_is_what_a_user_sees(tmp_path):
+    demo_lines, steps = readme_session()
+    target = tmp_path / "mast-demo"
+    env = user_env(HOME=str(tmp_path), PATH=f"{os.path.dirname(MASTFS)}:{os.environ['PATH']}")
+    demo = subprocess.Popen([str(REPO / "run"), "demo", str(target)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not is_mounted(target):
+            assert demo.poll() is None and time.monotonic() < deadline, demo.communicate()[1]
+            time.sleep(0.2)
+        cwd = str(tmp_path)
+        for command, expected in steps:
+            command = command.replace("/tmp/mast-demo", str(target))
+            expected = [normalised(line.replace("/tmp/mast-demo", str(target))) for line in expected]
+            if command.startswith("cd "):
+                cwd = command[3:]
+                continue
+            if command.startswith("cd; "):
+                cwd, command = str(tmp_path), command[4:]
+            shown = [normalised(line) for line in in_terminal(command, cwd, env)]
+            if "..." in expected:  # the README shows the first lines only
+                expected = expected[:expected.index("...")]
+                shown = shown[:len(expected)]
+            if command.startswith(("mastfs prefetch", "mastfs status")):  # counts and timings vary
+                assert [line.split()[0] for line in shown] == [line.split()[0] for line in expected], command
+                assert [line for line in shown if "errors" in line] == [line for line in expected if "errors" in line]
+            else:
+                assert shown == expected, command
+    finally:
+        if is_mounted(target):
+            umount(target)
+        _, stderr = demo.communicate(timeout=WAIT)
+    shown = [normalised(line) for line in stderr.splitlines() if not line.startswith(("run:", "20"))]
+    assert shown[:len(demo_lines)] == [normalised(line.replace("/tmp/mast-demo", str(target))) for line in demo_lines]

@@ -52,9 +52,9 @@ def requests(twin, key: str) -> int:
 async def test_program_2733_one_query(clean_twin):
     async with mast_client(clean_twin, collections=["JWST", "OPO"]) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST", "OPO"])
-    assert len(observations) == 11
+    assert len(observations) == 12  # 10 JWST, 1 OPO, 1 planned JWST (the client keeps it; the tree does not)
     jwst = {obs.obs_id for obs in observations if obs.obs_collection == "JWST"}
-    assert jwst == PROGRAM_2733_OBS
+    assert jwst == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
     assert all(obs.proposal_id == "2733" and obs.obsid for obs in observations)
     assert requests(clean_twin, "invoke:Mast.Caom.Filtered") == 1
     assert requests(clean_twin, "invoke") == 1
@@ -66,8 +66,8 @@ async def test_collections_filter_and_count(clean_twin):
         jwst_only = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
         counted = await client.count(MastClient.program_filters(twin_catalog.PROGRAM_2733, ["JWST", "OPO"]))
         unknown = await client.observations_by_program("99999", ["JWST"])
-    assert {obs.obs_id for obs in jwst_only} == PROGRAM_2733_OBS
-    assert counted == 11
+    assert {obs.obs_id for obs in jwst_only} == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
+    assert counted == 12
     assert unknown == []
 
 
@@ -129,16 +129,16 @@ async def test_executing_is_polled_with_the_same_body(clean_twin):
     clean_twin.faults.add("invoke", "executing", count=1, polls=3)
     async with mast_client(clean_twin) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
-    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS
+    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
     # three EXECUTING answers, then COMPLETE: the twin only completes an identical re-sent body
     assert requests(clean_twin, "invoke") == 4
 
 
 @trio_test
-async def test_executing_forever_hits_the_deadline(clean_twin):
+async def test_executing_forever_hits_the_query_timeout(clean_twin):
     clean_twin.faults.add("invoke", "executing", count=1, polls=10_000)
-    async with mast_client(clean_twin, deadline=1.0) as client:
-        with pytest.raises(Unavailable, match="EXECUTING"):
+    async with mast_client(clean_twin, deadline=0.5, query_timeout=1.5) as client:
+        with pytest.raises(Unavailable, match="query timeout"):
             await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
 
 
@@ -154,7 +154,7 @@ async def test_transient_failures_are_retried(clean_twin, kind, params):
     clean_twin.faults.add("invoke", kind, count=2, **params)
     async with mast_client(clean_twin) as client:
         observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
-    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS
+    assert {obs.obs_id for obs in observations} == PROGRAM_2733_OBS | {twin_catalog.PLANNED_2733_OBS_ID}
     assert requests(clean_twin, "invoke") == 3
 
 
@@ -176,9 +176,9 @@ async def test_persistent_truncation_never_yields_partial_rows(clean_twin):
 
 
 @trio_test
-async def test_stall_becomes_unavailable_within_the_deadline(clean_twin):
+async def test_stall_becomes_unavailable_within_the_query_timeout(clean_twin):
     clean_twin.faults.add("invoke", "stall")
-    async with mast_client(clean_twin, deadline=2.0) as client:
+    async with mast_client(clean_twin, deadline=0.5, query_timeout=2.0) as client:
         with pytest.raises(Unavailable):
             await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
     clean_twin.faults.clear()  # release the stalled server threads
@@ -349,3 +349,146 @@ def test_token_never_reaches_the_log(caplog):
     assert secret not in caplog.text
     assert auth.REDACTED in caplog.text and "plain message" in caplog.text
     assert auth.redact(f"a {secret} b {secret}", [secret]) == f"a {auth.REDACTED} b {auth.REDACTED}"
+
+
+# --- real-archive behaviours (issue 10): slow, failing and shifting queries, URL limits -------------------
+
+
+@pytest.mark.parametrize("shape", ["executing", "first_byte"])
+@trio_test
+async def test_slow_query_is_bounded_by_the_query_timeout_not_the_deadline(clean_twin, shape):
+    """MAST takes 2 s for the answer (EXECUTING polls, or holding the first byte): more than the 0.5 s
+    deadline, well within the query timeout."""
+    obsid = await f1130w_obsid(clean_twin)
+    clean_twin.faults.add("invoke", "slow_query", count=1, seconds=2.0, shape=shape)
+    async with mast_client(clean_twin, deadline=0.5, query_timeout=30.0) as client:
+        products = await client.products([obsid])
+    assert len(products) > 3000
+
+
+@trio_test
+async def test_slow_query_past_the_query_timeout_is_unavailable(clean_twin):
+    obsid = await f1130w_obsid(clean_twin)
+    clean_twin.faults.add("invoke", "slow_query", count=1, seconds=30.0, shape="first_byte")
+    async with mast_client(clean_twin, deadline=0.5, query_timeout=1.5) as client:
+        with pytest.raises(Unavailable):
+            await client.products([obsid])
+    clean_twin.faults.clear()  # release the held server thread
+
+
+@trio_test
+async def test_unreachable_mast_is_unavailable_at_once_whatever_the_query_timeout():
+    """Connection refused is not a slow query: it fails within the deadline, not the query timeout."""
+    import socket
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings.defaults(mast_url=f"http://127.0.0.1:{port}", deadline=2.0, query_timeout=600.0,
+                                 retries=1000)
+    async with make_http_client(settings) as http:
+        client = MastClient(http, settings)
+        with pytest.raises(Unavailable, match="unreachable"):
+            await client.observations_by_program("2733", ["JWST"])
+
+
+@trio_test
+async def test_transient_error_answers_are_retried(clean_twin, caplog):
+    caplog.set_level(logging.INFO, logger="mastfs")
+    clean_twin.faults.add("invoke", "error_timeout", count=2)
+    async with mast_client(clean_twin) as client:
+        observations = await client.observations_by_program(twin_catalog.PROGRAM_2733, ["JWST"])
+    assert PROGRAM_2733_OBS <= {obs.obs_id for obs in observations}
+    assert requests(clean_twin, "invoke") == 3
+    assert "transient error" in caplog.text
+
+
+def test_transient_and_final_error_messages():
+    from mastfs.mast.client import is_transient_error
+    assert is_transient_error("Query timed out: the server did not finish in time. Please try again later.")
+    assert is_transient_error("Error 503: service temporarily unavailable")
+    assert not is_transient_error("Incorrect or missing parameter: obsid")
+    assert not is_transient_error("Unknown service Mast.Foo")
+
+
+@pytest.mark.parametrize("mode", ["insert", "drop"])
+@trio_test
+async def test_shifted_pages_are_asked_again_never_kept_short(clean_twin, mode, caplog):
+    expected = len(await _products_of_f1130w(clean_twin))
+    obsid = await f1130w_obsid(clean_twin)
+    clean_twin.faults.add("invoke", "page_shift", count=1, mode=mode)
+    async with mast_client(clean_twin, pagesizes={"product_pagesize": 1000}) as client:
+        products = await client.products([obsid])
+    assert len(products) == expected
+    assert "asking again from page 1" in caplog.text
+
+
+@trio_test
+async def test_persistent_page_shift_is_a_bad_response_with_a_log_line(clean_twin, caplog):
+    obsid = await f1130w_obsid(clean_twin)
+    clean_twin.faults.add("invoke", "page_shift", mode="insert")
+    async with mast_client(clean_twin, pagesizes={"product_pagesize": 1000}) as client:
+        with pytest.raises(BadResponse, match="announced"):
+            await client.products([obsid])
+    assert any(record.levelname == "ERROR" and "nothing stored" in record.getMessage()
+               for record in caplog.records)
+
+
+async def _products_of_f1130w(twin):
+    async with mast_client(twin) as client:
+        return await client.products([await f1130w_obsid(twin)])
+
+
+async def f1130w_obsid(twin):
+    """The obsid of OBS_2733_MIRI_F1130W (asked before any fault is armed)."""
+    async with mast_client(twin) as client:
+        return (await client.observation(twin_catalog.OBS_2733_MIRI_F1130W, ["JWST"])).obsid
+
+
+@trio_test
+async def test_queries_in_flight_are_reported(clean_twin):
+    import trio
+    obsid = await f1130w_obsid(clean_twin)
+    clean_twin.faults.add("invoke", "slow_query", count=1, seconds=1.5, shape="executing")
+    seen = []
+    async with mast_client(clean_twin, query_timeout=30.0) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.products, [obsid])
+            while not seen:
+                await trio.sleep(0.2)
+                seen = [q for q in client.stats()["queries"] if q["polls"] > 0]
+        assert client.stats()["queries"] == []
+    assert seen[0]["what"].startswith("Mast.Caom.Products (obsid ")
+    assert seen[0]["pages"] == 0 and seen[0]["seconds"] >= 0
+
+
+@trio_test
+async def test_path_lookup_halves_its_batch_on_414(clean_twin, caplog):
+    """With a URL limit that 40 JWST uris overflow, the batch is halved until MAST takes it."""
+    caplog.set_level(logging.INFO, logger="mastfs")
+    uris = [product.uri for product in clean_twin.catalog.products()][:100]
+    limit = clean_twin.max_url_length
+    clean_twin.max_url_length = 1500
+    try:
+        async with mast_client(clean_twin) as client:
+            keys = await client.path_lookup(uris)
+    finally:
+        clean_twin.max_url_length = limit
+    assert keys == {uri: clean_twin.catalog.product(uri).s3_key for uri in uris}
+    assert "asking 20 at a time" in caplog.text or "asking 10 at a time" in caplog.text
+    assert "unavailable" not in caplog.text.lower()
+
+
+@trio_test
+async def test_path_lookup_sends_at_most_40_uris_and_use_cloud_path(clean_twin):
+    uris = [product.uri for product in clean_twin.catalog.products()][:90]
+    sent = []
+    settings = twin_settings(clean_twin)
+    async with make_http_client(settings) as http:
+        http.event_hooks["request"].append(lambda request: _record(sent, request))
+        await MastClient(http, settings).path_lookup(uris)
+    assert [len(params.get_list("uri")) for params in sent] == [40, 40, 10]
+    assert all(params.get("use_cloud_path") == "True" for params in sent)
+
+
+async def _record(sent, request):
+    sent.append(request.url.params)

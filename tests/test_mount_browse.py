@@ -24,7 +24,8 @@ from mastfs.twin import catalog as twin_catalog
 
 PROGRAM = twin_catalog.PROGRAM_2733
 OBS = twin_catalog.OBS_2733_MIRI_F1130W
-PROGRAM_2733_OBSERVATIONS = 10  # the JWST ones; the OPO row is another collection
+PROGRAM_2733_OBSERVATIONS = 10  # the executed JWST ones; the OPO row is another collection
+PLANNED = twin_catalog.PLANNED_2733_OBS_ID  # the program's planned observation (calib_level -1, no products)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,11 @@ def test_root_holds_the_top_directories_and_the_readme(mount):
 @pytest.mark.mount
 def test_program_lists_its_observations_by_obs_id(mount, twin):
     expected = sorted(row["obs_id"] for row in twin.catalog.observation_rows()
-                      if str(row["proposal_id"]) == PROGRAM and row["obs_collection"] == "JWST")
+                      if str(row["proposal_id"]) == PROGRAM and row["obs_collection"] == "JWST"
+                      and row["calib_level"] != -1)
     assert len(expected) == PROGRAM_2733_OBSERVATIONS
-    assert sorted(os.listdir(mount.join("program", PROGRAM))) == expected
+    # the planned observation is left out of the listing and named in planned.csv
+    assert sorted(os.listdir(mount.join("program", PROGRAM))) == sorted(expected + [namespace.PLANNED_SIDECAR])
     assert PROGRAM in os.listdir(mount.join("program"))
 
 
@@ -295,6 +298,7 @@ def test_cold_find_costs_one_query_per_observation(twin, clean_twin, tmp_path):
         stats = clean_twin.stats()
     assert any(line.endswith("_i2d.fits") for line in found)
     assert len(found) > 3000
+    assert not any(line.endswith("/" + PLANNED) for line in found)  # planned: no directory, no query
     assert endpoint_requests(stats, "invoke:Mast.Caom.Filtered") == 1
     assert endpoint_requests(stats, "invoke:Mast.Caom.Products") == PROGRAM_2733_OBSERVATIONS
     assert endpoint_requests(stats, "invoke") == 1 + PROGRAM_2733_OBSERVATIONS

@@ -4,6 +4,7 @@ readahead, header reads, persistence, corruption, faults, cancellation, prefetch
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 
@@ -23,7 +24,7 @@ from mastfs.blockcache import (
     block_span,
 )
 from mastfs.config import Settings
-from mastfs.errors import IntegrityError, MastfsError, NotFound, Unauthorized, Unavailable
+from mastfs.errors import IntegrityError, MastfsError, Unauthorized, Unavailable, errno_for
 from mastfs.fetch.http import HttpFetcher
 from mastfs.fetch.s3 import S3Fetcher
 from mastfs.reader import ByteReader
@@ -183,13 +184,15 @@ def test_source_of_is_the_source_reads_use(clean_twin, big, tmp_path):
     trio.run(main)
 
 
-def test_s3_only_source_reports_missing_products(clean_twin, big, tmp_path):
+def test_s3_only_source_reports_what_s3_cannot_serve_as_eio_not_enoent(clean_twin, big, tmp_path):
+    """The file exists (MAST lists it): S3 refusing it, or MAST listing no cloud copy, is not ENOENT."""
     async def main():
         async with open_reader(clean_twin, tmp_path, source="s3") as reader:
             for ref in (ProductRef(big.uri, big.size, s3_key="jwst/public/no/such/object.fits"),
                         ProductRef(big.uri, big.size)):
-                with pytest.raises(NotFound):
+                with pytest.raises(Unavailable, match="source is s3 only") as caught:
                     await reader.read(reader.open_stream(ref), 0, 100)
+                assert errno_for(caught.value) == errno.EIO
 
     trio.run(main)
     assert wire(clean_twin)["http"] == 0

@@ -13,8 +13,10 @@ import hashlib
 import warnings
 
 import boto3
+import httpx
 import numpy as np
 import pytest
+import requests
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 from botocore import UNSIGNED
@@ -74,14 +76,18 @@ def f1130w_row(observations):
 
 def test_query_criteria_program_2733(observations, clean_twin):
     table = observations.query_criteria(proposal_id=2733)
-    assert len(table) == 11
+    assert len(table) == 12  # 11 executed observations and one planned
     assert set(table["obs_id"]) == catalog_obs_ids(clean_twin, "2733")
     assert set(table["obs_collection"]) == {"JWST", "OPO"}
     assert table["s_ra"].dtype == np.float64 and table["calib_level"].dtype.kind == "i"
+    (planned,) = table[table["calib_level"] == -1]
+    assert planned["obs_id"] == twin_catalog.PLANNED_2733_OBS_ID
+    assert planned["t_obs_release"] == twin_catalog.PLANNED_RELEASE_MJD
+    assert len(observations.get_product_list(planned)) == 0
 
 
 def test_query_criteria_count(observations):
-    assert observations.query_criteria_count(proposal_id=2733) == 11
+    assert observations.query_criteria_count(proposal_id=2733) == 12
 
 
 def test_query_criteria_with_wildcard_and_range(observations, clean_twin):
@@ -108,6 +114,7 @@ def test_query_region_matches_an_astropy_cone(observations, clean_twin):
     }
     assert expected and set(table["obs_id"]) == expected
     assert "distance" in table.colnames
+    assert twin_catalog.PLANNED_2733_OBS_ID in set(table["obs_id"])
 
 
 def test_query_object_resolves_the_name_through_santa(observations, clean_twin):
@@ -206,3 +213,66 @@ def test_boto3_unsigned_finds_the_twin_through_the_environment(observations, cle
     assert s3.head_object(Bucket="stpubdata", Key=product.s3_key)["ContentLength"] == product.size
     ranged = s3.get_object(Bucket="stpubdata", Key=product.s3_key, Range="bytes=2880-5759")
     assert ranged["Body"].read() == clean_twin.catalog.read(product.uri, 2880, 2880)
+
+
+# ---- issue 10: the real archive's size and limits ---------------------------------------------------
+
+
+def invoke_log(twin) -> list[dict]:
+    with httpx.Client(base_url=twin.mast_url, timeout=30) as http:
+        return [entry for entry in http.get("/__twin__/requests").json()["requests"] if entry["endpoint"] == "invoke"]
+
+
+def test_query_criteria_shows_shared_obs_ids_as_separate_rows(observations):
+    table = observations.query_criteria(obs_id=twin_catalog.SHARED_OBS_ID)
+    assert len(table) == 2 and len(set(table["obsid"])) == 2
+
+
+def test_get_product_list_pages_through_the_300000_product_observation(observations, clean_twin):
+    (obs,) = observations.query_criteria(obs_id=twin_catalog.MOSAIC_OBS_ID)
+    clean_twin.reset_stats()
+    products = observations.get_product_list(obs)
+    rows = clean_twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    # astroquery 0.4.11 asks pages of 50,000 and follows pagesFiltered: it gets every row, once.
+    pages = [(entry["page"], entry["pagesize"]) for entry in invoke_log(clean_twin)
+             if entry["service"] == "Mast.Caom.Products"]
+    assert pages == [(page, 50_000) for page in range(1, -(-len(rows) // 50_000) + 1)]
+    assert len(products) == len(rows) >= 300_000
+    assert len(set(products["dataURI"])) == len(rows)
+    assert products["dataURI"][-1] == rows[len(rows) - 1]["dataURI"]
+    auxiliary = observations.filter_products(products, productType="AUXILIARY")
+    assert len(auxiliary) > 0.9 * len(products)
+
+
+def mosaic_cal_uris(twin, count: int) -> list[str]:
+    """``count`` cloud-hosted cal/rate products of the mosaic (exposures' and guide stars')."""
+    rows = twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID)
+    return [row["dataURI"] for row in rows[7:5000] if row["productFilename"].endswith(("_cal.fits", "_rate.fits"))
+            and twin.catalog.product(row["dataURI"]).s3_key][:count]
+
+
+def test_get_cloud_uris_of_40_mosaic_products_passes_the_url_limit(observations, clean_twin):
+    observations.enable_cloud_dataset(verbose=False)
+    uris = mosaic_cal_uris(clean_twin, 40)
+    assert observations.get_cloud_uris(uris, verbose=False) == [
+        f"s3://stpubdata/{clean_twin.catalog.product(uri).s3_key}" for uri in uris]
+
+
+def test_get_cloud_uris_sends_50_uris_a_request_and_gets_414(observations, clean_twin):
+    """astroquery 0.4.11 still batches path_lookup by 50 (MAST's 414 made later versions send 40)."""
+    observations.enable_cloud_dataset(verbose=False)
+    with pytest.raises(requests.HTTPError, match="414"):
+        observations.get_cloud_uris(mosaic_cal_uris(clean_twin, 50), verbose=False)
+
+
+def test_get_cloud_uris_in_batches_of_40_resolves_every_product(observations, clean_twin, monkeypatch):
+    from astroquery.mast import utils
+
+    real_split = utils.split_list_into_chunks
+    monkeypatch.setattr(utils, "split_list_into_chunks", lambda items, chunk_size: real_split(items, 40))
+    observations.enable_cloud_dataset(verbose=False)
+    uris = mosaic_cal_uris(clean_twin, 120)
+    clean_twin.reset_stats()
+    assert observations.get_cloud_uris(uris, verbose=False) == [
+        f"s3://stpubdata/{clean_twin.catalog.product(uri).s3_key}" for uri in uris]
+    assert clean_twin.stats()["endpoints"]["path_lookup"]["requests"] == 3

@@ -710,3 +710,33 @@ def test_twin_serve_flags_set_query_time_shape_and_url_limit():
     refused = subprocess.run([sys.executable, "-m", "mastfs", "twin", "serve", "--max-url-length", "-5"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--max-url-length" in refused.stderr
+
+
+def test_tokens_expire_and_appear_through_the_admin_endpoint(client, clean_twin):
+    fresh = "twin0fresh0token00000000000000cc"
+    headers = {"Authorization": f"token {fresh}"}
+    assert client.get("/whoami", headers=headers).json()["anon"] is True
+    assert client.put("/__twin__/tokens", json={"token": fresh, "state": "valid"}).status_code == 200
+    assert client.get("/whoami", headers=headers).json()["ezid"] == "twinuser"
+    client.put("/__twin__/tokens", json={"token": fresh, "state": "expired"})
+    assert client.get("/whoami", headers=headers).json()["anon"] is True
+    assert clean_twin.catalog.token_status(fresh) == "expired"
+    assert client.put("/__twin__/tokens", json={"token": fresh, "state": "sideways"}).status_code == 400
+    client.put("/__twin__/tokens", json={"token": twin_catalog.VALID_TOKEN, "state": "expired"})
+    assert client.delete("/__twin__/tokens").status_code == 200
+    assert clean_twin.catalog.token_status(twin_catalog.VALID_TOKEN) == "valid"
+
+
+def test_redirect_and_drip_faults_serve_the_right_bytes(client, clean_twin):
+    product = public_s3_product(clean_twin)
+    clean_twin.faults.add("download", "redirect", hops=2)
+    clean_twin.faults.add("download", "drip", bytes_per_second=200_000)
+    response = client.get("/api/v0.1/Download/file", params={"uri": product.uri},
+                          headers={"Range": "bytes=10-2009"}, follow_redirects=True)
+    assert response.status_code == 206 and response.content == clean_twin.catalog.read(product.uri, 10, 2000)
+    assert str(response.url).startswith(clean_twin.second_url)
+    assert [r["host"] for r in client.get("/__twin__/requests").json()["requests"]] == \
+        ["127.0.0.1", "127.0.0.2", "127.0.0.2"]
+    for bad in ({"kind": "redirect", "hops": 0}, {"kind": "redirect", "to": "elsewhere"},
+                {"kind": "drip", "bytes_per_second": 0}, {"kind": "drip", "endpoint": "invoke"}):
+        assert client.post("/__twin__/faults", json={"endpoint": "download", **bad}).status_code == 400

@@ -6,6 +6,11 @@ the server ignored the Range header: its body is streamed once, the bytes before
 skipped and reading stops at the window's end. The token travels only in the ``Authorization: token <t>``
 header, never in a URL or a log line.
 
+Redirects are followed here, not by httpx (which drops ``Authorization`` on a cross-host hop): at most
+:data:`MAX_REDIRECTS` hops, the Range kept, and the token sent to a hop only when
+:func:`~mastfs.auth.token_may_go_to` allows its host. A 401/403 makes the token's keeper re-read its
+source; with a new token the request is made once more.
+
 :meth:`HttpFetcher.fetch_blocks` reads several consecutive blocks with one request (per-request overhead
 dominates at high bandwidth), handing each block over as soon as it is complete; a failure retries from
 the first block not yet handed over.
@@ -22,7 +27,9 @@ import httpcore
 import httpx
 import trio
 
-from ..errors import BadResponse, MastfsError, Retryable
+from ..auth import TokenKeeper, token_may_go_to
+from ..config import Settings
+from ..errors import BadResponse, MastfsError, Retryable, Unauthorized
 from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
 from ..versions import ObjectVersion, VersionChanged, content_range_total
@@ -31,6 +38,9 @@ from . import check_bounds
 log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT = 2.0
+MAX_REDIRECTS = 5
+"""Most redirects one download follows; more is EIO (a loop, or a misconfigured front end)."""
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 RECEIVE_SIZE = 1024 * 1024
 """Bytes httpcore asks the socket for at once. Its default, 64 KiB, costs a round of h11 parsing and a
 Python-level chunk per 64 KiB: receiving a 1 GiB file from the twin took a third less CPU (and ran 1.5x
@@ -45,16 +55,21 @@ class HttpFetcher:
     """Ranged downloads of MAST files over HTTPS.
 
     ``http`` is shared and owned by the caller (its timeouts and pool limits apply); ``mast_url`` is the
-    MAST base URL; ``token`` the MAST API token or None; ``policy`` bounds retries and time.
+    MAST base URL; ``token`` the MAST API token (a fixed string, or the mount's :class:`TokenKeeper`) or
+    None; ``policy`` bounds retries and time; ``token_hosts`` extends the hosts a redirect may carry the
+    token to (see :func:`~mastfs.auth.token_may_go_to`).
     """
 
-    def __init__(self, http: httpx.AsyncClient, mast_url: str, token: str | None, policy: RetryPolicy) -> None:
+    def __init__(self, http: httpx.AsyncClient, mast_url: str, token: str | TokenKeeper | None, policy: RetryPolicy,
+                 token_hosts: Sequence[str] = ()) -> None:
         self._http = http
+        self._mast_url = mast_url
         self._url = mast_url.rstrip("/") + "/api/v0.1/Download/file"
         self._headers = {"Accept-Encoding": "identity"}
-        if token:
-            self._headers["Authorization"] = f"token {token}"
-        self._has_token = bool(token)
+        if not isinstance(token, TokenKeeper):
+            token = TokenKeeper(Settings.defaults(), token, "given" if token else "none", renewable=False)
+        self._tokens = token
+        self._token_hosts = tuple(token_hosts)
         self._policy = policy
         self.ignored_ranges = 0
         """How many answers ignored the Range header (200 instead of 206)."""
@@ -108,8 +123,8 @@ class HttpFetcher:
 
     async def _whole_once(self, uri: str, most: int) -> bytes:
         try:
-            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=self._headers,
-                                         follow_redirects=True) as response:
+            response = await self._send("GET", uri, {})
+            try:
                 if response.status_code != 200:
                     raise self._error_for(response, uri)
                 parts, got = [], 0
@@ -120,17 +135,17 @@ class HttpFetcher:
                                           "bytes); raise --cache-size")
                     parts.append(chunk)
                 return b"".join(parts)
+            finally:
+                await response.aclose()
         except httpx.TimeoutException as exc:
             raise Retryable(f"download of {uri}: timed out ({type(exc).__name__})") from exc
         except (httpx.TransportError, httpx.StreamError) as exc:
             raise Retryable(f"download of {uri}: {type(exc).__name__}: {exc}") from exc
-        except httpx.TooManyRedirects as exc:
-            raise BadResponse(f"download of {uri}: too many redirects") from exc
 
     async def _stat_once(self, uri: str) -> ObjectVersion:
         try:
-            response = await self._http.head(self._url, params={"uri": uri}, headers=self._headers,
-                                             follow_redirects=True)
+            response = await self._send("HEAD", uri, {})
+            await response.aclose()
             if response.status_code != 200:
                 raise self._error_for(response, uri)
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -139,21 +154,17 @@ class HttpFetcher:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 return _version_of(response, int(length))
-            headers = {**self._headers, "Range": "bytes=0-0"}
-            async with self._http.stream("GET", self._url, params={"uri": uri}, headers=headers,
-                                         follow_redirects=True) as probe:
-                if probe.status_code == 206:
-                    return _version_of(probe, content_range_total(probe.headers.get("Content-Range")))
-                if probe.status_code == 200:  # no length and no ranges: only a whole download tells
-                    return _version_of(probe, None)
-                raise self._error_for(probe, uri)
+            probe = await self._send("GET", uri, {"Range": "bytes=0-0"})
+            await probe.aclose()
+            if probe.status_code == 206:
+                return _version_of(probe, content_range_total(probe.headers.get("Content-Range")))
+            if probe.status_code == 200:  # no length and no ranges: only a whole download tells
+                return _version_of(probe, None)
+            raise self._error_for(probe, uri)
         except httpx.TimeoutException as exc:
             raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise Retryable(f"size of {uri}: {type(exc).__name__}: {exc}") from exc
-        except httpx.TooManyRedirects as exc:
-            raise BadResponse(f"size of {uri}: too many redirects") from exc
-
 
     async def _next_block(self, run: _Run) -> bytes:
         """The run's next block, opening (or re-opening) the request as needed; closes it on failure."""
@@ -178,16 +189,15 @@ class HttpFetcher:
             await run.close()
             raise
 
+    @property
+    def _has_token(self) -> bool:
+        return self._tokens.current() is not None
+
     async def _open(self, run: _Run) -> None:
         start, end = run.bounds[run.position], run.bounds[-1]
         conditions = run.version.conditions() if run.version is not None else {}
-        request = self._http.build_request("GET", self._url, params={"uri": run.uri},
-                                           headers={**self._headers, **conditions, "Range": f"bytes={start}-{end - 1}"})
-        try:
-            response = await self._http.send(request, stream=True, follow_redirects=True)
-        except httpx.TooManyRedirects as exc:
-            raise BadResponse(f"download of {run.uri}: too many redirects") from exc
-        run.attach(response)
+        response = await self._send("GET", run.uri, {**conditions, "Range": f"bytes={start}-{end - 1}"},
+                                    attach=run.attach)
         if response.status_code == 412 and run.version is not None:
             raise VersionChanged(f"{run.uri}: the file changed on MAST (HTTP 412 to If-Match {run.version.etag})")
         if run.version is not None and response.status_code in (200, 206):
@@ -207,6 +217,55 @@ class HttpFetcher:
             run.skip = start
         else:
             raise self._error_for(response, run.uri)
+
+    async def _send(self, method: str, uri: str, extra_headers: dict[str, str],
+                    attach: Callable[[httpx.Response], None] | None = None) -> httpx.Response:
+        """The streamed answer to ``method`` on the download of ``uri`` (redirects followed, the token
+        renewed once on 401/403), handed to ``attach`` (which then owns it) before it is checked; the
+        caller closes it otherwise. Raises Unauthorized when a redirect target the token was not sent to
+        refuses, BadResponse like :meth:`_get_following`."""
+        response, sent = await self._get_following(method, uri, extra_headers)
+        if response.status_code in (401, 403) and await self._tokens.renew(sent):
+            await response.aclose()
+            response, sent = await self._get_following(method, uri, extra_headers)
+        if attach is not None:
+            attach(response)
+        if response.status_code in (401, 403) and sent is None and self._has_token:
+            if attach is None:
+                await response.aclose()
+            host = response.url.host
+            raise Unauthorized(f"download of {uri}: refused by {host}, where it was redirected; the token "
+                               f"was not sent there (not on the token allowlist)",
+                               reason=f"if you trust {host}, add it with --token-hosts")
+        return response
+
+    async def _get_following(self, method: str, uri: str,
+                             extra_headers: dict[str, str]) -> tuple[httpx.Response, str | None]:
+        """A streamed ``method`` request of the download of ``uri`` after at most :data:`MAX_REDIRECTS`
+        redirects, and the token its last hop carried (None: none, or its host is not on the allowlist).
+        Raises BadResponse past that many redirects or on a redirect without a usable Location."""
+        url: httpx.URL = httpx.URL(self._url, params={"uri": uri})
+        for _hop in range(MAX_REDIRECTS + 1):
+            token = self._tokens.current()
+            if token is not None and not token_may_go_to(str(url), self._mast_url, self._token_hosts):
+                token = None
+            headers = {**self._headers, **extra_headers}
+            if token is not None:
+                headers["Authorization"] = f"token {token}"
+            response = await self._http.send(self._http.build_request(method, url, headers=headers), stream=True,
+                                             follow_redirects=False)
+            if response.status_code not in _REDIRECTS:
+                return response, token
+            location = response.headers.get("Location", "")
+            await response.aclose()
+            try:
+                url = response.url.join(location)
+            except httpx.InvalidURL as exc:
+                raise BadResponse(f"download of {uri}: redirect to an invalid Location {location!r}") from exc
+            if not location or url.scheme not in ("http", "https"):
+                raise BadResponse(f"download of {uri}: redirect to {location!r}")
+            log.debug("download of %s redirected to %s", uri, url.copy_with(query=None))
+        raise BadResponse(f"download of {uri}: more than {MAX_REDIRECTS} redirects")
 
     def _error_for(self, response: httpx.Response, uri: str) -> Exception:
         """The domain error for a non-success answer (returned, for the caller to raise)."""

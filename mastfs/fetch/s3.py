@@ -1,14 +1,22 @@
 """S3Fetcher: verified byte ranges of MAST's cloud copies (bucket ``stpubdata``), anonymous boto3 reads.
 
-boto3 blocks, so each range is one worker-thread hop (``get_object`` plus reading the whole body) under
-the fetcher's own CapacityLimiter of ``settings.transfers`` threads. botocore does not retry
+boto3 blocks, so each block is one worker-thread hop (``get_object`` plus reading the block's bytes)
+under the fetcher's own CapacityLimiter of ``settings.transfers`` threads. botocore does not retry
 (``total_max_attempts=1``): the one :class:`~mastfs.retry.RetryPolicy` does. botocore and urllib3
 exceptions are translated into mastfs errors inside the thread.
+
+An abandoned hop (its caller cancelled, e.g. at the deadline) ends at once: the trio side shuts the
+response's socket down, which wakes the thread's blocked read, and the thread reads in bounded chunks,
+checking between them whether it was abandoned. Before the response headers arrive there is no socket to
+shut: botocore's read timeout (at most :data:`READ_TIMEOUT_MAX` seconds) bounds that wait. So a dripping
+server cannot keep a worker thread, or the limiter slot it holds, past its request.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -30,8 +38,12 @@ log = logging.getLogger(__name__)
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "AccessDenied", "403"}
 _RETRYABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable"}
-_CHUNK = 1024 * 1024
+_CHUNK = 256 * 1024
+"""Most bytes one blocking read of a body asks for; an abandoned hop notices between two reads."""
 CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT_MAX = 5.0
+"""botocore's read timeout is half the deadline, but never more than this: it bounds how long a hop
+abandoned before its response headers arrived can keep its thread."""
 
 
 class S3Fetcher:
@@ -86,9 +98,8 @@ class S3Fetcher:
         Raises NotFound when the object is not in the bucket (the file is not in the cloud; a 401/403 on
         an anonymous read means the same), BadResponse on 416 or another client error; retries
         408/425/429/5xx, throttling, timeouts, resets, short bodies and wrong Content-Range under the
-        policy, then raises Unavailable. On cancellation the worker thread is abandoned (its result
-        discarded; it ends at the latest at botocore's read timeout) and its limiter slot stays taken
-        until then.
+        policy, then raises Unavailable. On cancellation the worker thread is abandoned and its socket
+        shut down, so the thread and its limiter slot are free within moments (see the module docstring).
 
         One worker-thread hop per block. A retried failure resumes at the first
         block not yet delivered, and the policy's attempts and deadline apply to each block. Raises
@@ -109,11 +120,15 @@ class S3Fetcher:
 
     async def _next_block(self, client: Any, run: _Run) -> bytes:
         run.busy = True
+        hop = _Hop(run.body)
         try:
             body, skip, block = await trio.to_thread.run_sync(
-                self._next_block_sync, client, run.key, run.body, run.skip, run.bounds[run.position],
+                self._next_block_sync, client, run.key, hop, run.skip, run.bounds[run.position],
                 run.bounds[run.position + 1], run.bounds[-1], run.version, limiter=self._limiter,
                 abandon_on_cancel=True)
+        except trio.Cancelled:
+            hop.abandon()  # the thread closes the body itself once its read fails
+            raise
         except Exception:  # the thread closed the body: the next attempt opens a new request
             run.busy = False
             run.body, run.skip = None, 0
@@ -137,7 +152,7 @@ class S3Fetcher:
         return self._client
 
     def _build_client(self) -> Any:
-        read_timeout = max(1.0, min(30.0, self._policy.deadline / 2))
+        read_timeout = max(1.0, min(READ_TIMEOUT_MAX, self._policy.deadline / 2))
         config = Config(
             signature_version=UNSIGNED,
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -148,12 +163,14 @@ class S3Fetcher:
         session = boto3.session.Session()
         return session.client("s3", region_name=self._region, endpoint_url=self._endpoint, config=config)
 
-    def _next_block_sync(self, client: Any, key: str, body: Any, skip: int, start: int, end: int,
+    def _next_block_sync(self, client: Any, key: str, hop: _Hop, skip: int, start: int, end: int,
                          run_end: int, version: ObjectVersion | None) -> tuple[Any, int, bytes]:
-        """Worker thread: bytes [start, end) from the open ``body`` (None: open a GetObject of
+        """Worker thread: bytes [start, end) from the hop's open body (None: open a GetObject of
         [start, run_end) first, conditional on ``version``). Returns (body still open or None, bytes
-        still to skip, block). Closes the body itself on failure and after the run's last byte."""
+        still to skip, block). Closes the body itself on failure, when abandoned, and after the run's
+        last byte."""
         where = self.location(key)
+        body = hop.body
         try:
             if body is None:
                 conditions: dict[str, str] = {}
@@ -164,6 +181,7 @@ class S3Fetcher:
                 response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}",
                                              **conditions)
                 body = response["Body"]
+                hop.attach(body)
                 if version is not None:
                     version.check(response.get("ETag"), None, where)
                 if response["ResponseMetadata"]["HTTPStatusCode"] == 200 and "ContentRange" not in response:
@@ -172,11 +190,12 @@ class S3Fetcher:
                 else:
                     check_content_range(where, start, run_end, response.get("ContentRange"))
             while skip:
+                hop.check()
                 dropped = body.read(min(_CHUNK, skip))
                 if not dropped:
                     raise Retryable(f"{where}: whole-object body ended before byte {start}")
                 skip -= len(dropped)
-            block = body.read(end - start)
+            block = _read_exactly(body, end - start, hop)
             if len(block) != end - start:
                 raise Retryable(f"{where}: body cut short ({len(block)} of {end - start} bytes)")
             if end == run_end:
@@ -190,9 +209,74 @@ class S3Fetcher:
                 if exc.response.get("Error", {}).get("Code") == "PreconditionFailed" and version is not None:
                     raise VersionChanged(f"{where}: the object changed (412 to If-Match {version.etag})") from exc
                 raise _translate_client_error(exc, where) from exc
-            if isinstance(exc, botocore.exceptions.BotoCoreError | urllib3.exceptions.HTTPError | OSError):
+            if isinstance(exc, botocore.exceptions.BotoCoreError | urllib3.exceptions.HTTPError | OSError
+                          | ValueError | _Abandoned):
                 raise Retryable(f"{where}: {type(exc).__name__}: {exc}") from exc
             raise
+
+
+def _read_exactly(body: Any, length: int, hop: _Hop) -> bytes:
+    """Up to ``length`` bytes of ``body`` (fewer only at its end), read in chunks of at most
+    :data:`_CHUNK` with an abandonment check before each."""
+    if length <= _CHUNK:
+        hop.check()
+        data: bytes = body.read(length)
+        return data
+    block = bytearray()
+    while len(block) < length:
+        hop.check()
+        piece = body.read(min(_CHUNK, length - len(block)))
+        if not piece:
+            break
+        block += piece
+    return bytes(block)
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose caller gave up on it."""
+
+
+class _Hop:
+    """What the trio side and one worker thread share about that thread's work: the body being read,
+    its socket, and whether the caller abandoned it. :meth:`abandon` (trio side) shuts the socket down so
+    a read blocked in the thread returns at once."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = _socket_of(body)
+        self._abandoned = False
+
+    def attach(self, body: Any) -> None:
+        """Worker thread: the body of a new response (raises _Abandoned if the caller left meanwhile)."""
+        with self._lock:
+            self.body = body
+            self._socket = _socket_of(body)
+        self.check()
+
+    def check(self) -> None:
+        if self._abandoned:
+            raise _Abandoned("the caller gave up on this transfer")
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            sock = self._socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _socket_of(body: Any) -> socket.socket | None:
+    """The socket under a botocore StreamingBody (urllib3 response -> http.client response -> socket
+    file), or None when it cannot be found (then only the read timeout ends an abandoned read)."""
+    try:
+        sock: socket.socket = body._raw_stream._fp.fp.raw._sock
+    except AttributeError:
+        return None
+    return sock
 
 
 class _Run:
@@ -217,10 +301,10 @@ def _translate_client_error(exc: botocore.exceptions.ClientError, where: str) ->
     status = int(metadata.get("HTTPStatusCode") or 0)
     if code in _MISSING_CODES or status in (401, 403, 404):
         return NotFound(f"{where}: not in the cloud ({code or status})")
+    retry_after = parse_retry_after(metadata.get("HTTPHeaders", {}).get("retry-after"))
     if code in _RETRYABLE_CODES:
-        return Retryable(f"{where}: {code}")
+        return Retryable(f"{where}: {code}", retry_after=retry_after)
     if code == "InvalidRange":
         status = 416
-    retry_after = parse_retry_after(metadata.get("HTTPHeaders", {}).get("retry-after"))
     return error_for_status(status, f"{where}: {code or status} {error.get('Message', '')}".rstrip(),
                             has_token=False, retry_after=retry_after)

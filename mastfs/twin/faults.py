@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -39,12 +39,14 @@ KINDS = (
     "mutate_rows",
     "endless_paging",
     "crafted_names",
+    "drip",
+    "redirect",
     "slow_query",
     "error_timeout",
     "page_shift",
 )
 # Kinds that need a response body to act on (they change how the body is written).
-BODY_KINDS = frozenset({"reset", "truncate"})
+BODY_KINDS = frozenset({"reset", "truncate", "drip"})
 # Kinds that only make sense for a GET carrying a single satisfiable Range header.
 RANGE_KINDS = frozenset({"wrong_range", "wrong_body", "ignore_range"})
 # Kinds every request of an endpoint can suffer (answer replaced or delayed before any work is done).
@@ -58,11 +60,21 @@ KIND_ENDPOINTS: dict[str, frozenset[str]] = {
     "mutate_rows": frozenset({"invoke"}),
     "endless_paging": frozenset({"invoke"}),
     "crafted_names": frozenset({"invoke", "path_lookup"}),
+    "drip": frozenset({"download", "s3"}),
+    "redirect": frozenset({"download"}),
     "slow_query": frozenset({"invoke"}),
     "error_timeout": frozenset({"invoke"}),
     "page_shift": frozenset({"invoke"}),
 }
+DRIP_BYTES_PER_SECOND = 1024
+"""How fast a ``drip`` fault sends a body by default: a server that never stalls long enough for a read
+timeout but would take an hour for a 4 MiB block."""
+REDIRECT_HOPS_MAX = 20
+"""Most redirects one ``redirect`` fault chains (its ``hops`` parameter)."""
 MUTATE_MODES = ("mixed", "types", "missing")
+NUMERIC_PARAMS = ("seconds", "code", "after_bytes", "polls", "retry_after", "shift", "pages", "bytes_per_second",
+                  "hops")
+REDIRECT_TARGETS = ("second", "mast")
 SLOW_QUERY_SHAPES = ("executing", "first_byte")
 SLOW_QUERY_SERVICES = frozenset({"Mast.Caom.Products", "Mast.Caom.Filtered", "Mast.Caom.Filtered.Position"})
 """The services a ``slow_query`` fault slows (MAST's large JWST queries are product and CAOM searches)."""
@@ -198,6 +210,12 @@ class FaultController:
             raise FaultError(f"mutate_rows mode must be one of {', '.join(MUTATE_MODES)}")
         if kind == "crafted_names" and params.get("field", "productFilename") not in CRAFTED_FIELDS:
             raise FaultError(f"crafted_names field must be one of {', '.join(CRAFTED_FIELDS)}")
+        if kind == "redirect" and params.get("to", "second") not in REDIRECT_TARGETS:
+            raise FaultError(f"redirect target must be one of {', '.join(REDIRECT_TARGETS)}")
+        if kind == "redirect" and not 1 <= int(params.get("hops", 1)) <= REDIRECT_HOPS_MAX:  # type: ignore[call-overload]
+            raise FaultError(f"redirect hops must be 1..{REDIRECT_HOPS_MAX}")
+        if kind == "drip" and not float(params.get("bytes_per_second", 1)) > 0:  # type: ignore[arg-type]
+            raise FaultError("drip bytes_per_second must be > 0")
         if kind == "slow_query" and params.get("shape", "executing") not in SLOW_QUERY_SHAPES:
             raise FaultError(f"slow_query shape must be one of {', '.join(SLOW_QUERY_SHAPES)}")
         if kind == "page_shift" and params.get("mode", "insert") not in PAGE_SHIFT_MODES:
@@ -207,7 +225,7 @@ class FaultController:
         if count is not None and (not isinstance(count, int) or count < 0):
             raise FaultError(f"count must be a non-negative integer or None, not {count!r}")
         for name, value in params.items():
-            if name in ("seconds", "code", "after_bytes", "polls", "retry_after", "shift", "pages") and not isinstance(
+            if name in NUMERIC_PARAMS and not isinstance(
                 value, (int, float)
             ):
                 raise FaultError(f"fault parameter {name} must be a number, not {value!r}")
@@ -521,3 +539,14 @@ def crafted_paths(answer: dict) -> dict:
             entry = dict(entry, path="/" + CRAFTED_NAMES[index % len(CRAFTED_NAMES)])
         hostile[uri] = entry
     return hostile
+
+
+def drip(pieces: Iterable[bytes | memoryview], bytes_per_second: float) -> Iterator[bytes]:
+    """``pieces`` re-cut into ``bytes`` slices sent at ``bytes_per_second`` (the ``drip`` fault): ten
+    slices a second, so a client always sees bytes arrive well within any read timeout."""
+    step = max(1, int(bytes_per_second / 10))
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), step):
+            time.sleep(min(step, len(view) - start) / bytes_per_second)
+            yield bytes(view[start:start + step])

@@ -22,6 +22,7 @@ All output is a pure function of the arguments; the data pattern is a fixed seed
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import random
@@ -79,18 +80,23 @@ class FitsSpec:
     sky: Sky | None = None  # what the image data show (with `wcs`); pattern bytes when None
 
 
+@functools.lru_cache(maxsize=256)
+def _images_size(images: tuple[ImageExt, ...], base_shape: tuple[int, int]) -> int:
+    """Bytes of the image extensions (headers and padded data) at `base_shape`; memoised (few layouts)."""
+    ny, nx = base_shape
+    return sum(BLOCK + pad_to_block(ny * nx * image.bytes_per_pixel) for image in images)
+
+
 def fits_min_size(images: Sequence[ImageExt]) -> int:
     """A size `build_fits` always accepts for these images (1-pixel planes, one filler block, a primary
     header of up to two blocks); smaller sizes may be refused."""
-    data = sum(BLOCK + pad_to_block(image.bytes_per_pixel) for image in images)
-    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + data + 2 * BLOCK
+    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + _images_size(tuple(images), (1, 1)) + 2 * BLOCK
 
 
 def fits_natural_size(images: Sequence[ImageExt], base_shape: tuple[int, int], filler_bytes: int) -> int:
     """Size of the file at full shape with `filler_bytes` (rounded up to blocks) of filler data."""
-    ny, nx = base_shape
-    data = sum(BLOCK + pad_to_block(ny * nx * image.bytes_per_pixel) for image in images)
-    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + data + BLOCK + pad_to_block(max(filler_bytes, 1))
+    return (_PRIMARY_HEADER_MAX_BLOCKS * BLOCK + _images_size(tuple(images), tuple(base_shape)) + BLOCK
+            + pad_to_block(max(filler_bytes, 1)))
 
 
 class DataSource(Protocol):

@@ -32,12 +32,13 @@ from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog, ProductRows
 from mastfs.twin.connections import ResetRegistry, TrackedConnections
 from mastfs.twin.faults import (
     BODY_KINDS,
+    DRIP_BYTES_PER_SECOND,
     ENDLESS_PAGES,
     GENERIC_KINDS,
     HTML_200_PAGE,
@@ -51,6 +52,7 @@ from mastfs.twin.faults import (
     TwinStats,
     crafted_paths,
     crafted_rows,
+    drip,
     endless_paging,
     mutate_rows,
 )
@@ -67,6 +69,10 @@ PATH_LOOKUP_PATHS = ("/api/v0.1/path_lookup/", "/api/v0.1/path_lookup")
 WHOAMI_PATH = "/whoami"
 RESOLVER_PATH = "/Santa-war/query"
 ADMIN_PREFIX = "/__twin__/"
+REDIRECT_HOP_PARAM = "twin_hop"
+"""Query parameter of a redirected download: how many more redirects follow (0: this host serves it)."""
+REDIRECT_TARGET_PARAM = "twin_to"
+"""Query parameter of a redirected download: the listener the remaining redirects point to."""
 ENDPOINT_BY_PATH = {INVOKE_PATH: "invoke", COLUMNS_CONFIG_PATH: "columnsconfig", DOWNLOAD_PATH: "download",
                     WHOAMI_PATH: "whoami", RESOLVER_PATH: "resolver",
                     **dict.fromkeys(PATH_LOOKUP_PATHS, "path_lookup")}
@@ -426,6 +432,8 @@ class MastHttpServer(TrackedConnections, ThreadingHTTPServer):
         self.observation_columns: set[str] = set()
         for row in self.observations:
             self.observation_columns.update(row)
+        self.peer_urls: dict[str, str] = {}
+        """Base URLs a ``redirect`` fault may send downloads to ("second", "mast"), set by the Twin."""
         self.track_connections(ResetRegistry())
         super().__init__(address, MastRequestHandler)
 
@@ -511,9 +519,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         elif path == DOWNLOAD_PATH and method in ("GET", "HEAD"):
             uri = self.query.get("uri", [""])[0]
             ranged = method == "GET" and "Range" in self.headers
-            self._log_request("download", uri=uri, range=self.headers.get("Range"))
+            redirected = REDIRECT_HOP_PARAM in self.query
+            self._log_request("download", uri=uri, range=self.headers.get("Range"), redirected=redirected)
             self._serve(
-                "download", uri, ["download"], lambda fault: self._download(uri, fault), ranged=ranged
+                "download", uri, ["download"], lambda fault: self._download(uri, fault), ranged=ranged,
+                extra_kinds=() if redirected else ("redirect",),
             )
         elif path in PATH_LOOKUP_PATHS and method in ("GET", "POST"):
             uris = self.query.get("uri", []) + self._form().get("uri", [])
@@ -540,9 +550,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 self._write(html_reply(404, "Not Found"), stat_keys=())
 
     def _log_request(self, endpoint: str, **details: object) -> None:
-        """Record what this request asked for, as the twin decoded it (``GET /__twin__/requests``); never
-        the credentials it carried."""
-        self.server.stats.log_request({"endpoint": endpoint, "method": self.command, **details})
+        """Record what this request asked for, as the twin decoded it (``GET /__twin__/requests``), which
+        listener got it (``host``) and whether it carried a token (``with_token``); never the token."""
+        self.server.stats.log_request({"endpoint": endpoint, "method": self.command,
+                                       "host": self.server.server_address[0],
+                                       "with_token": request_token(self.headers) is not None, **details})
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -645,7 +657,10 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             elif fault is not None and fault.kind == "truncate":
                 limit = min(total, int(fault.number("after_bytes", total // 2)))
                 limit = min(limit, max(0, total - 1))
-            for piece in self._body_pieces(reply, limit):
+            pieces = self._body_pieces(reply, limit)
+            if fault is not None and fault.kind == "drip":
+                pieces = drip(pieces, fault.number("bytes_per_second", DRIP_BYTES_PER_SECOND))
+            for piece in pieces:
                 # Counted before the write (so a client that has the bytes also sees them counted) and
                 # taken back if the write fails.
                 self.server.stats.count_bytes(stat_keys, len(piece))
@@ -722,6 +737,16 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                                       status=400)
             if method in ("GET", "PUT"):
                 return json_reply(self.server.link.to_json())
+        if route == "tokens" and method == "PUT":
+            try:
+                spec = json.loads(self.body or b"null")
+                self.server.catalog.set_token(str(spec.get("token", "")), str(spec.get("state", "")))
+            except (AttributeError, TypeError, ValueError) as exc:
+                return json_reply({"error": f"a token change is {{token, state}}: {exc}"}, status=400)
+            return json_reply({"ok": True})
+        if route == "tokens" and method == "DELETE":
+            self.server.catalog.reset_tokens()
+            return json_reply({"ok": True})
         if route == "limits":
             if method == "PUT":
                 try:
@@ -1011,6 +1036,12 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         """``/api/v0.1/Download/file``: headers (ETag and Last-Modified of the HTTPS copy), 401, 404,
         If-Match / If-Unmodified-Since (412), If-Range, single ranges, 416."""
         catalog = self.server.catalog
+        if fault is not None and fault.kind == "redirect":
+            return self._redirect(uri, int(fault.number("hops", 1)), str(fault.params.get("to", "second")))
+        hops_left = self.query.get(REDIRECT_HOP_PARAM, ["0"])[0]
+        if hops_left.isdigit() and int(hops_left) > 0:
+            target = self.query.get(REDIRECT_TARGET_PARAM, ["second"])[0]
+            return self._redirect(uri, int(hops_left), target if target in self.server.peer_urls else "second")
         product = catalog.product(uri) if uri else None
         if product is None:
             return html_reply(404, "Not Found", f"File not found: {uri}")
@@ -1048,6 +1079,15 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             body_start = mismatched_range(start, end, size, int(fault.number("shift", 2880)))[0]
         headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
         return Reply(206, headers, stream=(uri, body_start, end - start + 1), revision=revision)
+
+    def _redirect(self, uri: str, hops: int, target: str) -> Reply:
+        """302 to the same download on listener ``target`` ("second": 127.0.0.2, "mast": the main one),
+        with ``hops - 1`` redirects still to come there."""
+        location = (f"{self.server.peer_urls[target]}{DOWNLOAD_PATH}?"
+                    + urlencode({"uri": uri, REDIRECT_HOP_PARAM: hops - 1, REDIRECT_TARGET_PARAM: target}))
+        reply = html_reply(302, "Found")
+        reply.headers.append(("Location", location))
+        return reply
 
     def _path_lookup(self, uris: list[str], fault: Fault | None = None) -> Reply:
         """The S3 path of each uri (404 entries for unknown or HTTP-only ones); hostile paths under the

@@ -39,12 +39,14 @@ from mastfs.twin.catalog import Catalog, TwinProduct
 from mastfs.twin.connections import ResetRegistry, TrackedConnections
 from mastfs.twin.faults import (
     BODY_KINDS,
+    DRIP_BYTES_PER_SECOND,
     GENERIC_KINDS,
     NGINX_504_PAGE,
     RANGE_KINDS,
     Fault,
     FaultController,
     TwinStats,
+    drip,
 )
 from mastfs.twin.http_api import CHUNK_SIZE, mismatched_range, parse_single_range
 from mastfs.twin.link import Link
@@ -440,15 +442,19 @@ class S3Gateway:
     ) -> Iterator[bytes]:
         """Yield ``body``, counting each piece as it is handed to the server and taking it back if the
         server fails to write it (it then closes this generator at the yield). A reset/truncate ``fault`` cuts a body of ``length`` bytes short:
-        reset then closes the connection with an RST, truncate with an orderly close."""
+        reset then closes the connection with an RST, truncate with an orderly close; a drip ``fault`` sends
+        it at its ``bytes_per_second``."""
         limit = None
         if fault is not None and fault.kind == "reset":
             limit = min(length, int(fault.number("after_bytes", 0)))
         elif fault is not None and fault.kind == "truncate":
             limit = min(max(0, length - 1), int(fault.number("after_bytes", length // 2)))
         sent = 0
+        pieces = body
+        if fault is not None and fault.kind == "drip":
+            pieces = drip(body, fault.number("bytes_per_second", DRIP_BYTES_PER_SECOND))
         try:
-            for piece in body:
+            for piece in pieces:
                 if limit is not None:
                     piece = piece[: limit - sent]
                 if piece:

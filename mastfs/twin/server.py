@@ -27,6 +27,9 @@ from mastfs.twin.s3 import ADMIN_PING_PATH, BUCKET, S3Gateway, S3Server
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 30.0
+SECOND_HOST = "127.0.0.2"
+"""Loopback address of the twin's second HTTP listener, where the ``redirect`` fault sends downloads (a
+host other than the MAST host, as a download mirror would be)."""
 
 
 class Twin:
@@ -35,13 +38,15 @@ class Twin:
     Attributes: ``mast_url`` ("http://127.0.0.1:P"), ``resolver_url`` (mast_url + "/Santa-war/query"),
     ``s3_endpoint`` ("http://127.0.0.1:Q"), ``bucket`` ("stpubdata"), ``catalog`` (the Catalog served),
     ``faults`` (the FaultController), ``link`` (the :class:`~mastfs.twin.link.Link` product bodies are
-    paced by; loopback unless set).
+    paced by; loopback unless set), ``second_url`` ("http://127.0.0.2:R": the second listener serving
+    downloads redirected by the ``redirect`` fault; it checks tokens like the first).
     """
 
     def __init__(
         self,
         catalog: Catalog,
         http_server: MastHttpServer,
+        second_server: MastHttpServer,
         s3_server: S3Server,
         gateway: S3Gateway,
         faults: FaultController,
@@ -53,6 +58,7 @@ class Twin:
         self.link = link
         self._stats = stats
         self._http_server = http_server
+        self._second_server = second_server
         self._s3_server = s3_server
         self._gateway = gateway
         http_host, http_port = http_server.server_address[:2]
@@ -60,6 +66,10 @@ class Twin:
         self.mast_url = f"http://{http_host}:{http_port}"
         self.resolver_url = self.mast_url + "/Santa-war/query"
         self.s3_endpoint = f"http://{s3_host}:{s3_port}"
+        second_host, second_port = second_server.server_address[:2]
+        self.second_url = f"http://{second_host}:{second_port}"
+        for server in (http_server, second_server):
+            server.peer_urls.update(second=self.second_url, mast=self.mast_url)
         self.bucket = BUCKET
         self._threads: list[threading.Thread] = []
         self._stopped = False
@@ -85,14 +95,19 @@ class Twin:
         resets = ResetRegistry()
         link = link if link is not None else Link()
         http_server = MastHttpServer((host, port), catalog, faults, stats, link, max_url_length)
+        second_server = None
         try:
+            second_server = MastHttpServer((SECOND_HOST, 0), catalog, faults, stats, link, max_url_length)
             gateway = S3Gateway(catalog, faults, stats, resets, link)
             s3_server = S3Server(host, s3_port, gateway, resets)
         except BaseException:
             http_server.server_close()
+            if second_server is not None:
+                second_server.server_close()
             raise
-        twin = cls(catalog, http_server, s3_server, gateway, faults, stats, link)
-        for name, server in (("twin-http", http_server), ("twin-s3", s3_server)):
+        twin = cls(catalog, http_server, second_server, s3_server, gateway, faults, stats, link)
+        for name, server in (("twin-http", http_server), ("twin-http-second", second_server),
+                             ("twin-s3", s3_server)):
             thread = threading.Thread(
                 target=server.serve_forever, kwargs={"poll_interval": 0.2}, name=name, daemon=True
             )
@@ -108,7 +123,8 @@ class Twin:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        for url in (self.mast_url + "/__twin__/stats", self.s3_endpoint + ADMIN_PING_PATH):
+        for url in (self.mast_url + "/__twin__/stats", self.second_url + "/__twin__/stats",
+                    self.s3_endpoint + ADMIN_PING_PATH):
             while True:
                 try:
                     with urllib.request.urlopen(url, timeout=2) as response:
@@ -152,7 +168,7 @@ class Twin:
             return
         self._stopped = True
         self.faults.shutdown()
-        for server in (self._http_server, self._s3_server):
+        for server in (self._http_server, self._second_server, self._s3_server):
             server.shutdown()
             server.close_connections()
             server.server_close()

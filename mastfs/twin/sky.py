@@ -30,6 +30,7 @@ _DOUBLED_NOISE = np.concatenate([_NOISE, _NOISE])  # any window of up to _NOISE_
 _SATURATION = 4000.0  # times the background noise
 _UNIT_FACTOR = {"MJy/sr": 1.0, "DN/s": 2.5, "DN": 2.5, "ELECTRONS": 400.0, "ELECTRONS/S": 4.0, "COUNTS": 250.0}
 _RAMP_BIAS = 2000.0
+_FLAT_ERROR = np.float32(0.002)  # relative flat-field error
 _GROUP_SECONDS = 10.0
 
 
@@ -160,15 +161,15 @@ class Sky:
         background = np.float32(self.band.background)
         gradient_x = (background * (1.0 + 0.06 * np.arange(nx) / max(nx, 1))).astype(np.float32)
         gradient_y = (background * 0.04 * np.arange(y0, y1) / max(ny, 1)).astype(np.float32)
-        image = gradient_y[:, None] + gradient_x[None, :]
+        image = np.add(gradient_y[:, None], gradient_x[None, :])
         if self.field.ring is not None:
             self._add_ring(image, wcs, y0, y1)
         x, y, peak, sigma, _ = self._projected(wcs)
+        flat_image = image.reshape(-1)  # a view: the image is contiguous
         for rows, cols, dx, dy, index in _stamps(x, y, 4 * sigma, y0, y1, nx):
             values = peak[index, None, None] * np.exp(-(dx * dx + dy * dy) / (2.0 * sigma[index, None, None] ** 2))
             inside = (rows >= y0) & (rows < y1) & (cols >= 0) & (cols < nx)
-            flat = ((rows - y0) * nx + cols)[inside]
-            image += np.bincount(flat, values[inside], minlength=image.size).reshape(image.shape).astype(np.float32)
+            np.add.at(flat_image, ((rows - y0) * nx + cols)[inside], values[inside].astype(np.float32))
         return image
 
     def _add_ring(self, image: np.ndarray, wcs: Wcs, y0: int, y1: int) -> None:
@@ -281,28 +282,39 @@ class SkyPlane:
         name = self.extname
         if name == "SCI" and self.dtype.kind == "i" and self.dtype.itemsize == 4:
             return sky.labels(self.wcs, y0, y1)
-        if name in ("DQ", "CON", "CTX", "UDL", "AREA"):
-            if name == "DQ":
-                return np.where(sky.model(self.wcs, y0, y1) > _SATURATION * band.noise, 2, 0)
-            return np.full((y1 - y0, nx), 0 if name == "UDL" else 1)
-        model = sky.model(self.wcs, y0, y1)
-        var_rnoise = np.float32(band.noise ** 2 / 2)
-        var_poisson = np.float32(band.noise ** 2 / 2 / band.background) * model
-        var_flat = (np.float32(0.002) * model) ** 2
-        factor = _UNIT_FACTOR.get(self.bunit or "MJy/sr", 1.0)
+        rows = y1 - y0
+        variance_floor = np.float32(band.noise ** 2 / 2)  # read noise
+        factor = np.float32(_UNIT_FACTOR.get(self.bunit or "MJy/sr", 1.0))
+        if name in ("CON", "CTX", "UDL", "AREA"):
+            return np.full((rows, nx), 0 if name == "UDL" else 1)
         if name == "WHT":
-            return np.full((y1 - y0, nx), 1.0 / var_rnoise, dtype=np.float32)
-        if name.startswith("VAR_"):
-            return {"VAR_POISSON": var_poisson, "VAR_RNOISE": np.full_like(model, var_rnoise),
-                    "VAR_FLAT": var_flat}.get(name, var_flat) * factor ** 2
-        error = np.sqrt(var_poisson + var_rnoise + var_flat)
+            return np.full((rows, nx), 1.0 / variance_floor, dtype=np.float32)
+        if name == "VAR_RNOISE":
+            return np.full((rows, nx), variance_floor * factor ** 2, dtype=np.float32)
+        model = sky.model(self.wcs, y0, y1)
+        if name == "DQ":
+            return np.where(model > _SATURATION * band.noise, 2, 0)
+        poisson_per_unit = np.float32(band.noise ** 2 / 2 / band.background)
+        if name == "VAR_POISSON":
+            return model * (poisson_per_unit * factor ** 2)
+        if name.startswith("VAR_"):  # VAR_FLAT
+            return np.square(model * (_FLAT_ERROR * factor))
+        # ERR = sqrt(VAR_POISSON + VAR_RNOISE + VAR_FLAT), computed in place
+        error = model * np.float32(_FLAT_ERROR ** 2)
+        error += poisson_per_unit
+        error *= model
+        error += variance_floor
+        np.sqrt(error, out=error)
         if name == "ERR":
-            return error * factor
-        noisy = model + self._noise(plane, y0, y1) * error
+            error *= factor
+            return error
+        error *= self._noise(plane, y0, y1)
+        error += model  # now the noisy model
         if self.dtype.kind == "i":  # raw ramps (counts per group) and raw counts
             group = plane % self.groups + 1
-            return np.clip(_RAMP_BIAS + noisy * factor * group * _GROUP_SECONDS / max(self.groups, 1), 0, 32767)
-        return noisy * factor
+            return np.clip(_RAMP_BIAS + error * factor * group * _GROUP_SECONDS / max(self.groups, 1), 0, 32767)
+        error *= factor
+        return error
 
 
 _PREVIEW_TRIES = ((512, 85), (256, 80), (128, 70), (64, 50), (32, 40), (16, 30))
