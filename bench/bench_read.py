@@ -69,7 +69,6 @@ SETTLE_SECONDS = 1.0
 READ_TIMEOUT = 300.0
 LS_TIMEOUT = 180.0
 LISTING_OBS = twin_catalog.OBS_2733_MIRI_F1130W
-PEERS_LS = "s3fs 5.8 s / 0.56 s, rclone 5.4 s / 16 ms, httpdirfs 1.5 s / 11 ms (1,000 objects, cold / warm)"
 
 
 @dataclass
@@ -621,8 +620,7 @@ def bench_listing(ctx: Context) -> Section:
                              spread([w.total_bytes for _, w, _ in runs], "{:,.0f}"),
                              spread([n for *_, n in runs])])
     section.notes.append(f"directory: `/{relative}`")
-    section.notes.append(f"peers (context, from PERFORMANCE_FACTS.md, not measured here): {PEERS_LS}; "
-                         "s3fs and rclone send one HEAD per object.")
+    section.notes.append("s3fs and rclone listing the same products, in the same run: see the *peers* section.")
     return section
 
 

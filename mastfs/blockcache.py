@@ -20,13 +20,27 @@ cost of a cold read otherwise); on a filesystem that refuses direct I/O, the pag
 
 Concurrency: every method is called from the trio thread; the in-memory index (LRU order, sizes, verified
 products) is only mutated there. File work runs in worker threads under the cache's own limiter, one thread
-hop per block. One process per cache directory at a time.
+hop per block.
+
+Shared directory: several processes (a mount, fsspec users, Dask workers) may use one cache directory at
+once. Before fetching a block, a reader :meth:`BlockCache.claim` s it: an exclusive POSIX record lock
+(``lockf``) on one byte of ``<dir>/locks`` chosen by a hash of (version, block), held until the block is
+stored (:meth:`BlockCache.release`), and a look on disk for the block another process stored meanwhile
+(adopted into the index, then loaded instead of fetched). So one transfer per block across processes;
+a peer that holds a lock longer than ``peer_wait`` seconds is not waited for any more (the block may
+then be fetched twice, never served unverified). Each process's index is a view: it is rebuilt from the
+directory at most every :data:`RESCAN_INTERVAL` seconds while storing (blocks others wrote count against
+the size limit, blocks others evicted leave), a block file found gone is a plain miss, and a temporary
+file (named ``<pid>-<random>``) is removed only when its writer is gone or it is older than
+:data:`STALE_TMP_AGE`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -67,6 +81,12 @@ _VERIFIED_MARKER = "verified"
 _VERSION_FILE = "version"
 """Per version directory: JSON of what can be checked offline (size, plain-MD5 ETag, S3 checksums,
 sha256); written with the version's first block."""
+_LOCK_FILE = "locks"
+RESCAN_INTERVAL = 30.0
+"""Seconds between rebuilds of the index from the directory (other processes store and evict too)."""
+STALE_TMP_AGE = 600.0
+"""A temporary file older than this (seconds) is a crashed write; younger ones may be another process's."""
+_CLAIM_POLL = 0.02
 _THREADS = 4
 _DIRECT_TRANSFERS = 2
 """Most block files written or read with ``O_DIRECT`` at once (each needs a block-sized aligned buffer)."""
@@ -180,7 +200,8 @@ class BlockCache:
     a crash and loads the index). No I/O happens in the constructor.
     """
 
-    def __init__(self, directory: str, size_limit: int, min_free: int, *, direct_io: bool = True) -> None:
+    def __init__(self, directory: str, size_limit: int, min_free: int, *, direct_io: bool = True,
+                 peer_wait: float = 30.0) -> None:
         self.directory = os.path.abspath(directory)
         self.size_limit = size_limit
         self.min_free = min_free
@@ -197,6 +218,12 @@ class BlockCache:
         self._opened = False
         self._files = _BlockFiles(direct_io)
         self.corrupt_blocks = 0
+        self.peer_wait = peer_wait
+        self._lock_fd = -1
+        self._claimed: set[BlockKey] = set()
+        self._reserved = 0  # bytes of block writes in progress
+        self._scanned_at = 0.0
+        self._rescanned: trio.Event | None = None  # set while the index is rebuilt: stores wait for it
 
     # ----------------------------------------------------------------- public API
 
@@ -207,17 +234,93 @@ class BlockCache:
         """
         if self._opened:
             return
+        await self._load_index()
+        self._lock_fd = await self._run(os.open, os.path.join(self.directory, _LOCK_FILE),
+                                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._opened = True
+        log.debug("block cache %s: %d blocks, %d bytes", self.directory, len(self._lru), self._bytes_used)
+
+    async def _load_index(self) -> None:
+        """(Re)build the index from the directory, the truth shared with other processes."""
+        self._scanned_at = time.monotonic()
         entries, verified, owners, free = await self._run(self._scan_sync)
         for vk, pk in owners.items():
             self._note_version(vk, pk)
+        self._lru.clear()
+        self._by_version.clear()
+        self._bytes_used = self._reserved
         for key, size in entries:
             self._lru[key] = size
             self._by_version.setdefault(key[0], set()).add(key[1])
             self._bytes_used += size
         self._verified = {vk for vk in verified if vk in self._by_version}
         self._free_estimate = free
-        self._opened = True
-        log.debug("block cache %s: %d blocks, %d bytes", self.directory, len(self._lru), self._bytes_used)
+
+    def close(self) -> None:
+        """Release every block lock this cache holds (closing the lock file). Idempotent."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            self._claimed.clear()
+
+    async def claim(self, ref: ProductRef, indexes: list[int]) -> list[int]:
+        """Take the shared directory's lock of each block (in order, so processes never deadlock),
+        waiting at most ``peer_wait`` seconds for another process fetching it; then adopt into the index
+        the blocks another process stored meanwhile and return their indexes (load them instead of
+        fetching). Release each claimed block with :meth:`release` once stored or failed."""
+        vk = ref.version_key
+        try:
+            for index in indexes:
+                await self._lock((vk, index))
+        except BaseException:
+            for index in indexes:
+                self.release(ref, index)
+            raise
+        unknown = [index for index in indexes if (vk, index) not in self._lru]
+        directory = self._version_dir_of(ref.product_key, vk)
+        sizes = await self._run(_sizes_sync, [os.path.join(directory, str(index)) for index in unknown])
+        found = []
+        for index, size in zip(unknown, sizes, strict=True):
+            start, end = block_span(index, ref.size)
+            if size == HEADER_SIZE + end - start and (vk, index) not in self._lru:
+                self._note_version(vk, ref.product_key)  # another process made the directory (and its checks)
+                self._lru[(vk, index)] = size
+                self._by_version.setdefault(vk, set()).add(index)
+                self._bytes_used += size
+                found.append(index)
+        return found
+
+    def release(self, ref: ProductRef, index: int) -> None:
+        """Release the lock of a block taken by :meth:`claim` (no-op when not held)."""
+        key = (ref.version_key, index)
+        if key in self._claimed:
+            self._claimed.discard(key)
+            if self._lock_fd >= 0:
+                with contextlib.suppress(OSError):
+                    fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, _lock_offset(key))
+
+    async def _lock(self, key: BlockKey) -> None:
+        if key in self._claimed or self._lock_fd < 0:
+            return
+        give_up = trio.current_time() + self.peer_wait
+        while True:
+            try:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _lock_offset(key))
+            except OSError as exc:  # EAGAIN or EACCES: another process fetches this block
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. ENOLCK: no locks on this filesystem
+                    log.warning("cannot lock blocks in %s (%s): processes sharing it may fetch a block twice",
+                                self.directory, exc.strerror)
+                    os.close(self._lock_fd)
+                    self._lock_fd = -1
+                    return
+                if trio.current_time() >= give_up:
+                    log.info("block %d of version %s: another process has fetched it for %gs; fetching "
+                             "it here too", key[1], key[0][:12], self.peer_wait)
+                    return
+                await trio.sleep(_CLAIM_POLL)
+                continue
+            self._claimed.add(key)
+            return
 
     @property
     def direct_io(self) -> bool:
@@ -264,7 +367,12 @@ class BlockCache:
         if key not in self._lru:
             return None
         start, end = block_span(index, ref.size)
-        data = await self._run(self._read_sync, self._path(vk, index), bytes.fromhex(vk), index, end - start)
+        try:
+            data = await self._run(self._read_sync, self._path(vk, index), bytes.fromhex(vk), index, end - start)
+        except FileNotFoundError:  # evicted by another process using this directory
+            if key in self._lru:
+                await self._run(_unlink_all, self._forget(key))
+            return None
         if data is None:
             self.corrupt_blocks += 1
             log.warning("block %d of %s was missing or corrupt on disk; fetching it again", index, ref.uri)
@@ -287,6 +395,15 @@ class BlockCache:
         if len(data) != end - start:
             raise ValueError(f"block {index} of {ref.uri} must be {end - start} bytes, not {len(data)}")
         key = (vk, index)
+        while self._rescanned is not None:  # a store landing mid-rebuild would be lost from the index
+            await self._rescanned.wait()
+        if self._reserved == 0 and time.monotonic() - self._scanned_at > RESCAN_INTERVAL:
+            self._rescanned = trio.Event()
+            try:
+                await self._load_index()  # what other processes stored and evicted meanwhile
+            finally:
+                self._rescanned.set()
+                self._rescanned = None
         if key in self._lru:
             self._lru.move_to_end(key)
             return True
@@ -301,6 +418,7 @@ class BlockCache:
         self._bytes_used += need  # reserved while the write runs
         first = vk not in self._product_of
         self._note_version(vk, ref.product_key)
+        self._reserved += need
         try:
             stored, free = await self._run(self._write_sync, self._path(vk, index), index, bytes.fromhex(vk),
                                            data, doomed, empty_dirs, ref.checks() if first else None)
@@ -308,6 +426,8 @@ class BlockCache:
             self._bytes_used -= need
             log.warning("cannot write block %d of %s to the cache: %s", index, ref.uri, exc)
             return False
+        finally:
+            self._reserved -= need
         self._free_estimate = free
         if not stored:
             self._bytes_used -= need
@@ -470,7 +590,9 @@ class BlockCache:
         self._versions_of.setdefault(pk, set()).add(vk)
 
     def _version_dir(self, vk: str) -> str:
-        pk = self._product_of[vk]
+        return self._version_dir_of(self._product_of[vk], vk)
+
+    def _version_dir_of(self, pk: str, vk: str) -> str:
         return os.path.join(self._blocks_dir, pk[:2], pk, vk)
 
     def _path(self, vk: str, index: int) -> str:
@@ -525,13 +647,16 @@ class BlockCache:
             for product in _subdirs(prefix.path):
                 for version in _subdirs(product.path):
                     owners[version.name] = product.name
-                    for entry in os.scandir(version.path):
+                    for entry in _scan_quietly(version.path):
                         if entry.name == _VERIFIED_MARKER:
                             verified.add(version.name)
                             continue
                         if entry.name == _VERSION_FILE:
                             continue
-                        stat = entry.stat(follow_symlinks=False)
+                        try:
+                            stat = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:  # evicted by another process meanwhile
+                            continue
                         if not entry.name.isdigit() or stat.st_size <= HEADER_SIZE:
                             _unlink_all([entry.path])
                             continue
@@ -541,7 +666,7 @@ class BlockCache:
 
     def _clean_tmp_sync(self) -> int:
         os.makedirs(self._tmp_dir, exist_ok=True)
-        leftovers = [entry.path for entry in os.scandir(self._tmp_dir)]
+        leftovers = [entry.path for entry in os.scandir(self._tmp_dir) if _abandoned(entry)]
         _unlink_all(leftovers)
         return len(leftovers)
 
@@ -568,7 +693,7 @@ class BlockCache:
         if free - HEADER_SIZE - len(data) < self.min_free:
             return False, free
         header = _pack_header(index, data, raw_vk)
-        tmp = os.path.join(self._tmp_dir, uuid.uuid4().hex)
+        tmp = os.path.join(self._tmp_dir, f"{os.getpid()}-{uuid.uuid4().hex}")
         self._files.write(tmp, header, data)
         try:
             try:
@@ -584,10 +709,7 @@ class BlockCache:
         return True, free - HEADER_SIZE - len(data)
 
     def _read_sync(self, path: str, raw_vk: bytes, index: int, length: int) -> bytes | None:
-        try:
-            header, data = self._files.read(path, length + 1)  # one byte more reveals a too-long file
-        except FileNotFoundError:
-            return None
+        header, data = self._files.read(path, length + 1)  # one byte more reveals a too-long file
         if len(data) != length or not _header_ok(header, raw_vk, index, data):
             _unlink_all([path])
             return None
@@ -621,7 +743,10 @@ class BlockCache:
         previous: tuple[int, bytes] | None = None
         for index, path in enumerate(paths):
             start, end = block_span(index, size)
-            data = self._read_sync(path, raw_vk, index, end - start)
+            try:
+                data = self._read_sync(path, raw_vk, index, end - start)
+            except FileNotFoundError:
+                data = None
             if data is None:
                 return "unreadable", index
             for hasher in hashers.values():
@@ -706,7 +831,54 @@ def _read_checks(directory: str) -> dict[str, Any] | None:
 
 
 def _subdirs(path: str) -> list[os.DirEntry[str]]:
-    return [entry for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False)]
+    """The subdirectories of ``path``; none when another process removed it meanwhile."""
+    return [entry for entry in _scan_quietly(path) if entry.is_dir(follow_symlinks=False)]
+
+
+def _lock_offset(key: BlockKey) -> int:
+    """The byte of the lock file standing for block ``key`` (a 56-bit hash: collisions are harmless)."""
+    digest = hashlib.blake2b(f"{key[0]}/{key[1]}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _abandoned(entry: os.DirEntry[str]) -> bool:
+    """Whether a temporary file is a write nobody will finish: its writer (the pid its name starts with)
+    is gone, or it is older than STALE_TMP_AGE (pids are reused, and not shared across containers)."""
+    pid_text = entry.name.split("-", 1)[0]
+    try:
+        if entry.stat(follow_symlinks=False).st_mtime < time.time() - STALE_TMP_AGE:
+            return True
+    except FileNotFoundError:  # its write just finished
+        return False
+    if not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        pass
+    return False
+
+
+def _sizes_sync(paths: list[str]) -> list[int]:
+    """The size of each file, -1 for a missing one."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.stat(path).st_size)
+        except FileNotFoundError:
+            sizes.append(-1)
+    return sizes
+
+
+def _scan_quietly(path: str) -> list[os.DirEntry[str]]:
+    """The entries of directory ``path``; none when another process removed it meanwhile."""
+    try:
+        with os.scandir(path) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
 
 
 def _pack_header(index: int, data: bytes, raw_vk: bytes) -> bytes:

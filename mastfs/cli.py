@@ -129,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--scale", type=float, default=1.0,
                        help="file sizes relative to the real archive (default: 1.0)")
     serve.add_argument("--first-byte-ms", type=float, default=0.0, metavar="MS",
-                       help="latency before the first byte of every product body (default: 0, loopback)")
+                       help="latency before the first byte of every answer (default: 0, loopback)")
     serve.add_argument("--stream-mb-s", type=float, default=0.0, metavar="MB_S",
                        help="bandwidth of each product body's connection in MB/s (default: 0, unlimited); "
                        "S3 gives about 90 per connection")
+    serve.add_argument("--metadata-ms", type=float, default=None, metavar="MS",
+                       help="latency before the first byte of metadata answers (HEAD, LIST, path_lookup, "
+                       "invoke, ...; default: --first-byte-ms)")
     serve.add_argument("--max-url-length", type=int, default=None, metavar="N",
                        help="answer 414 Request-URI Too Large to request targets longer than N characters "
                        "(default: 3400, between path_lookup of 40 and of 50 JWST uris; 0: no limit)")
@@ -243,7 +246,7 @@ def run_twin_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        link = Link(args.first_byte_ms, args.stream_mb_s)
+        link = Link(args.first_byte_ms, args.stream_mb_s, args.metadata_ms)
     except ValueError as exc:
         print(f"mastfs twin serve: {exc}", file=sys.stderr)
         return 2

@@ -10,8 +10,10 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
 - ``{"op": "status"}`` -> one line: ``mountpoint``, ``version``, ``mast_url``, ``source``, ``cache``
   (dir, used, limit, blocks), ``reader`` (ByteReader.stats(): transfers in flight, bytes fetched per
   source, hits and misses, reads and runs waiting, transfer slots, errors by type), ``mast`` (API requests
-  and failures), ``interrupted`` (requests whose wait ended because a signal interrupted the requester)
-  and ``token`` (TokenKeeper.status(): source, state, MAST user, last check; never the token).
+  and failures, and ``queries``: the metadata queries in flight with ``what``, ``seconds``, ``pages``,
+  ``pages_total``, ``rows``, ``polls``, ``transient_errors``), ``interrupted`` (requests whose wait ended
+  because a signal interrupted the requester) and ``token`` (TokenKeeper.status(): source, state, MAST
+  user, last check; never the token).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
 - ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?, "recommended": bool?}`` ->
@@ -29,6 +31,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__, fuse_ops, namespace
+from . import __version__, namespace
 from .auth import TokenKeeper, find_token_and_source
 from .config import Settings
 from .errors import BadResponse, MastfsError, Unavailable
@@ -172,8 +175,8 @@ async def open_services(settings: Settings, token: str | TokenKeeper | None) -> 
     async with make_http_client(settings) as http:
         client = MastClient(http, settings, token_provider=tokens.current)
         archive = Archive(client, settings)
-        cache = BlockCache(settings.blocks_dir, settings.cache_size,
-                           settings.min_free_space)
+        cache = BlockCache(settings.blocks_dir, settings.cache_size, settings.min_free_space,
+                           peer_wait=settings.deadline)
         http_fetcher = HttpFetcher(http, settings.mast_url, tokens, policy, settings.token_hosts)
         s3_fetcher = S3Fetcher(settings, policy) if settings.source != "http" else None
         try:
@@ -239,6 +242,33 @@ def tune_malloc() -> bool:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
+
+METADATA_SWING = 10_000
+"""Inodes in memory gained or lost, or MAST query pages received, after which freed heap memory is handed
+back to the kernel (malloc_trim): a 300,000-product listing leaves its pages' garbage behind, and the
+kernel forgetting its inodes frees their nodes."""
+TRIM_CHECK_INTERVAL = 2.0
+
+
+async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTERVAL) -> None:
+    """Forever: after a large swing of metadata memory (see :data:`METADATA_SWING`), call glibc's
+    ``malloc_trim(0)`` so the daemon's RSS follows what it holds (the malloc tuning above keeps freed
+    memory otherwise). A no-op without glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    last_nodes, last_pages = 0, 0
+    while True:
+        await trio.sleep(interval)
+        nodes = services.tree.stats()["nodes"]
+        pages = services.client.stats()["requests"].get("invoke", 0)
+        if abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000:
+            services.tree.sweep_memos()
+            gc.collect()
+            trim(0)
+            last_nodes, last_pages = nodes, pages
 
 
 def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:
@@ -351,6 +381,8 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
 async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int:
     """Mount, serve until unmounted or signalled, and unmount; returns the exit status (1 when the kernel
     refused the mount or the mount never answered)."""
+    from . import fuse_ops  # here, not above: mast:// users of open_services need no FUSE library
+
     async with open_services(settings, token) as services:
         operations = fuse_ops.Operations(services.tree)
         options = fuse_ops.mount_options(settings.allow_other)
@@ -377,6 +409,7 @@ async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int
                 nursery.start_soon(serve_fuse)
                 nursery.start_soon(operations.interrupts.run)
                 nursery.start_soon(services.tokens.watch, services.client.whoami)
+                nursery.start_soon(hand_back_memory, services)
                 nursery.start_soon(_watch_signals, stop)
                 await nursery.start(_serve_control, control_path, settings, mountpoint, services, operations)
                 # A statfs through the kernel, from another process, proves the mount answers (served by
@@ -411,6 +444,8 @@ class _Stop:
     def request(self) -> None:
         if not self.requested:
             self.requested = True
+            from . import fuse_ops
+
             fuse_ops.terminate()
 
 

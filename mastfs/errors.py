@@ -72,6 +72,14 @@ class NoSuchAttribute(MastfsError):
     errno = errno.ENODATA
 
 
+class UnsupportedAttribute(MastfsError):
+    """An extended attribute outside the namespace mastfs serves (``user.``): security labels, ACLs and
+    ``trusted.*`` are not supported on this filesystem. EOPNOTSUPP rather than ENODATA, so that tools that
+    probe every file (``ls -l`` asks each one for ``security.selinux``) learn it once per filesystem."""
+
+    errno = errno.EOPNOTSUPP
+
+
 class Interrupted(MastfsError):
     """The process waiting on a request received a signal; the wait ends (the work behind it may go on)."""
 

@@ -70,8 +70,9 @@ def boundary(handler: F) -> F:
                 first = leaves[0]
                 code = errno_for(first)
                 if isinstance(first, NotFound | NotPermitted | ReadOnly | Unauthorized | Interrupted) or (
-                        code == errno.ENODATA):
-                    log.debug("%s %s: %s", handler.__name__, self.where(handler.__name__, args), first)
+                        code in (errno.ENODATA, errno.EOPNOTSUPP)):
+                    if log.isEnabledFor(logging.DEBUG):  # where() costs a path walk: not for every probe
+                        log.debug("%s %s: %s", handler.__name__, self.where(handler.__name__, args), first)
                 else:
                     log.warning("%s %s failed (%s): %s", handler.__name__, self.where(handler.__name__, args),
                                 errno.errorcode.get(code, code), first)

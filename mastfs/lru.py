@@ -91,11 +91,6 @@ class LRU(Generic[K, V]):
         self.weight -= self._weigh(value)
         return value
 
-    def demote(self, key: K) -> None:
-        """Make ``key`` (if held) the first to go."""
-        if key in self._entries:
-            self._entries.move_to_end(key, last=False)
-
     def clear(self) -> None:
         self._entries.clear()
         self.weight = 0

@@ -8,15 +8,17 @@ costs a request. The grammar is documented in ``docs/namespace.md``, whose text 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
 import math
 import re
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from .errors import InvalidName, NameTooLong
 
@@ -235,29 +237,69 @@ def safe_filename(product: ProductLike) -> str | None:
     return None
 
 
+class NameList(Sequence[str]):
+    """The sorted file names of one group directory, packed in one string (a directory may hold 300,000:
+    one str object each would cost 100 bytes and fragment the heap), with the index of each name's
+    product (``indices[slot]``). Names never contain a newline (:func:`check_component`)."""
+
+    __slots__ = ("_text", "_starts", "indices")
+
+    def __init__(self, names: Sequence[str], indices: Iterable[int]) -> None:
+        self._text = "\n".join(names) + "\n"
+        starts = array("q", [0])
+        for name in names:
+            starts.append(starts[-1] + len(name) + 1)
+        self._starts = starts
+        self.indices = array("q", indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, slot: int) -> str: ...
+    @overload
+    def __getitem__(self, slot: slice) -> list[str]: ...
+
+    def __getitem__(self, slot: int | slice) -> str | list[str]:
+        if isinstance(slot, slice):
+            return [self[i] for i in range(*slot.indices(len(self)))]
+        if slot < 0:
+            slot += len(self)
+        if not 0 <= slot < len(self):
+            raise IndexError(slot)
+        return self._text[self._starts[slot]:self._starts[slot + 1] - 1]
+
+    def find(self, name: str) -> int | None:
+        """The slot of ``name``, None when this directory has no such file."""
+        slot = bisect.bisect_left(self, name)
+        return slot if slot < len(self) and self[slot] == name else None
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where each of a sequence of products (unique by dataURI) is shown, by its index in the sequence.
 
-    groups: group directory name -> {file name -> index}, groups in display order (levels, then
-    product types, then ``other``), files sorted by name; two different products with one file name get
-    ``~2``, ``~3`` ... appended to the later names. ``names[i]`` is the file name of product ``i`` and
-    ``group_of[i]`` the position of its group in ``groups`` (``names[i]`` None: not shown as a file).
-    Holds one str and one int per product, not the products themselves. ``recommended``: file name in
-    ``recommended/`` -> index, for the products MAST marks "Minimum Recommended Products" (sorted by
-    name, made unique like the others).
+    groups: group directory name -> its NameList (file names sorted, with their product indices), groups
+    in display order (levels, then product types, then ``other``); two different products with one file
+    name get ``~2``, ``~3`` ... appended to the later names. ``group_of[i]`` is 1 + the position in
+    ``group_names`` of product ``i``'s group (0: not shown as a file) and ``slot_of[i]`` its slot there.
+    ``recommended``: file name in ``recommended/`` -> index, for the products MAST marks "Minimum
+    Recommended Products" (sorted by name, made unique like the others).
     """
 
-    groups: dict[str, dict[str, int]]
-    names: list[str | None]
+    groups: dict[str, NameList]
     group_of: bytearray
+    slot_of: array[int]
     group_names: tuple[str, ...]
     recommended: dict[str, int]
 
     def path(self, index: int) -> str:
         """Path of product ``index`` relative to the observation directory, "" when not shown."""
-        name = self.names[index]
-        return "" if name is None else f"{self.group_names[self.group_of[index]]}/{name}"
+        group = self.group_of[index]
+        if not group:
+            return ""
+        name = self.group_names[group - 1]
+        return f"{name}/{self.groups[name][self.slot_of[index]]}"
 
 
 PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level", "productGroupDescription")
@@ -267,27 +309,29 @@ PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level", 
 def place_products(products: Iterable[ProductLike]) -> Placement:
     """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
     by_group: dict[str, dict[str, int]] = {}
-    placed: list[tuple[str, str] | None] = []
     recommended: dict[str, int] = {}
+    count = 0
     for index, product in enumerate(products):
+        count = index + 1
         name = safe_filename(product)
         if name is None:
-            placed.append(None)
             continue
-        group = product_group(product)
-        files = by_group.setdefault(group, {})
-        unique = _unique_name(name, files)
-        files[unique] = index
-        placed.append((group, unique))
+        files = by_group.setdefault(product_group(product), {})
+        files[_unique_name(name, files)] = index
         if is_recommended(product):
             recommended[_unique_name(name, recommended)] = index
     order = sorted(by_group, key=_group_order)
-    position = {group: number for number, group in enumerate(order)}
-    names: list[str | None] = [None if where is None else where[1] for where in placed]
-    group_of = bytearray(0 if where is None else position[where[0]] for where in placed)
-    del placed
-    groups = {group: dict(sorted(by_group.pop(group).items())) for group in order}
-    return Placement(groups, names, group_of, tuple(order), dict(sorted(recommended.items())))
+    group_of = bytearray(count)
+    slot_of = array("q", bytes(8 * count))
+    groups: dict[str, NameList] = {}
+    for position, group in enumerate(order, start=1):
+        ordered = sorted(by_group.pop(group).items())
+        groups[group] = NameList([name for name, _ in ordered], (index for _, index in ordered))
+        for slot, (_, index) in enumerate(ordered):
+            group_of[index] = position
+            slot_of[index] = slot
+        del ordered
+    return Placement(groups, group_of, slot_of, tuple(order), dict(sorted(recommended.items())))
 
 
 def _unique_name(name: str, taken: Mapping[str, int]) -> str:
@@ -364,10 +408,10 @@ def layout_products(products: Iterable[ProductLike]) -> Layout:
             first[product.data_uri] = product
     unique = list(first.values())
     placement = place_products(unique)
-    groups = {group: {name: unique[index] for name, index in files.items()}
-              for group, files in placement.groups.items()}
+    groups = {group: {name: unique[index] for name, index in zip(names, names.indices, strict=True)}
+              for group, names in placement.groups.items()}
     paths = {product.data_uri: placement.path(index) for index, product in enumerate(unique)
-             if placement.names[index] is not None}
+             if placement.group_of[index]}
     return Layout(groups, paths)
 
 
@@ -387,18 +431,20 @@ def text_value(value: Any) -> str | None:
 
 
 _XATTR_FIELD = re.compile(r"[A-Za-z0-9_]{1,200}")
-FIELD_XATTR_PREFIX = "user.mast_"
 OWN_XATTR_PREFIX = "user.mastfs."
 
 
 def field_xattrs(fields: Mapping[str, Any]) -> dict[str, bytes]:
     """``user.mast_<field>`` -> UTF-8 text for every non-null field whose name is a plain identifier."""
-    result: dict[str, bytes] = {}
-    for key, value in fields.items():
-        text = text_value(value)
-        if text is not None and _XATTR_FIELD.fullmatch(key):
-            result[FIELD_XATTR_PREFIX + key] = text.encode("utf-8", "replace")
-    return result
+    return {"user." + name: text_value(value).encode("utf-8", "replace")  # type: ignore[union-attr]
+            for name, value in mast_fields(fields).items()}
+
+
+def mast_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``mast_<field>`` -> value (as MAST sent it) for every non-null field whose name is a plain
+    identifier: the fields the xattrs show, for callers that keep Python values."""
+    return {"mast_" + key: value for key, value in fields.items()
+            if text_value(value) is not None and _XATTR_FIELD.fullmatch(key)}
 
 
 def observation_json(observation: ObservationLike) -> bytes:
@@ -518,6 +564,8 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
     /obs/<obs_id>/                    the same observation directory, reached directly by its obs_id
     /target/<name>/                   observations around the position the name resolves to
     /cone/<ra>,<dec>[,<radius_deg>]/  observations in that cone
+    .../planned.csv                   in a program, target or cone directory holding planned
+                                      observations: the ones left out of it (below)
 
 - `<id>` is a proposal id as MAST writes it: decimal digits without leading zeros (`2733`, not
   `02733`). Only observations of the configured collections (`--collection`, JWST by default) appear.
@@ -532,6 +580,12 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
   (ENOENT, one log line).
 - `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
   0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
+
+Planned observations (not executed yet: CAOM's `calib_level` -1, or no observation time at all and a
+release date in the future) have no products, so they are not shown as empty directories. A program,
+target or cone directory holding some lists them instead in `planned.csv` (one row each, every field
+of its row), so nothing is left out silently; `/obs/<planned obs_id>` does not exist (ENOENT, one log
+line).
 
 Names that cannot be valid (a non-numeric program id, a malformed cone, hidden names such as `.git`
 or `.Trash-1000`, `autorun.inf`, `desktop.ini`, names with control characters or `% * ; ' "`) do not
@@ -554,6 +608,13 @@ exist, and never cost a request to MAST.
 - A product without a `productType` is placed by its file name too (`_thumb.jpg` thumbnail,
   other images preview, `_asn.json` and `_pool.csv` info).
 - A JWST level-3 observation lists its member exposures' products too: thousands of files.
+- Observations of any size list completely: a JWST mosaic with about 300,000 products (mostly
+  guide-star files in `auxiliary/`) lists every one (`find DIR -type f | wc -l`, `ls -l auxiliary/`).
+  Its first listing takes as long as MAST needs to answer (tens of pages of 10,000 rows, minutes on
+  the real archive); later ones come from the cache. A listing is all or nothing: when MAST's pages
+  do not add up to the number of rows it announced (rows shifting while it pages), mastfs asks again
+  and, failing that, answers EIO (with a log line), never a listing with products missing. One answer
+  may hold at most 5 million rows (a cap against a server paging forever).
 - Products are deduplicated by `dataURI`; if two different products share a file name in one
   directory, the later ones are shown as `<name>~2`, `<name>~3` ...
 - The same product under several observations is one file for the cache: reading it through either
@@ -615,4 +676,13 @@ Listings and rows are cached on disk across remounts: observations released long
 ids for `--ttl-negative` (10 minutes). When MAST cannot be reached, what was seen before still
 lists; what was never seen fails with EIO after `--deadline` (never ENOENT). The kernel keeps
 entries and attributes for 60 seconds. `mastfs refresh PATH` drops cached metadata for a subtree.
+
+## Slow queries
+
+Large queries take minutes on MAST's side. A listing waits for its query up to `--query-timeout`
+(600 seconds) while MAST is answering, then fails with EIO; a MAST that cannot be reached at all fails
+within `--deadline`. MAST's "timed out, try again" answers are asked again with backoff within that
+time. While you wait, `mastfs status` shows the queries in flight (what, for how long, pages so far),
+and Ctrl-C ends the `ls` at once (EINTR): the query goes on in the daemon, and the next `ls` of the
+same directory waits for that one rather than starting over.
 """

@@ -10,18 +10,25 @@ of a block, and a reader cancelled by a signal returns at once while the run end
 never leaving an unverified block behind.
 
 Each open file handle has a :class:`ReadStream`. Reads that continue where the previous one ended (within
-a small slack, as FUSE may reorder concurrent reads) grow a readahead window that starts at one block
-and doubles at every block boundary, up to ``max_readahead`` blocks; it is refilled in runs of up to
-``run_blocks`` blocks whenever less than half a window is scheduled ahead. A stream's first read and
-reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the wire.
-Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures reach
-no reader that did not ask for the block. A sequential stream demotes the blocks it has left behind to
-the cold end of the memory LRU, so they leave before the blocks read ahead of it (which arrived earlier
-but are still to be read).
+a small slack, as FUSE may reorder concurrent reads) grow a readahead window: one block at first, then
+doubled at a block boundary whenever a read since the last growth had to wait for its block (the reader
+outruns the link; a reader slower than the link keeps its window, so unread blocks do not pile up). The
+window is capped by what the link calls for (:class:`LinkEstimate`, measured from the runs themselves):
+runs long enough to amortise the time to first byte (four bandwidth-delay products of one connection,
+from ``run_blocks`` to ``MAX_RUN_BLOCKS`` blocks) and one run per transfer slot, within ``max_readahead``
+blocks. It is topped up one run at a time, as soon as a run's worth of it is free, so the transfer slots
+stay busy (the old half-window refill kept about 3 of them busy). A read that jumps (astropy ``.section``,
+memmap) resets the window to nothing: random access reads only what it asks for. A stream's first read
+and reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the
+wire. Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures
+reach no reader that did not ask for the block. A sequential stream drops the blocks it has left behind
+from memory (the kernel's page cache and the block cache keep them), so the memory LRU holds what it has
+yet to read.
 
-Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (more than the readahead
-window); at most ``UNSTORED_BLOCKS`` fetched blocks wait for the disk (runs pause before fetching more),
-and each of the at most ``transfers`` runs assembles one block at a time.
+Memory is bounded: the in-memory LRU holds at most ``memory_limit`` bytes (read-ahead blocks beyond it
+are loaded back from the block cache when read); at most ``UNSTORED_BLOCKS`` fetched blocks wait for the
+disk (runs pause before fetching more), and each of the at most ``transfers`` runs assembles one block
+at a time. Scheduled blocks take no memory until they arrive.
 
 Lifetime: ``async with ByteReader(...) as reader:`` opens the block cache, owns the background nursery
 and builds the S3 client in it; leaving the block lets fetched blocks reach the disk (at most
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -39,7 +48,16 @@ from typing import Any
 
 import trio
 
-from .blockcache import HEADER_SIZE, BlockCache, ProductRef, block_count, block_index, block_span, block_start
+from .blockcache import (
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    BlockCache,
+    ProductRef,
+    block_count,
+    block_index,
+    block_span,
+    block_start,
+)
 from .errors import IntegrityError, MastfsError, NotFound, Unauthorized, Unavailable
 from .fetch import ColdStartFetcher, WholeFileFetcher
 from .fitscheck import FitsCheck, HduMismatch, applies_to
@@ -49,13 +67,21 @@ from .versions import ObjectVersion, VersionChanged
 
 log = logging.getLogger(__name__)
 
-MEMORY_LIMIT = 40 * 1024 * 1024
-"""Default byte cap of the in-memory LRU of recent blocks: the readahead window plus two blocks."""
-MAX_READAHEAD_BLOCKS = 8
-"""Default largest readahead window, in blocks (8 x 4 MiB = 32 MiB ahead of the reader: four runs in flight)."""
+MEMORY_LIMIT = 32 * 1024 * 1024
+"""Default byte cap of the in-memory LRU of recent blocks (read-ahead blocks not read yet, mostly): with
+the blocks the ``transfers`` runs are assembling, it keeps the daemon under 200 MB."""
+MAX_READAHEAD_BLOCKS = 32
+"""Default largest readahead window, in blocks (32 x 4 MiB = 128 MiB scheduled ahead of the reader: eight
+runs of four blocks in flight). Scheduled blocks take memory only once they arrive, and the window grows
+only while the reader waits for the link, so unread blocks stay within ``MEMORY_LIMIT``."""
 RUN_BLOCKS = 2
-"""Default most blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends for
-parallel GETs: parallel runs beat the bandwidth of one connection)."""
+"""Default fewest blocks fetched by one ranged request (2 x 4 MiB = 8 MiB, the range size AWS recommends
+for parallel GETs: parallel runs beat the bandwidth of one connection)."""
+MAX_RUN_BLOCKS = 4
+"""Most blocks one run fetches, however slow the link's first byte."""
+RUN_LATENCY_FACTOR = 4
+"""A run carries up to this many bandwidth-delay products of one connection (waiting for the first byte
+then costs at most a fifth of a run's time), as long as the window still holds a run per transfer slot."""
 UNSTORED_BLOCKS = 4
 """Most fetched blocks waiting for the disk; runs pause before fetching more (bounded memory)."""
 SEQUENTIAL_SLACK = 1024 * 1024
@@ -80,17 +106,67 @@ class ReadStream:
     """Sequential-detection state of one open file handle (see :meth:`ByteReader.open_stream`)."""
 
     ref: ProductRef
+    slack: int = SEQUENTIAL_SLACK
+    max_readahead: int | None = None
     next_offset: int = -1
     last_block: int = -1
     window: int = 0
     ahead: int = -1
+    starved: bool = False
+    """A read since the window last grew found a block it needed not yet in memory."""
+
+
+class LinkEstimate:
+    """What recent network runs say about the link: per-connection throughput (bytes/s) and time to
+    first byte (s), as moving averages (None until a run of two blocks or more has been measured), and the
+    readahead geometry they call for."""
+
+    WEIGHT = 0.3
+    """Weight of a new measurement in the moving averages."""
+
+    def __init__(self) -> None:
+        self.throughput: float | None = None
+        self.first_byte: float | None = None
+
+    def observe(self, began: float, first_at: float, first_bytes: int, last_at: float, total_bytes: int) -> None:
+        """One run: started at ``began``, its first block (``first_bytes``) complete at ``first_at``, its
+        last at ``last_at``, ``total_bytes`` in all (monotonic seconds). Runs of one block are ignored
+        (first byte and throughput cannot be told apart)."""
+        if total_bytes <= first_bytes or last_at <= first_at:
+            return
+        throughput = (total_bytes - first_bytes) / (last_at - first_at)
+        first_byte = max(0.0, first_at - began - first_bytes / throughput)
+        if self.throughput is None or self.first_byte is None:
+            self.throughput, self.first_byte = throughput, first_byte
+            return
+        self.throughput += self.WEIGHT * (throughput - self.throughput)
+        self.first_byte += self.WEIGHT * (first_byte - self.first_byte)
+
+    @property
+    def delay_bytes(self) -> float:
+        """The bandwidth-delay product of one connection: bytes it could have carried while waiting for the
+        first byte (0 before any measurement)."""
+        if self.throughput is None or self.first_byte is None:
+            return 0.0
+        return self.throughput * self.first_byte
+
+    def run_blocks(self, least: int, transfers: int, budget: int) -> int:
+        """Blocks per run: ``RUN_LATENCY_FACTOR`` bandwidth-delay products, at least ``least``, at most
+        ``MAX_RUN_BLOCKS`` and at most what lets a window of ``budget`` blocks hold a run per transfer slot
+        (given a window, shorter runs on more connections carry more)."""
+        wanted = math.ceil(RUN_LATENCY_FACTOR * self.delay_bytes / BLOCK_SIZE)
+        return max(least, min(MAX_RUN_BLOCKS, budget // max(1, transfers), wanted))
+
+    def window_cap(self, least_run: int, transfers: int, budget: int) -> int:
+        """Largest readahead window in blocks: one run per transfer slot, within ``budget`` blocks."""
+        return max(0, min(budget, transfers * self.run_blocks(least_run, transfers, budget)))
 
 
 class _Flight:
     """One block being loaded or fetched: readers wait on ``done`` (then ``data`` or ``error`` is set),
     prefetch also on ``stored`` (then ``cached`` says whether the block is on disk)."""
 
-    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached")
+    __slots__ = ("ref", "index", "keep", "done", "stored", "data", "error", "cached", "claimed")
 
     def __init__(self, ref: ProductRef, index: int, keep: bool) -> None:
         self.ref = ref
@@ -101,13 +177,15 @@ class _Flight:
         self.data: bytes | None = None
         self.error: BaseException | None = None
         self.cached = False
+        self.claimed = False  # holds the shared cache directory's lock of its block
 
 
 class _RunProgress:
     """What one network run has handed over so far, from which source, and the cancel scope holding its
     deadline (``limit``; pushed back by one deadline at each block handed over)."""
 
-    __slots__ = ("flights", "delivered", "source", "limit", "started")
+    __slots__ = ("flights", "delivered", "source", "limit", "started", "began", "first_at", "first_bytes",
+                 "last_at", "total_bytes")
 
     def __init__(self, flights: list[_Flight], source: str, limit: trio.CancelScope) -> None:
         self.flights = flights
@@ -115,6 +193,16 @@ class _RunProgress:
         self.source = source
         self.limit = limit
         self.started = False
+        self.began = time.monotonic()
+        self.first_at = self.last_at = 0.0
+        self.first_bytes = self.total_bytes = 0
+
+    def arrived(self, nbytes: int) -> None:
+        """Note one delivered block (for the link estimate)."""
+        self.last_at = time.monotonic()
+        if not self.total_bytes:
+            self.first_at, self.first_bytes = self.last_at, nbytes
+        self.total_bytes += nbytes
 
 
 class ByteReader:
@@ -155,6 +243,7 @@ class ByteReader:
         self._unstored = trio.Semaphore(UNSTORED_BLOCKS)
         self._max_readahead = max(0, max_readahead)
         self._run_blocks = max(1, run_blocks)
+        self.link = LinkEstimate()
         self._memory: LRU[BlockKey, bytes] = LRU(memory_limit, weigh=len)
         self._flights: dict[BlockKey, _Flight] = {}
         self._verifying: SingleFlight[str, bool | None] = SingleFlight()
@@ -194,12 +283,17 @@ class ByteReader:
         # Background tasks catch their own errors, so closing the nursery raises nothing of theirs;
         # whatever the body of the `async with` raised propagates unwrapped.
         await self._nursery_manager.__aexit__(None, None, None)
+        self._cache.close()
 
     # ------------------------------------------------------------------ reading
 
-    def open_stream(self, ref: ProductRef) -> ReadStream:
-        """A fresh read stream (one per open file handle) for ``ref`` (a pinned ref: see :meth:`pin`)."""
-        return ReadStream(ref)
+    def open_stream(self, ref: ProductRef, *, slack: int = SEQUENTIAL_SLACK,
+                    max_readahead: int | None = None) -> ReadStream:
+        """A fresh read stream (one per open file handle) for ``ref`` (a pinned ref: see :meth:`pin`). A
+        read starting at most ``slack`` bytes from where the previous one ended counts as sequential (0 for
+        callers whose reads arrive in order, unlike the kernel's); ``max_readahead`` (blocks) overrides the
+        reader's window for it."""
+        return ReadStream(ref, slack, max_readahead)
 
     async def pin(self, ref: ProductRef) -> ProductRef:
         """``ref`` as the server states it now: its version (ETag, VersionId, Last-Modified, checksums)
@@ -305,6 +399,8 @@ class ByteReader:
         first = block_index(offset)
         last = block_index(end - 1)
         self._track(stream, offset, end, last)
+        if (ref.version_key, last) not in self._memory:
+            stream.starved = True
         if first == last:
             data = await self._block(ref, first)
             base = block_start(first)
@@ -440,7 +536,8 @@ class ByteReader:
                     pending.append(flight)
             flights.append(flight)
         start = 0
-        for group in _runs_of(list(range(len(pending))), self._run_blocks, [f.index for f in pending]):
+        run_blocks = self.link.run_blocks(self._run_blocks, self._transfers, self._max_readahead)
+        for group in _runs_of(list(range(len(pending))), run_blocks, [f.index for f in pending]):
             run = pending[start:start + len(group)]
             start += len(group)
             self._nursery.start_soon(self._transfer, run)
@@ -475,8 +572,8 @@ class ByteReader:
         start its store; the flights that get no data end with the run's error."""
         ref = flights[0].ref
         what = f"blocks {flights[0].index}-{flights[-1].index} of {ref.uri}"
-        self._counts["misses"] += len(flights)
         run = _RunProgress(flights, "", trio.CancelScope(deadline=trio.current_time() + self._deadline))
+        handed_over = False
         try:
             with run.limit:
                 self._waiting["runs"] += 1
@@ -486,6 +583,11 @@ class ByteReader:
                     self._waiting["runs"] -= 1
                 try:
                     run.started = True
+                    if await self._claim(flights):
+                        handed_over = True
+                        return
+                    self._counts["misses"] += len(flights)
+                    run.began = time.monotonic()
                     while True:
                         try:
                             await self._fetch_run(ref, run)
@@ -497,6 +599,7 @@ class ByteReader:
                                           "the archive serves it right", ref.uri, exc)
                                 raise IntegrityError(f"{ref.uri}: {exc}") from exc
                             log.warning("%s: %s; its blocks were dropped and are fetched again", ref.uri, exc)
+                    self.link.observe(run.began, run.first_at, run.first_bytes, run.last_at, run.total_bytes)
                 except Exception as exc:
                     self._count_error(exc, what)
                     self._fail(flights[run.delivered:], exc)
@@ -509,7 +612,22 @@ class ByteReader:
                 self._count_error(error, what)
                 self._fail(flights[run.delivered:], error)
         finally:
-            self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+            if not handed_over:
+                self._fail(flights[run.delivered:], Unavailable(f"read of {ref.uri} interrupted: mastfs is stopping"))
+
+    async def _claim(self, flights: list[_Flight]) -> bool:
+        """Claim the run's blocks in the shared cache directory (see :meth:`BlockCache.claim`); when
+        another process stored any of them meanwhile, load each block of the run from disk instead (a
+        block still missing is fetched alone) and return True: the flights are handed over."""
+        found = await self._cache.claim(flights[0].ref, [flight.index for flight in flights])
+        for flight in flights:
+            flight.claimed = True
+        if not found:
+            return False
+        assert self._nursery is not None
+        for flight in flights:
+            self._nursery.start_soon(self._load, flight)
+        return True
 
     async def _fetch_run(self, ref: ProductRef, run: _RunProgress) -> None:
         """Fetch the run's blocks from the source the policy picks, falling back from S3 to HTTPS."""
@@ -531,6 +649,7 @@ class ByteReader:
             self._check_fits(ref, flight.index, data)
             run.delivered += 1
             run.limit.deadline = trio.current_time() + self._deadline  # the next block gets a deadline too
+            run.arrived(len(data))
             self._bytes_fetched[run.source] += len(data)
             self._note_recent(ref.uri, run.source)
             progress["bytes_done"] += len(data)
@@ -553,7 +672,7 @@ class ByteReader:
                 except NotFound as exc:
                     if self._source == "s3":
                         raise self._s3_only_failure(ref, str(exc)) from exc
-                    if run.delivered:
+                    if run.delivered > delivered_before:
                         raise
                     log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
                     self._not_in_cloud.add(ref.uri)
@@ -611,6 +730,9 @@ class ByteReader:
             self._finish(flight)
 
     def _finish(self, flight: _Flight) -> None:
+        if flight.claimed:
+            flight.claimed = False
+            self._cache.release(flight.ref, flight.index)
         key = (flight.ref.version_key, flight.index)
         if self._flights.get(key) is flight:
             del self._flights[key]
@@ -670,10 +792,10 @@ class ByteReader:
         if key not in self._memory:
             self._memory.put(key, data)
 
-    def _demote(self, key: BlockKey) -> None:
-        """Make a block a sequential stream has left behind the first to leave the memory LRU, so the
-        blocks read ahead of the stream (older in the LRU, but not yet read) stay."""
-        self._memory.demote(key)
+    def _drop_behind(self, key: BlockKey) -> None:
+        """Forget a block a sequential stream has left behind (the kernel's page cache and the block cache
+        still have it), so the memory LRU keeps the blocks read ahead of the stream."""
+        self._memory.pop(key)
 
     def _check_fits(self, ref: ProductRef, index: int, data: bytes) -> None:
         """Feed a block about to be handed over to the product's FITS check (DATASUM and CHECKSUM of each
@@ -730,10 +852,11 @@ class ByteReader:
     # ------------------------------------------------------------------ sequential detection
 
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
-        """Update the stream's sequential state; a sequential read (not the stream's first) demotes the
-        block before the one it starts in (see :meth:`_demote`) and, past block 0, when it finds less than
-        half a window scheduled ahead, schedules up to a window of readahead."""
-        if stream.last_block < 0 or abs(offset - stream.next_offset) > SEQUENTIAL_SLACK:
+        """Update the stream's sequential state; a sequential read (not the stream's first) drops the
+        block before the one it starts in from memory (see :meth:`_drop_behind`) and, past block 0, grows
+        the readahead window (see :func:`grown_window`) and tops it up (see :func:`readahead_span`). A jump
+        resets the window."""
+        if stream.last_block < 0 or abs(offset - stream.next_offset) > stream.slack:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
             stream.window = 0
@@ -741,22 +864,43 @@ class ByteReader:
         stream.next_offset = max(stream.next_offset, end)
         first = block_index(offset)
         if first > 0:
-            self._demote((stream.ref.version_key, first - 1))
-        if last == 0 or self._max_readahead == 0:
+            self._drop_behind((stream.ref.version_key, first - 1))
+        most = self._max_readahead if stream.max_readahead is None else stream.max_readahead
+        if last == 0 or most == 0:
             return
+        cap = self.link.window_cap(self._run_blocks, self._transfers, most)
         if last > stream.last_block or stream.window == 0:
-            stream.window = min(max(1, stream.window * 2), self._max_readahead)
+            stream.window = grown_window(stream.window, cap, stream.starved)
+            stream.starved = False
             stream.last_block = max(stream.last_block, last)
-        final = block_count(stream.ref.size) - 1
-        if stream.ahead >= min(last + max(1, stream.window // 2), final):
+        run = self.link.run_blocks(self._run_blocks, self._transfers, most)
+        span = readahead_span(stream.ahead, last, stream.window, run, block_count(stream.ref.size) - 1)
+        if span is None:
             return
-        first = max(stream.ahead, last) + 1
-        target = min(last + stream.window, final)
-        if first > target:
-            return
-        stream.ahead = target
-        started = self._ensure(stream.ref, first, target, keep=True)
+        stream.ahead = span[1]
+        started = self._ensure(stream.ref, span[0], span[1], keep=True)
         self._counts["readahead_blocks"] += sum(1 for flight in started if flight is not None)
+
+
+def grown_window(window: int, cap: int, starved: bool) -> int:
+    """A stream's readahead window (blocks) at a new block: one block to begin with; then doubled when a
+    read since the last growth found its block not yet in memory (the reader outruns the link), else kept
+    (the reader is the slower side: more readahead would only pile up unread blocks); never above ``cap``."""
+    if window == 0:
+        return min(1, cap)
+    return min(window * 2 if starved else window, cap)
+
+
+def readahead_span(ahead: int, last: int, window: int, run: int, final: int) -> tuple[int, int] | None:
+    """The blocks to schedule for a stream that has read up to block ``last`` and scheduled up to block
+    ``ahead``, with a ``window`` of blocks and runs of ``run`` blocks, in a file whose last block is
+    ``final``: None while less than a run (or, for a window smaller than a run, half the window) of it is
+    free, else ``(first, last)`` up to ``last + window``."""
+    target = min(last + window, final)
+    first = max(ahead, last) + 1
+    if first > target or target - first + 1 < min(run, max(1, window // 2)) and target < final:
+        return None
+    return first, target
 
 
 def _runs_of(indexes: list[int], most: int, blocks: list[int] | None = None) -> list[list[int]]:

@@ -39,7 +39,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import trio
 
 from . import namespace
-from .errors import InvalidName, MastfsError, NoSuchAttribute, NotFound, NotPermitted, Unauthorized
+from .errors import (
+    InvalidName,
+    MastfsError,
+    NoSuchAttribute,
+    NotFound,
+    NotPermitted,
+    Unauthorized,
+    UnsupportedAttribute,
+)
 from .lru import LRU
 from .singleflight import SingleFlight
 from .versions import VersionChanged
@@ -499,9 +507,9 @@ class GroupDir(ObservationSubdir):
 
     __slots__ = ()
 
-    async def _files(self, tree: Tree) -> tuple[ProductTable, dict[str, int]]:
-        """The observation's product table and this group's file name -> row index. Raises NotFound
-        when the group is gone after a refresh."""
+    async def _files(self, tree: Tree) -> tuple[ProductTable, namespace.NameList]:
+        """The observation's product table and this group's file names (with their row indices). Raises
+        NotFound when the group is gone after a refresh."""
         contents = await self.observation_dir.contents(tree)
         files = contents.placement.groups.get(self.name)
         if files is None:
@@ -509,31 +517,31 @@ class GroupDir(ObservationSubdir):
         return contents.products, files
 
     async def children(self, tree: Tree) -> list[Node]:
-        table, files = await self._files(tree)
-        return [tree.intern(ProductFile, (*self.path, name), self, table, index) for name, index in files.items()]
+        table, names = await self._files(tree)
+        return [tree.intern(ProductFile, (*self.path, name), self, table, names, slot)
+                for slot, name in enumerate(names)]
 
     async def child(self, tree: Tree, name: str) -> Node:
         namespace.check_component(name)
-        table, files = await self._files(tree)
-        index = files.get(name)
-        if index is None:
+        table, names = await self._files(tree)
+        slot = names.find(name)
+        if slot is None:
             raise NotFound(f"{self.path_text}/{name}")
-        return tree.intern(ProductFile, (*self.path, name), self, table, index)
+        return tree.intern(ProductFile, (*self.path, name), self, table, names, slot)
 
-    async def s3_key(self, tree: Tree, name: str, uri: str) -> tuple[str | None, bool]:
-        """(S3 key or None, settled) of file ``name`` with dataURI ``uri``. The keys of its stretch of
+    async def s3_key(self, tree: Tree, slot: int, uri: str) -> tuple[str | None, bool]:
+        """(S3 key or None, settled) of the file in ``slot`` with dataURI ``uri``. The keys of its stretch of
         this directory (:data:`S3_LOOKUP_SPAN` names, so a small directory is one stretch) are looked up
         in one Archive call and memoised (under a key no real path can have: names never contain NUL).
         When the look-up said nothing about ``uri`` (it failed), settled is False and the memo goes, so
         the next open asks again."""
-        table, files = await self._files(tree)
-        names = list(files)
-        stretch = bisect.bisect_left(names, name) // S3_LOOKUP_SPAN
+        table, names = await self._files(tree)
+        stretch = slot // S3_LOOKUP_SPAN
         memo_key = (*self.path, "\0s3", str(stretch))
 
         async def lookup() -> dict[str, str | None]:
-            span = names[stretch * S3_LOOKUP_SPAN:(stretch + 1) * S3_LOOKUP_SPAN]
-            return dict(await tree.archive.s3_keys([table[files[n]] for n in span]))
+            span = names.indices[stretch * S3_LOOKUP_SPAN:(stretch + 1) * S3_LOOKUP_SPAN]
+            return dict(await tree.archive.s3_keys([table[index] for index in span]))
 
         keys = await tree.memoised(memo_key, lookup)
         if uri not in keys:
@@ -605,27 +613,29 @@ class PlannedFile(Node):
 
 
 class ProductFile(Node):
-    """One product: row ``index`` of its observation's ProductTable, decoded only when its fields are
-    needed (size and rights come packed). Its path is its group's plus its name."""
+    """One product: name ``slot`` of its group's NameList, row ``index`` of its observation's
+    ProductTable, decoded only when its fields are needed (size and rights come packed). Its name and
+    path are made when asked for (a listing may hold 300,000 of these)."""
 
-    __slots__ = ("group_dir", "table", "index", "_name", "resolved_size")
+    __slots__ = ("group_dir", "table", "names", "slot", "index", "resolved_size")
 
     def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, table: ProductTable,
-                 index: int) -> None:
+                 names: namespace.NameList, slot: int) -> None:
         self.ino = ino
         self.group_dir = group_dir
         self.table = table
-        self.index = index
-        self._name = path[-1]
-        self.resolved_size: int | None = table.size(index)
+        self.names = names
+        self.slot = slot
+        self.index = names.indices[slot]
+        self.resolved_size: int | None = table.size(self.index)
 
     @property
     def path(self) -> tuple[str, ...]:
-        return (*self.group_dir.path, self._name)
+        return (*self.group_dir.path, self.name)
 
     @property
     def name(self) -> str:
-        return self._name
+        return self.names[self.slot]
 
     @property
     def observation_dir(self) -> ObservationDir:
@@ -850,10 +860,11 @@ class Tree:
         self._memos[key] = _Memo(value, trio.current_time() + MEMO_TTL)
         self._memos_added += 1
         if self._memos_added % MEMO_SWEEP_EVERY == 0:
-            self._sweep_memos()
+            self.sweep_memos()
         return value
 
-    def _sweep_memos(self) -> None:
+    def sweep_memos(self) -> None:
+        """Drop the memoised directory contents that expired (a big listing's layout leaves with them)."""
         now = trio.current_time()
         for key in [key for key, memo in self._memos.items() if memo.expires <= now]:
             del self._memos[key]
@@ -912,14 +923,20 @@ class Tree:
         )
 
     async def listdir(self, ino: int) -> list[Node]:
-        """Every entry of directory ``ino`` in display order (``node.name`` its name,
-        :meth:`attributes` what readdirplus shows). The nodes stay until :meth:`release_listing` with
-        their numbers (or the kernel's forget).
+        """Every entry of directory ``ino`` as :meth:`children_of` gives them. The nodes stay until
+        :meth:`release_listing` with their numbers (or the kernel's forget)."""
+        children = await self.children_of(self.node(ino))
+        for child in children:  # held until release_listing; counted as readdir hands each out
+            self._hand_out(child)
+            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
+        return children
 
-        Sizes missing from product rows are resolved concurrently (at most :data:`SIZE_RESOLVERS` at a
-        time), each once, so attributes need no further request.
+    async def children_of(self, node: Node) -> list[Node]:
+        """Every entry of directory ``node`` in display order (``node.name`` its name, :meth:`attributes`
+        what readdirplus shows). Sizes missing from product rows are resolved concurrently (at most
+        :data:`SIZE_RESOLVERS` at a time), each once, so attributes need no further request. Nothing is
+        handed out: the caller decides whether the kernel gets to know the nodes.
         """
-        node = self.node(ino)
         if not isinstance(node, DirNode):
             raise NotFound(f"{node.path_text} is not a directory")
         children = await node.children(self)
@@ -928,9 +945,6 @@ class Tree:
             await self._resolve_sizes(unresolved)
         for child in children:
             await child.size(self)  # sidecars made now, so handing out attributes costs no wait
-        for child in children:  # held until release_listing; counted as readdir hands each out
-            self._hand_out(child)
-            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
         return children
 
     async def _resolve_sizes(self, files: list[ProductFile]) -> None:
@@ -959,31 +973,35 @@ class Tree:
         Raises Unauthorized (with one log line saying how to get a token) for exclusive-access products
         when no token is configured.
         """
-        node = self.node(ino)
-        if isinstance(node, DirNode):
-            raise NotPermitted(f"{node.path_text} is a directory")
-        if isinstance(node, ReadmeFile):
-            handle = OpenFile(node, content=Content(self.readme))
-        elif isinstance(node, SidecarFile | PlannedFile):
-            handle = OpenFile(node, content=await node.content(self))
-        else:
-            assert isinstance(node, ProductFile)
-            if node.exclusive and not self.has_token:
-                self.log_once(("token", node.product.data_uri), logging.WARNING,
-                              "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
-                raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
-            shown = self.truths.get(node.product.data_uri)
-            try:
-                ref = await self.product_ref(node)
-            except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
-                self._log_refused(node, exc)
-                raise
-            changed = shown is None or shown != self.truths.get(node.product.data_uri)
-            handle = OpenFile(node, ref=ref, stream=self.reader.open_stream(ref), changed=changed)
+        handle = await self.open_node(self.node(ino))
         number = self._next_handle
         self._next_handle += 1
         self._handles[number] = handle
         return number
+
+    async def open_node(self, node: Node, **stream_options: Any) -> OpenFile:
+        """An :class:`OpenFile` of ``node`` (not registered as a handle: for callers that keep it
+        themselves); ``stream_options`` go to the reader's ``open_stream``. Raises NotPermitted for a
+        directory, Unauthorized like :meth:`open`."""
+        if isinstance(node, DirNode):
+            raise NotPermitted(f"{node.path_text} is a directory")
+        if isinstance(node, ReadmeFile):
+            return OpenFile(node, content=Content(self.readme))
+        if isinstance(node, SidecarFile | PlannedFile):
+            return OpenFile(node, content=await node.content(self))
+        assert isinstance(node, ProductFile)
+        if node.exclusive and not self.has_token:
+            self.log_once(("token", node.product.data_uri), logging.WARNING,
+                          "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
+            raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
+        shown = self.truths.get(node.product.data_uri)
+        try:
+            ref = await self.product_ref(node)
+        except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
+            self._log_refused(node, exc)
+            raise
+        changed = shown is None or shown != self.truths.get(node.product.data_uri)
+        return OpenFile(node, ref=ref, stream=self.reader.open_stream(ref, **stream_options), changed=changed)
 
     async def product_ref(self, node: ProductFile, *, fresh: bool = False) -> ProductRef:
         """The pinned ProductRef of the node's dataURI (shared by every observation listing it): the
@@ -998,7 +1016,7 @@ class Tree:
             return ref
         s3_key, settled = None, True
         if self.settings.source != "http":
-            s3_key, settled = await node.group_dir.s3_key(self, node.name, uri)
+            s3_key, settled = await node.group_dir.s3_key(self, node.slot, uri)
         base = self.make_ref(uri=uri, size=node.product.size or 0, s3_key=s3_key, exclusive=node.exclusive)
         pinned = await self.reader.pin(base)
         if ref is not None and ref.version_key != pinned.version_key:
@@ -1040,6 +1058,10 @@ class Tree:
         open_file = self._handles.get(handle)
         if open_file is None:
             raise NotFound(f"no open file handle {handle}")
+        return await self.read_open(open_file, offset, length)
+
+    async def read_open(self, open_file: OpenFile, offset: int, length: int) -> bytes | memoryview:
+        """:meth:`read` of an :class:`OpenFile` from :meth:`open_node`."""
         if open_file.content is not None:
             return open_file.content.read(offset, length)
         assert open_file.stream is not None and open_file.ref is not None  # a product's handle
@@ -1076,10 +1098,10 @@ class Tree:
     # -------------------------------------------------------------------------------------- xattrs
 
     async def getxattr(self, ino: int, name: str) -> bytes:
-        """The value of xattr ``name``; NoSuchAttribute when it has none (ACL and security names at
-        once, without any I/O)."""
+        """The value of xattr ``name``; NoSuchAttribute when it has none; UnsupportedAttribute (at once,
+        without any I/O) for names outside ``user.`` (security labels, ACLs)."""
         if _never_present(name):
-            raise NoSuchAttribute(name)
+            raise UnsupportedAttribute(name)
         value = self.node(ino).xattrs(self).get(name)
         if value is None:
             raise NoSuchAttribute(name)
@@ -1103,7 +1125,8 @@ class Tree:
         it is asked of MAST again. Returns the inode numbers whose kernel caches should be invalidated.
         """
         node = await self.resolve_path(path)
-        below = [n for n in self._nodes.values() if n.path[: len(node.path)] == node.path]
+        # the node itself even when the kernel forgot it (resolve_path then made a fresh one)
+        below = [node, *(n for n in self._nodes.values() if n is not node and n.path[: len(node.path)] == node.path)]
         if isinstance(node, RootDir):
             await self.archive.forget_all()
         else:

@@ -250,7 +250,8 @@ def test_listings_stats_and_reads_survive_the_kernel_forgetting_inodes(mount, tw
     for a few seconds: no operation on an existing file fails, every byte read is right, and once the
     kernel lets go the daemon holds no node but the root (its reference counts match the kernel's)."""
     program = mount.join("program", twin_catalog.PROGRAM_2733)
-    dirs = [os.path.join(program, obs, group) for obs in os.listdir(program)
+    observations = [obs for obs in os.listdir(program) if os.path.isdir(os.path.join(program, obs))]
+    dirs = [os.path.join(program, obs, group) for obs in observations
             for group in os.listdir(os.path.join(program, obs)) if os.path.isdir(os.path.join(program, obs, group))]
     errors: list[tuple[str, str, OSError | AssertionError]] = []
     operations = [0]

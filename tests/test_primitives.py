@@ -141,16 +141,6 @@ def test_lru_drops_the_least_recently_used_first():
     assert lru.get("zz") is None and lru.get("zz", 0) == 0
 
 
-def test_lru_demote_makes_an_entry_go_first():
-    lru: LRU[str, int] = LRU(3)
-    for key in "abc":
-        lru.put(key, 0)
-    lru.demote("c")
-    lru.demote("nope")
-    lru.put("d", 0)
-    assert list(lru) == ["a", "b", "d"]
-
-
 def test_weighted_lru_bounds_the_total_weight():
     lru: LRU[str, bytes] = LRU(10, weigh=len)
     lru.put("a", b"1234")

@@ -13,7 +13,15 @@ import trio
 from mastfs import daemon, namespace
 from mastfs import tree as tree_module
 from mastfs.config import Settings
-from mastfs.errors import InvalidName, NameTooLong, NoSuchAttribute, NotFound, Unauthorized, errno_for
+from mastfs.errors import (
+    InvalidName,
+    NameTooLong,
+    NoSuchAttribute,
+    NotFound,
+    Unauthorized,
+    UnsupportedAttribute,
+    errno_for,
+)
 from mastfs.tree import ROOT_INODE
 from mastfs.twin import catalog as twin_catalog
 
@@ -148,11 +156,13 @@ def test_system_xattrs_and_bad_names_cost_nothing(clean_twin, tmp_path):
     async def body(tree):
         obs_ino = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
         clean_twin.reset_stats()
-        for name in ("security.selinux", "system.posix_acl_access", "system.posix_acl_default",
-                     "user.mast_nope"):
-            with pytest.raises(NoSuchAttribute) as info:
+        for name in ("security.selinux", "system.posix_acl_access", "system.posix_acl_default", "trusted.x"):
+            with pytest.raises(UnsupportedAttribute) as info:
                 await tree.getxattr(obs_ino, name)
-            assert errno_for(info.value) == errno.ENODATA
+            assert errno_for(info.value) == errno.EOPNOTSUPP
+        with pytest.raises(NoSuchAttribute) as info:
+            await tree.getxattr(obs_ino, "user.mast_nope")
+        assert errno_for(info.value) == errno.ENODATA
         assert (await tree.getxattr(obs_ino, "user.mast_obs_id")) == OBS.encode()
         for parent, name in ((obs_ino, ".Trash-1000"), (obs_ino, "desktop.ini"), (ROOT_INODE, "autorun.inf"),
                              (await ino_of(tree, "/program"), "02733"), (await ino_of(tree, "/cone"), "1,2,3,4")):
@@ -194,6 +204,24 @@ def test_refresh_asks_mast_again(clean_twin, tmp_path):
         assert await ino_of(tree, obs_path) in inodes
         await listing(tree, await ino_of(tree, obs_path))
         assert requests(clean_twin, "invoke:Mast.Caom.Products") == 1
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_refresh_of_a_directory_the_kernel_forgot_asks_mast_again(clean_twin, tmp_path):
+    """Under memory pressure the kernel forgets inodes at any time; ``mastfs refresh`` of such a
+    directory must still drop its cached answer."""
+
+    async def body(tree):
+        program_path = f"/program/{PROGRAM}"
+        program = await ino_of(tree, program_path)
+        await tree.listdir(program)
+        tree.forget(program, 1)  # the kernel drops its one reference: the node leaves memory
+        assert tree.stats()["kernel_inodes"] == 1  # /program only
+        clean_twin.reset_stats()
+        await tree.refresh(program_path)
+        await tree.listdir(await ino_of(tree, program_path))
+        assert requests(clean_twin, "invoke:Mast.Caom.Filtered") >= 1
 
     run_with_tree(clean_twin, tmp_path, body)
 
@@ -288,3 +316,59 @@ def test_inode_numbers_are_the_same_in_every_mount(clean_twin, tmp_path):
 
     first = run_with_tree(clean_twin, tmp_path, body)
     assert run_with_tree(clean_twin, tmp_path, body) == first > ROOT_INODE
+
+
+def test_planned_observations_leave_the_listing_for_planned_csv(clean_twin, tmp_path):
+    async def body(tree):
+        program = await ino_of(tree, f"/program/{PROGRAM}")
+        names = [name for name, _ in await listing(tree, program)]
+        assert twin_catalog.PLANNED_2733_OBS_ID not in names and "planned.csv" in names
+        planned = (await tree.lookup(program, "planned.csv")).ino
+        handle = await tree.open(planned)
+        text = bytes(await tree.read(handle, 0, 1 << 20)).decode()
+        tree.release(handle)
+        assert twin_catalog.PLANNED_2733_OBS_ID in text and "calib_level" in text.splitlines()[0]
+        with pytest.raises(NotFound):
+            await tree.lookup(await ino_of(tree, "/obs"), twin_catalog.PLANNED_2733_OBS_ID)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_a_failed_s3_lookup_is_asked_again_on_the_next_open(clean_twin, tmp_path):
+    async def body(tree):
+        level2 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level2")
+        name, attributes = (await listing(tree, level2))[0]
+        clean_twin.faults.add("path_lookup", "status", code=503)
+        handle = await tree.open(attributes.ino)
+        tree.release(handle)
+        clean_twin.faults.clear()
+        clean_twin.reset_stats()
+        handle = await tree.open(attributes.ino)
+        tree.release(handle)
+        assert requests(clean_twin, "path_lookup") >= 1  # not remembered as "not in S3"
+        source = (await tree.getxattr(attributes.ino, "user.mastfs.source")).decode()
+        assert source.startswith("s3://"), source
+
+    run_with_tree(clean_twin, tmp_path, body, retries=2, deadline=2.0)
+
+
+def test_products_csv_is_made_part_by_part_and_adds_up(clean_twin, tmp_path):
+    async def body(tree):
+        obs = await ino_of(tree, f"/program/{PROGRAM}/{OBS}")
+        csv_ino = (await tree.lookup(obs, "products.csv")).ino
+        size = (await tree.getattr(csv_ino)).size
+        handle = await tree.open(csv_ino)
+        pieces, offset = [], 0
+        while offset < size:  # kernel-sized reads crossing the parts' borders
+            piece = bytes(await tree.read(handle, offset, 131072))
+            pieces.append(piece)
+            offset += len(piece)
+        tree.release(handle)
+        text = b"".join(pieces).decode()
+        assert len(text.encode()) == size
+        rows = text.splitlines()
+        contents = await (await tree.resolve_path(f"/program/{PROGRAM}/{OBS}")).contents(tree)
+        assert len(rows) == len(contents.products) + 1 > 3000
+        assert rows[0].endswith(",mastfs_path")
+
+    run_with_tree(clean_twin, tmp_path, body)

@@ -495,7 +495,7 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         path = url.path
         method = self.command
         if path.startswith(ADMIN_PREFIX):
-            self._write(self._admin(method, path[len(ADMIN_PREFIX) :]), stat_keys=())
+            self._write(self._admin(method, path[len(ADMIN_PREFIX) :]), stat_keys=(), over_link=False)
             return
         limit = self.server.max_url_length
         if limit and len(self.path) > limit:
@@ -631,10 +631,14 @@ class MastRequestHandler(BaseHTTPRequestHandler):
 
     # ---- writing ---------------------------------------------------------------------------------------
 
-    def _write(self, reply: Reply, stat_keys: Iterable[str], fault: Fault | None = None) -> None:
-        """Send ``reply``; apply body faults (reset/truncate); count body bytes actually written."""
+    def _write(self, reply: Reply, stat_keys: Iterable[str], fault: Fault | None = None,
+               over_link: bool = True) -> None:
+        """Send ``reply`` (``over_link``: after the link's first-byte latency; a product body is paced by
+        the link); apply body faults (reset/truncate); count body bytes actually written."""
         stat_keys = list(stat_keys)
         head = self.command == "HEAD"
+        if over_link and (reply.stream is None or head):
+            self.server.link.delay_metadata()
         total = reply.body_length
         chunked = not reply.length_known and self.request_version == "HTTP/1.1"
         self.send_response(reply.status)
@@ -731,9 +735,11 @@ class MastRequestHandler(BaseHTTPRequestHandler):
             if method == "PUT":
                 try:
                     spec = json.loads(self.body or b"null")
-                    self.server.link.set(spec.get("first_byte_ms", 0), spec.get("stream_mb_s", 0))
+                    self.server.link.set(spec.get("first_byte_ms", 0), spec.get("stream_mb_s", 0),
+                                         spec.get("metadata_ms"))
                 except (AttributeError, TypeError, ValueError) as exc:
-                    return json_reply({"error": f"a link is {{first_byte_ms, stream_mb_s}} >= 0: {exc}"},
+                    return json_reply({"error": f"a link is {{first_byte_ms, stream_mb_s, metadata_ms}} >= 0: "
+                                                f"{exc}"},
                                       status=400)
             if method in ("GET", "PUT"):
                 return json_reply(self.server.link.to_json())

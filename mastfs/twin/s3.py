@@ -18,6 +18,7 @@ several twins can live in one process without sharing a bucket.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime
 import itertools
 import logging
@@ -302,6 +303,8 @@ class S3Gateway:
             status, headers, _ = self._get_object(environ, product.uri, request_id, None)
         elif is_catalog_get:
             status, headers, body = self._get_object(environ, product.uri, request_id, terminal)
+            if status not in (200, 206):  # a product body waits for its first byte in Link.pace
+                self.link.delay_metadata()
             length = int(dict(headers).get("Content-Length", 0))
             start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
             return self._counted(body, stat_keys, environ, terminal, length)
@@ -310,7 +313,9 @@ class S3Gateway:
                 self.register([key])
             elif bucket == BUCKET and not key:
                 self.register_prefix(query.get("prefix", [""])[0])
+            self.link.delay_metadata()
             return self._counted(self.moto_app(environ, start_response), stat_keys, environ)
+        self.link.delay_metadata()
         start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
         if method == "HEAD":
             return []
@@ -474,18 +479,84 @@ class S3Gateway:
         if fault is not None and fault.kind == "reset":
             self.resets.mark(environ["werkzeug.socket"])
             raise ConnectionResetError("twin fault: reset")
+        if fault is not None and fault.kind == "truncate":
+            raise ConnectionAbortedError("twin fault: truncate")  # the server ends the connection (FIN)
 
 
 class TwinS3RequestHandler(MotoRequestHandler):
-    """moto's request handler, logging to our logger instead of werkzeug's stderr handler, and ending the
-    connection after a request the gateway aborted (reset or released stall)."""
+    """moto's request handler with HTTP/1.1 keep-alive, as S3 keeps connections open (werkzeug's own
+    ``run_wsgi`` closes every connection after one response), logging to our logger instead of werkzeug's
+    stderr handler. The connection ends after a request that carried a body (it may be left unread), a
+    ``Connection: close`` request, an error after the status line, or a request the gateway aborted
+    (reset or released stall)."""
 
     server: S3Server
+    protocol_version = "HTTP/1.1"
 
     def handle_one_request(self) -> None:
         super().handle_one_request()
         if self.server.resets.is_marked(self.connection):
             self.close_connection = True
+
+    def run_wsgi(self) -> None:
+        if self.headers.get("Transfer-Encoding") or int(self.headers.get("Content-Length") or 0) > 0:
+            self.close_connection = True
+        if self.headers.get("Expect", "").lower().strip() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.environ = environ = self.make_environ()
+        response: list = []  # [status, headers] from start_response
+        sent = chunked = False
+
+        def start_response(status: str, headers: list, exc_info: object = None) -> Callable[[bytes], None]:
+            if sent and exc_info:
+                raise exc_info[1].with_traceback(exc_info[2])  # type: ignore[index]
+            response[:] = [status, headers]
+            return write
+
+        def write(data: bytes) -> None:
+            nonlocal sent, chunked
+            if not sent:
+                sent = True
+                code, _, message = response[0].partition(" ")
+                self.send_response(int(code), message)
+                names = set()
+                for name, value in response[1]:
+                    self.send_header(name, value)
+                    names.add(name.lower())
+                chunked = ("content-length" not in names and self.command != "HEAD"
+                           and int(code) >= 200 and int(code) not in (204, 304))
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+            if data and chunked:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            elif data:
+                self.wfile.write(data)
+
+        body: Iterable[bytes] = []
+        try:
+            body = self.server.app(environ, start_response)
+            for data in body:
+                write(data)
+            write(b"")
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (ConnectionError, TimeoutError) as exc:
+            logger.debug("twin s3: connection dropped: %s", exc)
+            self.close_connection = True
+        except Exception:
+            logger.exception("twin s3: error while answering %s %s", self.command, self.path)
+            self.close_connection = True
+            if not sent:
+                with contextlib.suppress(OSError):
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
 
     def log(self, type: str, message: str, *args: object) -> None:
         logger.debug("twin s3 %s: " + message, self.address_string(), *args)

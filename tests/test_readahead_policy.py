@@ -1,0 +1,92 @@
+"""The readahead policy of mastfs/reader.py without a network: the link estimate (per-connection throughput
+and time to first byte, from synthetic run timings), the run size and window cap it calls for, and which
+blocks a stream schedules. No timed assertions: every timing here is made up."""
+
+from __future__ import annotations
+
+import pytest
+
+from mastfs.blockcache import BLOCK_SIZE
+from mastfs.reader import MAX_RUN_BLOCKS, LinkEstimate, grown_window, readahead_span
+
+
+def estimate(first_byte: float, throughput: float, blocks: int = 2) -> LinkEstimate:
+    """A LinkEstimate that has seen one run of ``blocks`` blocks over a link of this latency and bandwidth."""
+    link = LinkEstimate()
+    first_at = first_byte + BLOCK_SIZE / throughput
+    link.observe(0.0, first_at, BLOCK_SIZE, first_at + (blocks - 1) * BLOCK_SIZE / throughput, blocks * BLOCK_SIZE)
+    return link
+
+
+def test_one_run_gives_back_the_links_latency_and_bandwidth():
+    link = estimate(0.030, 90e6)
+    assert link.first_byte == pytest.approx(0.030)
+    assert link.throughput == pytest.approx(90e6)
+    assert link.delay_bytes == pytest.approx(0.030 * 90e6)
+
+
+def test_a_run_of_one_block_teaches_nothing():
+    link = LinkEstimate()
+    link.observe(0.0, 0.1, BLOCK_SIZE, 0.1, BLOCK_SIZE)
+    assert link.throughput is None and link.delay_bytes == 0.0
+    assert link.run_blocks(2, transfers=8, budget=64) == 2
+
+
+def test_estimates_move_towards_new_runs_without_jumping():
+    link = estimate(0.030, 90e6)
+    fast = estimate(0.0, 900e6)
+    link.observe(0.0, BLOCK_SIZE / 900e6, BLOCK_SIZE, 2 * BLOCK_SIZE / 900e6, 2 * BLOCK_SIZE)
+    assert 90e6 < link.throughput < fast.throughput
+    assert 0.0 < link.first_byte < 0.030
+
+
+@pytest.mark.parametrize("first_byte, throughput, blocks", [
+    (0.0, 2e9, 2),         # loopback: no latency to amortise, the smallest run
+    (0.030, 90e6, 3),      # S3-like: 4 x 2.7 MB = 10.8 MB -> three 4 MiB blocks
+    (0.120, 25e6, 3),      # far: 4 x 3 MB = 12 MB -> three blocks
+    (0.300, 90e6, MAX_RUN_BLOCKS),  # very slow first byte: capped
+])
+def test_runs_carry_four_bandwidth_delay_products_when_the_budget_allows(first_byte, throughput, blocks):
+    assert estimate(first_byte, throughput).run_blocks(2, transfers=4, budget=64) == blocks
+
+
+def test_a_tight_budget_keeps_runs_short_so_every_transfer_slot_gets_one():
+    far = estimate(0.120, 25e6)
+    assert far.run_blocks(2, transfers=8, budget=14) == 2  # 14 // 8 = 1 < least: the least run
+    assert far.run_blocks(2, transfers=4, budget=14) == 3
+
+
+def test_the_window_holds_one_run_per_transfer_slot_within_the_budget():
+    s3_like = estimate(0.030, 90e6)
+    assert s3_like.window_cap(2, transfers=8, budget=64) == 24  # 8 runs of 3
+    assert s3_like.window_cap(2, transfers=8, budget=14) == 14
+    assert estimate(0.0, 2e9).window_cap(2, transfers=4, budget=24) == 8
+    assert LinkEstimate().window_cap(2, transfers=8, budget=0) == 0
+
+
+def test_a_window_is_topped_up_one_run_at_a_time():
+    # read up to block 10, scheduled up to 30, window 24, runs of 3: 4 blocks free -> schedule 31..34
+    assert readahead_span(ahead=30, last=10, window=24, run=3, final=1000) == (31, 34)
+    # only 2 blocks free: wait for a whole run
+    assert readahead_span(ahead=32, last=10, window=24, run=3, final=1000) is None
+
+
+def test_a_growing_window_smaller_than_a_run_schedules_half_windows():
+    assert readahead_span(ahead=1, last=1, window=1, run=3, final=1000) == (2, 2)
+    assert readahead_span(ahead=2, last=2, window=2, run=3, final=1000) == (3, 4)
+    assert readahead_span(ahead=6, last=3, window=4, run=3, final=1000) is None  # 1 free: less than half
+    assert readahead_span(ahead=5, last=3, window=4, run=3, final=1000) == (6, 7)  # 2 free: half a window
+
+
+def test_the_end_of_the_file_is_scheduled_even_when_less_than_a_run_is_left():
+    assert readahead_span(ahead=98, last=90, window=24, run=3, final=99) == (99, 99)
+    assert readahead_span(ahead=99, last=95, window=24, run=3, final=99) is None
+
+
+def test_the_window_doubles_only_while_the_reader_waits_for_the_link():
+    assert grown_window(0, cap=24, starved=False) == 1  # a sequential stream starts with one block
+    assert grown_window(4, cap=24, starved=True) == 8
+    assert grown_window(16, cap=24, starved=True) == 24
+    assert grown_window(8, cap=24, starved=False) == 8  # blocks were ready: the reader is the slower side
+    assert grown_window(16, cap=6, starved=False) == 6  # a lower cap (the link estimate changed) applies
+    assert grown_window(0, cap=0, starved=True) == 0  # readahead off
