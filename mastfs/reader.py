@@ -320,18 +320,23 @@ class ByteReader:
 
     async def _pin(self, ref: ProductRef) -> ProductRef:
         source = self._source_for(ref)
+        if source is None:
+            raise self._s3_only_failure(ref, "MAST lists no cloud copy")
         version = None
         if source == "s3":
             assert self._s3 is not None and ref.s3_key is not None
             try:
                 version = await self._s3.stat(ref.s3_key)
-            except NotFound:
+            except NotFound as exc:
                 if self._source == "s3":
-                    raise
+                    raise self._s3_only_failure(ref, str(exc)) from exc
                 log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
                 self._not_in_cloud.add(ref.uri)
         if version is None:
-            version = await self._http.stat(ref.uri)
+            try:
+                version = await self._http.stat(ref.uri)
+            except Unauthorized as exc:
+                raise self._refusal(ref, exc) from exc
         if version.size is None:
             pinned = await self._fetch_whole(ref)
         else:
@@ -682,14 +687,18 @@ class ByteReader:
                 await self._http.fetch_blocks(ref.uri, bounds[run.delivered - delivered_before:], deliver,
                                               ref.version)
             except Unauthorized as exc:
-                if ref.exclusive:
-                    raise
-                log.warning("MAST refused a download of the public file %s (%s): not a matter of access "
-                            "rights (public data needs no token); MAST may be failing, try again later",
-                            ref.uri, exc)
-                raise Unavailable(f"{ref.uri}: MAST refused the request ({exc})") from exc
+                raise self._refusal(ref, exc) from exc
         finally:
             self._transfer_ended(ref)
+
+    def _refusal(self, ref: ProductRef, exc: Unauthorized) -> MastfsError:
+        """The error of MAST refusing a download or HEAD: ``exc`` itself (EACCES) for exclusive data; for a
+        public file (EIO: not a matter of access rights) Unavailable, logged with the reason."""
+        if ref.exclusive:
+            return exc
+        log.warning("MAST refused a download of the public file %s (%s): not a matter of access rights "
+                    "(public data needs no token); MAST may be failing, try again later", ref.uri, exc)
+        return Unavailable(f"{ref.uri}: MAST refused the request ({exc})")
 
     def _s3_only_failure(self, ref: ProductRef, why: str) -> Unavailable:
         """The error (EIO, never ENOENT: the file exists) of a read S3 cannot serve under ``--source s3``,
