@@ -673,6 +673,22 @@ class Catalog:
                  for part in range(-(-product.size // MULTIPART_PART_SIZE))]
         return s3_etag(parts, product.size)
 
+    def listed_etag(self, uri: str, copy: str = "s3") -> str:
+        """The ETag a bucket listing states: :meth:`etag` when that costs nothing (a multipart ETag, or a
+        content md5 a HEAD or GET already computed); otherwise the one-part multipart form over the
+        digest of the product's identity and revision (``"<md5>-1"``, as S3 states for an object
+        uploaded in one multipart part), so a listing never generates objects to hash them. Raises
+        KeyError for an unknown uri."""
+        product = self.product(uri, copy)
+        if product is None:
+            raise KeyError(uri)
+        revision = self.revision(uri, copy)
+        known = self._digests.get((uri, revision))
+        if product.size > MULTIPART_THRESHOLD or known is not None:
+            return self.etag(uri, copy)
+        digest = hashlib.md5(f"{uri}\n{revision}\n0".encode(), usedforsecurity=False).hexdigest()
+        return f'"{digest}-1"'
+
     def products(self) -> Iterable[TwinProduct]:
         """Every product built at construction once (unique by uri), in construction order: all but the
         ~300,000 member and guide-star products of MOSAIC_OBS_ID, which exist only on demand

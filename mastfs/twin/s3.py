@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 import datetime
 import itertools
 import logging
@@ -91,6 +92,10 @@ def naive_utc(timestamp: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(int(timestamp), tz=datetime.timezone.utc).replace(tzinfo=None)
 
 
+_LISTING: contextvars.ContextVar[bool] = contextvars.ContextVar("twin_s3_listing", default=False)
+"""True while moto renders a bucket listing (see :attr:`LazyCatalogKey.etag`)."""
+
+
 class LazyCatalogKey(FakeKey):
     """A moto key whose size, ETag and LastModified come from a catalog product and whose bytes are read
     from the catalog only if moto itself ever asks for ``value`` (the gateway serves GetObject without
@@ -118,7 +123,11 @@ class LazyCatalogKey(FakeKey):
 
     @property
     def etag(self) -> str:
-        """The S3 copy's real S3 ETag (content md5, or the multipart form), computed once per revision."""
+        """The S3 copy's real S3 ETag (content md5, or the multipart form), computed once per revision.
+        In a listing, a content md5 not computed yet is not computed there (that generates the object:
+        a listing of thousands took minutes): see :meth:`Catalog.listed_etag`."""
+        if _LISTING.get():
+            return self.catalog.listed_etag(self.uri, "s3")
         return self.catalog.etag(self.uri, "s3")
 
     @property
@@ -314,7 +323,12 @@ class S3Gateway:
             elif bucket == BUCKET and not key:
                 self.register_prefix(query.get("prefix", [""])[0])
             self.link.delay_metadata()
-            return self._counted(self.moto_app(environ, start_response), stat_keys, environ)
+            listing = _LISTING.set(not key)
+            try:
+                answer = self.moto_app(environ, start_response)
+            finally:
+                _LISTING.reset(listing)
+            return self._counted(answer, stat_keys, environ)
         self.link.delay_metadata()
         start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
         if method == "HEAD":
