@@ -665,9 +665,12 @@ exist, and never cost a request to MAST.
   | `cube` | `_s3d` |
   | `preview` | `.jpg`, `.jpeg`, `.png`, `.gif` files (previews and thumbnails) |
   | `other` | anything else (logs, telemetry, ...) |
-- An unknown attribute is ENODATA; setting or removing any attribute is EROFS (the mount is read-only,
-  so the kernel refuses before asking mastfs). `security.*` and
-  `system.posix_acl_*` are answered at once, without asking MAST.
+- An unknown `user.` attribute is ENODATA; setting or removing any attribute is EROFS (the mount is
+  read-only, so the kernel refuses before asking mastfs). Names outside `user.` (`security.selinux`,
+  `system.posix_acl_*`, `trusted.*`) are EOPNOTSUPP ("not supported on this filesystem"), at once,
+  without asking MAST: `ls -l` asks every file for `security.selinux` and stops asking for the rest of
+  the filesystem after one EOPNOTSUPP (with ENODATA it asked each of thousands of files, a FUSE round
+  trip each).
 
 ## Caching
 
