@@ -531,8 +531,9 @@ def _report_probe(mountpoint: str, mast_url: str) -> None:
     while time.monotonic() < deadline:
         try:
             status = list(control_request(mountpoint, {"op": "status"}, timeout=2.0))[-1]
-        except (MastfsError, IndexError):
-            return
+        except (MastfsError, IndexError):  # the control socket may come up just after the mount
+            time.sleep(0.1)
+            continue
         probe = status.get("mast_probe") or {}
         if probe.get("state") == "unreachable":
             print(f"mastfs: WARNING: MAST cannot be reached at {mast_url} ({probe.get('problem')}); listings "
