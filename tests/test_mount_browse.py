@@ -70,7 +70,7 @@ def test_observation_directory_groups_products(mount, twin):
     entries = os.listdir(mount.join("program", PROGRAM, OBS))
     assert {"level1", "level2", "level3", "observation.json", "products.csv"} <= set(entries)
     assert set(entries) <= {"level1", "level2", "level3", "auxiliary", "calibration", "info", "preview",
-                            "thumbnail", "other", "observation.json", "products.csv"}
+                            "thumbnail", "other", "recommended", "observation.json", "products.csv"}
     level2 = os.listdir(mount.join("program", PROGRAM, OBS, "level2"))
     obsid = observation_row(twin, OBS)["obsid"]
     science_level2 = {row["productFilename"] for row in twin.catalog.product_rows(obsid)
@@ -154,7 +154,7 @@ def test_observation_xattrs(mount, twin):
     names = os.listxattr(obs_dir)
     row = observation_row(twin, OBS)
     expected = {f"user.mast_{key}" for key, value in row.items() if value is not None}
-    assert set(names) == expected
+    assert set(names) == expected | {"user.mastfs.observation_date"}
     assert os.getxattr(obs_dir, "user.mast_obs_id") == OBS.encode()
     assert os.getxattr(obs_dir, "user.mast_proposal_id") == PROGRAM.encode()
     output = subprocess.run(["getfattr", "-d", obs_dir], capture_output=True, text=True, check=True).stdout
@@ -198,7 +198,7 @@ def test_sidecars_hold_every_field(mount, twin):
         rows = list(csv.DictReader(io.StringIO(handle.read())))
     catalog_rows = twin.catalog.product_rows(row["obsid"])
     assert {r["dataURI"] for r in rows} == {r["dataURI"] for r in catalog_rows}
-    assert set(catalog_rows[0]) | {"mastfs_path"} == set(rows[0])
+    assert set(catalog_rows[0]) | {"mastfs_path", "mastfs_kind", "mastfs_observation_date"} == set(rows[0])
     shown = [r for r in rows if r["mastfs_path"]]
     assert all(os.path.exists(os.path.join(obs_dir, r["mastfs_path"])) for r in shown[:50])
 
