@@ -354,7 +354,7 @@ def _cold_read(ctx: Context, key: str, title: str, intro: str, goals: bool) -> t
         "busy: the share of all cores not idle meanwhile (other processes on the machine included). "
         + intro,
         columns=["reader", "MB/s", "seconds", "open (ms)", "first byte (ms)", "wire bytes / size", "daemon CPU",
-                 "twin CPU", "machine CPU busy", "daemon peak RSS (MB)", "ratio to direct"],
+                 "daemon CPU s/GiB", "twin CPU", "machine CPU busy", "daemon peak RSS (MB)", "ratio to direct"],
     )
     samples: dict[str, list[Run]] = {key: [] for key in ("s3-direct", "s3-mount", "http-direct", "http-mount",
                                                          "s3-download")}
@@ -403,7 +403,7 @@ def _cold_read(ctx: Context, key: str, title: str, intro: str, goals: bool) -> t
                _ms_spread([r.result.open_seconds for r in runs]),
                _ms_spread([r.result.first_byte_seconds for r in runs]),
                f"{median([r.wire.file_bytes for r in runs]) / product.size:.3f}" if runs[0].wire else "",
-               _cpu_share(runs, "daemon_cpu"), _cpu_share(runs, "twin_cpu"),
+               _cpu_share(runs, "daemon_cpu"), _cpu_per_gib(runs, product.size), _cpu_share(runs, "twin_cpu"),
                spread([r.machine_busy * 100 for r in runs if r.machine_busy is not None], "{:.0f} %"),
                spread([r.peak_rss / 1e6 for r in runs if r.peak_rss is not None]) if runs[0].peak_rss else "",
                ""]
@@ -432,6 +432,12 @@ def _cold_read(ctx: Context, key: str, title: str, intro: str, goals: bool) -> t
 def _ms_spread(seconds: list[float | None]) -> str:
     known = [s * 1e3 for s in seconds if s is not None]
     return spread(known, "{:.1f}") if known else ""
+
+
+def _cpu_per_gib(runs: list[Run], size: int) -> str:
+    """Median daemon CPU seconds per GiB read (empty for direct clients, which have no daemon)."""
+    per_gib = [r.daemon_cpu / (size / GIB) for r in runs if r.daemon_cpu is not None]
+    return spread(per_gib, "{:.2f}") if per_gib else ""
 
 
 def _cpu_share(runs: list[Run], attribute: str) -> str:
@@ -642,3 +648,53 @@ def _timed_ls(ctx: Context, mount: Mount, relative: str) -> tuple[float, Wire, i
         raise BenchError(f"`ls -l {relative}` failed: {result.stderr.strip()[-400:]}")
     entries = sum(1 for line in result.stdout.splitlines() if not line.startswith("total"))
     return elapsed, ctx.wire(), entries
+
+
+# ------------------------------------------------------------------------------- verification cost
+
+
+VERIFY_SAMPLE = 256 * MIB
+
+
+def bench_verify(ctx: Context) -> Section:
+    """What versions and verification cost: CPU seconds per GiB of each check the read path runs, and
+    the revalidation request each open sends (one HeadObject / HEAD, metadata: never paced by the link)."""
+    from mastfs.blockcache import BLOCK_SIZE
+    from mastfs.fitscheck import _record_sums
+
+    section = Section(
+        "verify", "Cost of versions and verification",
+        "CPU seconds per GiB (one core, this machine) of the checks mastfs runs on the bytes it fetches: the "
+        "per-record FITS sums behind each HDU's DATASUM/CHECKSUM (every `.fits` block, on the trio thread "
+        "as it arrives), the whole-file MD5 of a single-part S3 object (its ETag; once the whole object is "
+        "cached, in a worker thread, re-reading the cached blocks) and, for comparison, SHA-256. Then the "
+        "time of the one revalidation request every open sends (HeadObject on S3, HEAD on HTTPS) to the "
+        "twin; ranged GETs after it carry `If-Match`, which costs nothing measurable. The cold-read table "
+        "above shows the whole cost end to end (its *open* column includes the revalidation).",
+        columns=["check", "CPU s / GiB", "median ms"],
+    )
+    data = os.urandom(BLOCK_SIZE)
+    blocks = VERIFY_SAMPLE // BLOCK_SIZE
+
+    def cpu_per_gib(work) -> float:
+        began = time.process_time()
+        for index in range(blocks):
+            work(index)
+        return (time.process_time() - began) / (VERIFY_SAMPLE / GIB)
+
+    section.rows.append(["FITS record sums (DATASUM/CHECKSUM)",
+                         f"{cpu_per_gib(lambda i: _record_sums(65536 + i * BLOCK_SIZE, data)):.3f}", ""])
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    section.rows.append(["whole-file MD5 (plain S3 ETag)", f"{cpu_per_gib(lambda i: md5.update(data)):.3f}", ""])
+    section.rows.append(["whole-file SHA-256", f"{cpu_per_gib(lambda i: sha.update(data)):.3f}", ""])
+    product = ctx.product(twin_catalog.BENCH_1GIB_URI)
+    heads = []
+    for _ in range(20 * ctx.runs):
+        began = time.monotonic()
+        ctx.s3.head_object(Bucket=ctx.bucket, Key=product.s3_key)
+        heads.append(time.monotonic() - began)
+    section.rows.append(["revalidation at open: HeadObject (boto3, twin on loopback)", "", f"{median(heads) * 1000:.1f}"])
+    section.notes.append("the FITS sums run for every block of a `.fits` product not yet verified; the MD5 "
+                         "only for objects whose ETag is a plain MD5 (single-part uploads, <= 8 MiB at MAST's "
+                         "part size), so never for the 1 GiB products of the cold read.")
+    return section

@@ -151,11 +151,15 @@ class Archive:
                                   lambda _products: self._ttl_for([obs]))
 
     async def resolve(self, name: str) -> tuple[float, float]:
-        """(ra, dec) of a target name. Raises NotFound (remembered) when SANTA cannot resolve it."""
+        """(ra, dec) of a target name. MAST's own ``target_name`` spellings (``NGC-3132``: hyphens for
+        blanks) are tried again with blanks when the resolver does not know them as written. Raises
+        NotFound (remembered) when SANTA cannot resolve it."""
         normalised = " ".join(name.split()).lower()
 
         async def fetch() -> tuple[float, float]:
             position = await self._client.resolve_name(name)
+            if position is None and "-" in name:
+                position = await self._client.resolve_name(" ".join(name.replace("-", " ").split()))
             if position is None:
                 raise NotFound(f"cannot resolve target name {name!r}")
             return position

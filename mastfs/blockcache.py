@@ -4,8 +4,10 @@ Geometry (shared with :mod:`mastfs.reader`): block 0 holds bytes [0, 64 KiB) so 
 at most 64 KiB on the wire; block i >= 1 holds [64 KiB + (i-1) * 4 MiB, 64 KiB + i * 4 MiB), clipped to the
 file size. See docs/caching.md for the on-disk layout.
 
-Keys: a product version is ``sha256(uri, size[, sha256])`` in hex (:attr:`ProductRef.version_key`); file
-names never contain the uri. Every block file starts with a 64-byte header (magic, block index, data length,
+Keys: a product is ``sha256(uri)`` and one version of it ``sha256(uri, size, sha256, server version tag)``
+in hex (:attr:`ProductRef.product_key`, :attr:`ProductRef.version_key`); a version's blocks live in a
+directory under its product's, so the blocks of superseded versions are found and dropped when a new
+version is stored (:meth:`BlockCache.drop_superseded`); file names never contain the uri. Every block file starts with a 64-byte header (magic, block index, data length,
 crc32 of the data, the raw version key, a crc32 of the header) that is checked on every read: a short,
 missing or corrupt block is a miss (deleted), never served.
 
@@ -35,10 +37,12 @@ file (named ``<pid>-<random>``) is removed only when its writer is gone or it is
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import mmap
 import os
@@ -52,10 +56,13 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, TypeVar
 
 import trio
+
+from .fitscheck import FitsCheck, HduMismatch, applies_to
+from .versions import ObjectVersion
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +71,16 @@ HEADER_BLOCK_SIZE = 64 * 1024
 BLOCK_SIZE = 4 * 1024 * 1024
 """Size of every later block."""
 
-LAYOUT = "blocks-v1"
+LAYOUT = "blocks-v2"
 """Directory name of the current layout; a change of geometry or header format gets a new name."""
 _MAGIC = b"MFB1"
 _HEADER = struct.Struct("<4sQQI32sI")  # magic, index, data length, crc32(data), version key, crc32(header)
 HEADER_SIZE = 64
 _HEADER_PAD = HEADER_SIZE - _HEADER.size
 _VERIFIED_MARKER = "verified"
+_VERSION_FILE = "version"
+"""Per version directory: JSON of what can be checked offline (size, plain-MD5 ETag, S3 checksums,
+sha256); written with the version's first block."""
 _LOCK_FILE = "locks"
 RESCAN_INTERVAL = 30.0
 """Seconds between rebuilds of the index from the directory (other processes store and evict too)."""
@@ -92,7 +102,8 @@ class ProductRef:
 
     ``uri`` is the MAST dataURI, ``size`` its length in bytes, ``sha256`` its whole-file hex digest when
     known (verified once every block is cached), ``s3_key`` its key in the public bucket (None: not in the
-    cloud), ``exclusive`` whether it needs a token.
+    cloud), ``exclusive`` whether it needs a token, ``version`` what the server stated about the copy being
+    read (None until the reader pins one: see :meth:`mastfs.reader.ByteReader.pin`).
     """
 
     uri: str
@@ -100,12 +111,35 @@ class ProductRef:
     sha256: str | None = None
     s3_key: str | None = None
     exclusive: bool = False
+    version: ObjectVersion | None = None
+
+    @cached_property
+    def product_key(self) -> str:
+        """Hex sha256 of the uri: the directory of all the product's versions on disk."""
+        return hashlib.sha256(self.uri.encode()).hexdigest()
 
     @cached_property
     def version_key(self) -> str:
-        """Hex sha256 of uri, size and (when known) sha256: the product version's name on disk."""
-        identity = f"{self.uri}\0{self.size}\0{self.sha256 or ''}"
+        """Hex sha256 of uri, size, sha256 (when known) and the server's version tag: the version's name
+        on disk and in memory."""
+        tag = self.version.tag if self.version is not None else ""
+        identity = f"{self.uri}\0{self.size}\0{self.sha256 or ''}\0{tag}"
         return hashlib.sha256(identity.encode()).hexdigest()
+
+    def checks(self) -> dict[str, Any]:
+        """What a complete copy can be checked against: size, and when known sha256, the content MD5
+        (a plain-MD5 ETag), S3 additional checksums (name -> base64), and whether it is FITS (HDU
+        DATASUM/CHECKSUM, checked by ``mastfs cache verify``)."""
+        version = self.version
+        return {
+            "size": self.size,
+            "fits": applies_to(self.uri, self.size),
+            "version": None if version is None else {
+                "etag": version.etag, "last_modified": version.last_modified, "version_id": version.version_id},
+            "sha256": self.sha256,
+            "md5": version.content_md5 if version is not None else None,
+            "s3": dict(version.checksums) if version is not None else {},
+        }
 
 
 def block_count(size: int) -> int:
@@ -143,7 +177,13 @@ class VerifyReport:
     blocks: int = 0
     bytes: int = 0
     corrupt: int = 0
+    mixed: int = 0
+    """Blocks whose header names another version than their directory (never expected; removed)."""
     stray_files: int = 0
+    products_checked: int = 0
+    """Complete cached versions checked whole (sha256, plain-MD5 ETag, S3 checksums)."""
+    products_failed: int = 0
+    """Of those, versions that failed a whole-file check (all their blocks removed)."""
     corrupt_paths: list[str] = field(default_factory=list)
 
 
@@ -170,6 +210,8 @@ class BlockCache:
         self._limiter = trio.CapacityLimiter(_THREADS)
         self._lru: OrderedDict[BlockKey, int] = OrderedDict()  # key -> bytes on disk, oldest first
         self._by_version: dict[str, set[int]] = {}
+        self._product_of: dict[str, str] = {}  # version key -> product key
+        self._versions_of: dict[str, set[str]] = {}  # product key -> version keys on disk
         self._verified: set[str] = set()
         self._bytes_used = 0
         self._free_estimate: int | None = None
@@ -201,7 +243,9 @@ class BlockCache:
     async def _load_index(self) -> None:
         """(Re)build the index from the directory, the truth shared with other processes."""
         self._scanned_at = time.monotonic()
-        entries, verified, free = await self._run(self._scan_sync)
+        entries, verified, owners, free = await self._run(self._scan_sync)
+        for vk, pk in owners.items():
+            self._note_version(vk, pk)
         self._lru.clear()
         self._by_version.clear()
         self._bytes_used = self._reserved
@@ -233,11 +277,13 @@ class BlockCache:
                 self.release(ref, index)
             raise
         unknown = [index for index in indexes if (vk, index) not in self._lru]
-        sizes = await self._run(_sizes_sync, [self._path(vk, index) for index in unknown])
+        directory = self._version_dir_of(ref.product_key, vk)
+        sizes = await self._run(_sizes_sync, [os.path.join(directory, str(index)) for index in unknown])
         found = []
         for index, size in zip(unknown, sizes, strict=True):
             start, end = block_span(index, ref.size)
             if size == HEADER_SIZE + end - start and (vk, index) not in self._lru:
+                self._note_version(vk, ref.product_key)  # another process made the directory (and its checks)
                 self._lru[(vk, index)] = size
                 self._by_version.setdefault(vk, set()).add(index)
                 self._bytes_used += size
@@ -305,6 +351,11 @@ class BlockCache:
         present = self._by_version.get(ref.version_key)
         return present is not None and len(present) == block_count(ref.size)
 
+    def is_verified(self, ref: ProductRef) -> bool:
+        """True when the product's blocks on disk passed its whole-file checks and none changed since
+        (the reader then skips its per-HDU FITS sums)."""
+        return ref.version_key in self._verified
+
     async def load(self, ref: ProductRef, index: int) -> bytes | None:
         """The verified bytes of block ``index`` of ``ref``, or None (a miss).
 
@@ -365,10 +416,12 @@ class BlockCache:
             await self._run(self._remove_sync, doomed, empty_dirs)
             return False
         self._bytes_used += need  # reserved while the write runs
+        first = vk not in self._product_of
+        self._note_version(vk, ref.product_key)
         self._reserved += need
         try:
             stored, free = await self._run(self._write_sync, self._path(vk, index), index, bytes.fromhex(vk),
-                                           data, doomed, empty_dirs)
+                                           data, doomed, empty_dirs, ref.checks() if first else None)
         except OSError as exc:
             self._bytes_used -= need
             log.warning("cannot write block %d of %s to the cache: %s", index, ref.uri, exc)
@@ -386,14 +439,16 @@ class BlockCache:
         return True
 
     async def verify_product(self, ref: ProductRef) -> bool | None:
-        """Check a complete product against ``ref.sha256``.
+        """Check a complete product against every whole-file digest known for it (``ref.sha256``, the
+        content MD5 of a plain-MD5 ETag, S3 additional checksums: :meth:`ProductRef.checks`).
 
-        Returns None when there is nothing to check (no sha256 known, or blocks missing), True when the
+        Returns None when there is nothing to check (no digest known, or blocks missing), True when the
         blocks match (remembered on disk, so later instances need not re-hash), False when they do not:
         then every block of the product is deleted. A block found corrupt on the way is deleted and the
         answer is None (the product is no longer complete).
         """
-        if not ref.sha256 or not self.is_complete(ref):
+        checks = ref.checks()
+        if not _has_digest(checks) or not self.is_complete(ref):
             return None
         vk = ref.version_key
         if vk in self._verified:
@@ -401,7 +456,7 @@ class BlockCache:
         paths = [self._path(vk, index) for index in range(block_count(ref.size))]
         marker = os.path.join(self._version_dir(vk), _VERIFIED_MARKER)
         outcome, bad_index = await self._run(self._hash_product_sync, paths, bytes.fromhex(vk), ref.size,
-                                             ref.sha256, marker)
+                                             checks, marker)
         if outcome == "match":
             if self.is_complete(ref):
                 self._verified.add(vk)
@@ -413,17 +468,65 @@ class BlockCache:
                 self.corrupt_blocks += 1
                 await self._run(_unlink_all, self._forget((vk, bad_index)))
             return None
-        log.error("%s: cached blocks do not match its sha256 %s; dropping them", ref.uri, ref.sha256)
+        log.error("%s: cached blocks do not match the file's %s; dropping them", ref.uri, outcome)
         await self.drop(ref)
         return False
 
+    async def discard(self, ref: ProductRef, index: int) -> None:
+        """Delete block ``index`` of ``ref`` from disk (nothing when it is not there)."""
+        key = (ref.version_key, index)
+        if key in self._lru:
+            await self._run(_unlink_all, self._forget(key))
+
     async def drop(self, ref: ProductRef) -> None:
         """Delete every block of ``ref`` from disk."""
-        vk = ref.version_key
+        await self._drop_version(ref.version_key)
+
+    async def drop_superseded(self, ref: ProductRef) -> int:
+        """Delete the blocks of every other version of ``ref``'s product (the server now states
+        ``ref.version``); returns how many versions went."""
+        others = [vk for vk in self._versions_of.get(ref.product_key, ()) if vk != ref.version_key]
+        for vk in others:
+            await self._drop_version(vk)
+        return len(others)
+
+    async def _drop_version(self, vk: str) -> None:
+        if vk not in self._product_of:
+            return
+        directory = self._version_dir(vk)
         for index in list(self._by_version.get(vk, ())):
             self._forget((vk, index))
         self._verified.discard(vk)
-        await self._run(shutil.rmtree, self._version_dir(vk), True)
+        pk = self._product_of.pop(vk)
+        versions = self._versions_of.get(pk)
+        if versions is not None:
+            versions.discard(vk)
+            if not versions:
+                del self._versions_of[pk]
+        await self._run(shutil.rmtree, directory, True)
+
+    async def last_known(self, ref: ProductRef) -> ProductRef | None:
+        """``ref`` as it was last pinned, from the version on disk holding most of its blocks (when the
+        server cannot be asked: stale-if-error); None when no version of it is cached."""
+        versions = [vk for vk in self._versions_of.get(ref.product_key, ()) if vk in self._by_version]
+        if not versions:
+            return None
+        vk = max(versions, key=lambda v: len(self._by_version[v]))
+        checks = await self._run(_read_checks, self._version_dir(vk))
+        if checks is None or not isinstance(checks.get("version"), dict):
+            return None
+        stated = checks["version"]
+        known = ProductRef(ref.uri, checks["size"], sha256=checks.get("sha256"), s3_key=ref.s3_key,
+                           exclusive=ref.exclusive, version=ObjectVersion(
+                               size=checks["size"], etag=stated.get("etag"), last_modified=stated.get("last_modified"),
+                               version_id=stated.get("version_id"), checksums=tuple((checks.get("s3") or {}).items())))
+        return known if known.version_key == vk else None
+
+    def product_bytes(self, uri: str) -> int:
+        """Bytes of ``uri`` on disk, over its versions (normally one: superseded ones are dropped)."""
+        pk = hashlib.sha256(uri.encode()).hexdigest()
+        return sum(self._lru.get((vk, index), HEADER_SIZE) - HEADER_SIZE
+                   for vk in self._versions_of.get(pk, ()) for index in self._by_version.get(vk, ()))
 
     async def clear(self) -> None:
         """Delete every block (and leftover temporary file) of this cache directory."""
@@ -445,15 +548,35 @@ class BlockCache:
                 continue
             vk, index = key
             path = self._path(vk, index)
-            ok, length = await self._run(self._check_file_sync, path, bytes.fromhex(vk), index)
-            if ok:
+            state, length = await self._run(self._check_file_sync, path, bytes.fromhex(vk), index)
+            if state == "ok":
                 report.blocks += 1
                 report.bytes += length
             elif key in self._lru:
                 report.corrupt += 1
+                report.mixed += state == "mixed"
                 report.corrupt_paths.append(path)
                 self.corrupt_blocks += 1
                 await self._run(_unlink_all, self._forget(key))
+        for vk in list(self._by_version):
+            checks = await self._run(_read_checks, self._version_dir(vk))
+            if checks is None or not (_has_digest(checks) or checks.get("fits")) or vk in self._verified:
+                continue
+            if len(self._by_version.get(vk, ())) != block_count(checks["size"]):
+                continue
+            paths = [self._path(vk, index) for index in range(block_count(checks["size"]))]
+            marker = os.path.join(self._version_dir(vk), _VERIFIED_MARKER)
+            outcome, _ = await self._run(self._hash_product_sync, paths, bytes.fromhex(vk), checks["size"], checks,
+                                         marker, bool(checks.get("fits")))
+            if outcome == "unreadable":
+                continue
+            report.products_checked += 1
+            if outcome == "match":
+                self._verified.add(vk)
+            else:
+                report.products_failed += 1
+                log.error("cached version %s does not match the file's %s; dropping it", vk[:16], outcome)
+                await self._drop_version(vk)
         report.stray_files = await self._run(self._clean_tmp_sync)
         return report
 
@@ -462,11 +585,18 @@ class BlockCache:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    def _note_version(self, vk: str, pk: str) -> None:
+        self._product_of[vk] = pk
+        self._versions_of.setdefault(pk, set()).add(vk)
+
     def _version_dir(self, vk: str) -> str:
-        return os.path.join(self._blocks_dir, vk[:2], vk)
+        return self._version_dir_of(self._product_of[vk], vk)
+
+    def _version_dir_of(self, pk: str, vk: str) -> str:
+        return os.path.join(self._blocks_dir, pk[:2], pk, vk)
 
     def _path(self, vk: str, index: int) -> str:
-        return os.path.join(self._blocks_dir, vk[:2], vk, str(index))
+        return os.path.join(self._version_dir(vk), str(index))
 
     def _forget(self, key: BlockKey) -> list[str]:
         """Remove one block from the index; returns the files to delete (the block and, when its product
@@ -505,33 +635,34 @@ class BlockCache:
 
     # ----------------------------------------------------------------- worker-thread functions
 
-    def _scan_sync(self) -> tuple[list[tuple[BlockKey, int]], set[str], int]:
+    def _scan_sync(self) -> tuple[list[tuple[BlockKey, int]], set[str], dict[str, str], int]:
         os.makedirs(self._blocks_dir, exist_ok=True)
         removed = self._clean_tmp_sync()
         if removed:
             log.info("removed %d unfinished block writes from %s", removed, self._tmp_dir)
         found: list[tuple[float, BlockKey, int]] = []
         verified: set[str] = set()
-        for prefix in os.scandir(self._blocks_dir):
-            if not prefix.is_dir(follow_symlinks=False):
-                continue
-            for version in _scan_quietly(prefix.path):
-                if not version.is_dir(follow_symlinks=False):
-                    continue
-                for entry in _scan_quietly(version.path):
-                    if entry.name == _VERIFIED_MARKER:
-                        verified.add(version.name)
-                        continue
-                    try:
-                        stat = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:  # evicted by another process meanwhile
-                        continue
-                    if not entry.name.isdigit() or stat.st_size <= HEADER_SIZE:
-                        _unlink_all([entry.path])
-                        continue
-                    found.append((stat.st_mtime, (version.name, int(entry.name)), stat.st_size))
+        owners: dict[str, str] = {}
+        for prefix in _subdirs(self._blocks_dir):
+            for product in _subdirs(prefix.path):
+                for version in _subdirs(product.path):
+                    owners[version.name] = product.name
+                    for entry in _scan_quietly(version.path):
+                        if entry.name == _VERIFIED_MARKER:
+                            verified.add(version.name)
+                            continue
+                        if entry.name == _VERSION_FILE:
+                            continue
+                        try:
+                            stat = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:  # evicted by another process meanwhile
+                            continue
+                        if not entry.name.isdigit() or stat.st_size <= HEADER_SIZE:
+                            _unlink_all([entry.path])
+                            continue
+                        found.append((stat.st_mtime, (version.name, int(entry.name)), stat.st_size))
         found.sort(key=lambda item: item[0])
-        return [(key, size) for _, key, size in found], verified, _free_bytes(self.directory)
+        return [(key, size) for _, key, size in found], verified, owners, _free_bytes(self.directory)
 
     def _clean_tmp_sync(self) -> int:
         os.makedirs(self._tmp_dir, exist_ok=True)
@@ -548,13 +679,15 @@ class BlockCache:
     def _remove_sync(doomed: list[str], empty_dirs: list[str]) -> None:
         _unlink_all(doomed)
         for directory in empty_dirs:
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass  # not empty (a newer block arrived) or already gone
+            _unlink_all([os.path.join(directory, _VERSION_FILE), os.path.join(directory, _VERIFIED_MARKER)])
+            for leaf in (directory, os.path.dirname(directory)):
+                try:
+                    os.rmdir(leaf)
+                except OSError:
+                    break  # not empty (a newer block or version arrived) or already gone
 
     def _write_sync(self, path: str, index: int, raw_vk: bytes, data: bytes, doomed: list[str],
-                    empty_dirs: list[str]) -> tuple[bool, int]:
+                    empty_dirs: list[str], checks: dict[str, Any] | None) -> tuple[bool, int]:
         self._remove_sync(doomed, empty_dirs)
         free = _free_bytes(self.directory)
         if free - HEADER_SIZE - len(data) < self.min_free:
@@ -571,6 +704,8 @@ class BlockCache:
         except OSError:
             _unlink_all([tmp])
             raise
+        if checks is not None:
+            _write_checks(os.path.dirname(path), checks)
         return True, free - HEADER_SIZE - len(data)
 
     def _read_sync(self, path: str, raw_vk: bytes, index: int, length: int) -> bytes | None:
@@ -585,18 +720,27 @@ class BlockCache:
         return data
 
     @staticmethod
-    def _check_file_sync(path: str, raw_vk: bytes, index: int) -> tuple[bool, int]:
+    def _check_file_sync(path: str, raw_vk: bytes, index: int) -> tuple[str, int]:
+        """``("ok" | "mixed" | "corrupt", data length)``: "mixed" is a sound block of another version."""
         try:
             with open(path, "rb") as handle:
                 header = handle.read(HEADER_SIZE)
                 data = handle.read()
         except FileNotFoundError:
-            return False, 0
-        return _header_ok(header, raw_vk, index, data), len(data)
+            return "corrupt", 0
+        if _header_ok(header, raw_vk, index, data):
+            return "ok", len(data)
+        if len(header) == HEADER_SIZE and _header_ok(header, _HEADER.unpack_from(header)[4], index, data):
+            return "mixed", len(data)
+        return "corrupt", len(data)
 
-    def _hash_product_sync(self, paths: list[str], raw_vk: bytes, size: int, expected: str,
-                           marker: str) -> tuple[str, int]:
-        digest = hashlib.sha256()
+    def _hash_product_sync(self, paths: list[str], raw_vk: bytes, size: int, checks: dict[str, Any],
+                           marker: str, fits: bool = False) -> tuple[str, int]:
+        """``("match" | "unreadable" | name of the failed check, bad block index)``; with ``fits`` also
+        each HDU's DATASUM and CHECKSUM; writes ``marker`` on a match."""
+        hashers = _whole_file_hashers(checks)
+        hdus = FitsCheck(size) if fits else None
+        previous: tuple[int, bytes] | None = None
         for index, path in enumerate(paths):
             start, end = block_span(index, size)
             try:
@@ -605,12 +749,90 @@ class BlockCache:
                 data = None
             if data is None:
                 return "unreadable", index
-            digest.update(data)
-        if digest.hexdigest() != expected.lower():
-            return "mismatch", -1
+            for hasher in hashers.values():
+                hasher.update(data)
+            if hdus is not None:
+                try:
+                    if previous is not None and hdus.next_header < start:  # a header across the boundary
+                        hdus.add(*previous, more=data)
+                    hdus.add(start, data)
+                except HduMismatch as exc:
+                    return f"FITS {exc}", index
+                previous = (start, data)
+        for name, hasher in hashers.items():
+            if hasher.result() != hasher.expected:
+                return name, -1
         with open(marker, "wb"):
             pass
         return "match", -1
+
+
+class _Digest:
+    """One whole-file digest being computed and the value it must reach."""
+
+    def __init__(self, expected: str, update: Callable[[bytes], None], result: Callable[[], str]) -> None:
+        self.expected = expected
+        self.update = update
+        self.result = result
+
+
+def _whole_file_hashers(checks: dict[str, Any]) -> dict[str, _Digest]:
+    """The digests to compute for ``checks`` (see :meth:`ProductRef.checks`), by check name."""
+    digests: dict[str, _Digest] = {}
+    for name, algorithm in (("sha256", "sha256"), ("md5", "md5")):
+        if checks.get(name):
+            hasher = hashlib.new(algorithm, usedforsecurity=False)
+            digests[name] = _Digest(checks[name].lower(), hasher.update, hasher.hexdigest)
+    for name, value in (checks.get("s3") or {}).items():
+        if name == "ChecksumCRC32":
+            digests[name] = _crc32_digest(value)
+        elif name in ("ChecksumSHA256", "ChecksumSHA1"):
+            hasher = hashlib.new(name[len("Checksum"):].lower())
+            digests[name] = _Digest(value, hasher.update, partial(_b64_digest, hasher))
+    return digests
+
+
+def _b64_digest(hasher: Any) -> str:
+    return base64.b64encode(hasher.digest()).decode()
+
+
+def _crc32_digest(expected: str) -> _Digest:
+    """A running CRC32 of the bytes, as S3 states it (base64 of the big-endian 32-bit value)."""
+    state = [0]
+
+    def update(data: bytes) -> None:
+        state[0] = zlib.crc32(data, state[0])
+
+    def result() -> str:
+        return base64.b64encode(state[0].to_bytes(4, "big")).decode()
+
+    return _Digest(expected, update, result)
+
+
+def _has_digest(checks: dict[str, Any]) -> bool:
+    return bool(checks.get("sha256") or checks.get("md5") or checks.get("s3"))
+
+
+def _write_checks(directory: str, checks: dict[str, Any]) -> None:
+    tmp = os.path.join(directory, f".{_VERSION_FILE}.{uuid.uuid4().hex}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(checks, handle)
+    os.rename(tmp, os.path.join(directory, _VERSION_FILE))
+
+
+def _read_checks(directory: str) -> dict[str, Any] | None:
+    """The checks a version directory recorded, or None when it has none (or they are unreadable)."""
+    try:
+        with open(os.path.join(directory, _VERSION_FILE), encoding="utf-8") as handle:
+            checks = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return checks if isinstance(checks, dict) and isinstance(checks.get("size"), int) else None
+
+
+def _subdirs(path: str) -> list[os.DirEntry[str]]:
+    """The subdirectories of ``path``; none when another process removed it meanwhile."""
+    return [entry for entry in _scan_quietly(path) if entry.is_dir(follow_symlinks=False)]
 
 
 def _lock_offset(key: BlockKey) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--type", dest="product_type", metavar="TYPE",
                           help="only products of this type: SCIENCE, AUXILIARY, INFO, PREVIEW, THUMBNAIL, ...")
     prefetch.add_argument("--jobs", type=int, metavar="N", help="parallel transfers (default: --transfers)")
+    prefetch.add_argument("--recommended", action="store_true",
+                          help='only MAST\'s "Minimum Recommended Products" (what recommended/ shows; '
+                          "astroquery's mrp_only)")
     prefetch.set_defaults(run=run_prefetch)
 
     refresh = verbs.add_parser("refresh", help="forget cached metadata for a subtree",
@@ -221,7 +225,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_prefetch(args: argparse.Namespace) -> int:
     from .ops import prefetch_command
 
-    return prefetch_command(args.paths, args.level, args.product_type, args.jobs)
+    return prefetch_command(args.paths, args.level, args.product_type, args.jobs, recommended=args.recommended)
 
 
 def run_refresh(args: argparse.Namespace) -> int:
@@ -256,11 +260,18 @@ def run_twin_serve(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Start the twin in a child process, mount against it in the foreground, clean up both on exit
-    (and the cache, unless ``--cache-dir`` named one)."""
+    """Check the mountpoint, start the twin in a child process, mount against it in the foreground,
+    clean up both on exit (and the cache, unless ``--cache-dir`` named one)."""
+    from .daemon import prepare_mountpoint, python_module_command
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    problem = prepare_mountpoint(mountpoint)
+    if problem:
+        print(f"mastfs: {problem}", file=sys.stderr)
+        return 1
     temporary_cache = tempfile.TemporaryDirectory(prefix="mastfs-demo-cache-")
     twin = subprocess.Popen(
-        [sys.executable, "-m", "mastfs", "twin", "serve", "--scale", str(args.scale)],
+        python_module_command("mastfs", "twin", "serve", "--scale", str(args.scale)),
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -271,10 +282,10 @@ def run_demo(args: argparse.Namespace) -> int:
         urls = json.loads(line)
         cache_dir = args.cache_dir or temporary_cache.name
         print(f"twin: {urls['mast_url']} (S3 {urls['s3_endpoint']}); cache {cache_dir}", file=sys.stderr)
-        print(f"mounting at {args.mountpoint}; try: ls {args.mountpoint}/program/2733  (Ctrl-C stops)",
+        print(f"mounting at {mountpoint}; try: ls {mountpoint}/program/2733  (Ctrl-C stops)",
               file=sys.stderr)
         mount_args = [
-            "mount", "--foreground", args.mountpoint, "--mast-url", urls["mast_url"],
+            "mount", "--foreground", mountpoint, "--mast-url", urls["mast_url"],
             "--resolver-url", urls["resolver_url"], "--s3-endpoint", urls["s3_endpoint"],
             "--cache-dir", cache_dir,
         ]

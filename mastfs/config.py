@@ -1,6 +1,7 @@
 """Configuration: one declarative table of options, read from flags, environment and a TOML file.
 
-Precedence: command-line flag > environment variable ``MASTFS_<NAME>`` > ``~/.config/mastfs/config.toml``
+Precedence: command-line flag > environment variable ``MASTFS_<FLAG NAME>`` (``--cache-size`` ->
+``MASTFS_CACHE_SIZE``) > ``~/.config/mastfs/config.toml``
 (or ``$MASTFS_CONFIG``) > the default in :data:`OPTIONS`. Each option carries its help and the reason it
 exists, so ``mastfs mount --help`` and docs/configuration.md stay in step with the code.
 """
@@ -8,6 +9,7 @@ exists, so ``mastfs mount --help`` and docs/configuration.md stay in step with t
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,10 +22,13 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+log = logging.getLogger(__name__)
+
 BLOCKS_SUBDIR = "blocks"
 """Subdirectory of the cache directory holding the block cache (see :attr:`Settings.blocks_dir`)."""
 META_SUBDIR = "meta"
 """Subdirectory of the cache directory holding the metadata cache (see :attr:`Settings.meta_dir`)."""
+
 _SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -96,10 +101,13 @@ class Option:
     why: str
     flag: str = ""
     metavar: str | None = None
+    deprecated_env: tuple[str, ...] = ()  # former variable names, still read (with a warning)
 
     @property
     def env(self) -> str:
-        return "MASTFS_" + self.name.upper()
+        """``MASTFS_`` and the flag's name in capitals, dashes as underscores (``--collection`` ->
+        ``MASTFS_COLLECTION``)."""
+        return "MASTFS_" + self.cli_flag.lstrip("-").replace("-", "_").upper()
 
     @property
     def cli_flag(self) -> str:
@@ -119,7 +127,8 @@ OPTIONS: tuple[Option, ...] = (
            "where file bytes come from: auto (S3, HTTPS fallback), s3 or http",
            "S3 is faster and free inside AWS; HTTPS holds everything"),
     Option("collections", ["JWST"], parse_list, "observation collections shown (comma-separated)",
-           "MAST mixes missions; JWST is what most users browse", flag="--collection", metavar="LIST"),
+           "MAST mixes missions; JWST is what most users browse", flag="--collection", metavar="LIST",
+           deprecated_env=("MASTFS_COLLECTIONS",)),
     Option("cache_dir", _default_cache_dir(), str, "directory of the metadata and block caches",
            "persistent across remounts and reboots", metavar="DIR"),
     Option("cache_size", parse_size("20G"), parse_size, "block cache size limit (e.g. 20G)",
@@ -236,11 +245,34 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
             group.add_argument(option.cli_flag, dest=option.name, action="store_const", const=True,
                                default=None, help=f"{option.help} [env {option.env}]")
         else:
+            default = "" if "(default:" in option.help else f" (default: {show_default(option)})"
             group.add_argument(option.cli_flag, dest=option.name, default=None, metavar=option.metavar,
-                               help=f"{option.help} (default: {_show(option.default)}) [env {option.env}]")
+                               help=f"{option.help}{default} [env {option.env}]")
 
 
-def _show(value: Any) -> str:
+def format_size(nbytes: int) -> str:
+    """``21474836480`` -> ``"20 GiB"`` (the largest binary unit that divides it; parse_size reads it back)."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= factor and nbytes % factor == 0:
+            return f"{nbytes // factor} {unit}"
+    return f"{nbytes} bytes"
+
+
+def format_duration(seconds: float) -> str:
+    """``3600.0`` -> ``"1h"`` (the largest unit that divides it; parse_duration reads it back)."""
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"
+
+
+def show_default(option: Option) -> str:
+    """The option's default as a user writes it (``20 GiB``, ``1h``, ``JWST``, ``''``)."""
+    value = option.default
+    if option.parse is parse_size:
+        return format_size(value)
+    if option.parse is parse_duration:
+        return format_duration(value)
     if isinstance(value, list):
         return ",".join(value)
     return repr(value) if value in ("", None) else str(value)
@@ -263,7 +295,13 @@ def load_settings(
             raise ValueError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     resolved: dict[str, Any] = {}
     for option in OPTIONS:
-        for source, value in ((option.cli_flag, flags.get(option.name)), (option.env, env.get(option.env)),
+        from_env = option.env, env.get(option.env)
+        for old in option.deprecated_env:
+            if from_env[1] is None and env.get(old) is not None:
+                log.warning("%s is deprecated: use %s (the flag's name, like every MASTFS_ variable)",
+                            old, option.env)
+                from_env = old, env[old]
+        for source, value in ((option.cli_flag, flags.get(option.name)), from_env,
                               (str(path), file_values.get(option.name))):
             if value is not None:
                 try:

@@ -16,8 +16,8 @@ from the mountpoint. A client sends one JSON object on one line and reads JSON l
   user, last check; never the token).
 - ``{"op": "refresh", "path": P}`` -> one line: drops cached metadata at and below P (``invalidated``:
   how many inodes the kernel was told to forget).
-- ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?}`` -> ``{"event": "start", "files",
-  "bytes"}``; ``{"event": "progress", "bytes_cached", "bytes", "files_finished"}`` every 0.5 s;
+- ``{"op": "prefetch", "path": P, "level": N?, "type": T?, "jobs": J?, "recommended": bool?}`` ->
+  ``{"event": "start", "files", "bytes"}``; ``{"event": "progress", "bytes_cached", "bytes", "files_finished"}`` every 0.5 s;
   ``{"event": "file", "path", "size", "status": "done"|"skipped"|"failed", "reason", "fetched"}`` per
   product as it finishes; last ``{"event": "summary", "ok", "done", "skipped", "failed", "bytes",
   "end": true}``.
@@ -43,26 +43,28 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import __version__
+from . import __version__, namespace
 from .auth import TokenKeeper, find_token_and_source
 from .config import Settings
-from .errors import MastfsError, Unavailable
+from .errors import BadResponse, MastfsError, Unavailable
 from .tree import Tree
 
 if TYPE_CHECKING:
     from .archive import Archive
-    from .blockcache import BlockCache, ProductRef
+    from .blockcache import BlockCache
     from .mast.client import MastClient
     from .reader import ByteReader
 
 log = logging.getLogger(__name__)
 
 MOUNT_WAIT = 30.0
+PROBE_WAIT = 5.0
+"""Seconds the one probe of MAST after mounting may take (``mastfs mount`` waits this long at most for it)."""
 """Seconds a background mount may take to become live before ``mount`` gives up."""
 UMOUNT_BUSY_WAIT = 2.0
 """Seconds ``umount`` retries a busy unmount before detaching lazily."""
@@ -124,6 +126,32 @@ class Services:
     cache: BlockCache
     client: MastClient
     tokens: TokenKeeper
+    mast_probe: MastProbe = field(default_factory=lambda: MastProbe())
+
+
+class MastProbe:
+    """Whether MAST answered the one probe made after mounting: ``state`` is "pending", "ok" or
+    "unreachable" (then ``problem`` says why)."""
+
+    def __init__(self) -> None:
+        self.state = "pending"
+        self.problem = ""
+
+    async def run(self, client: Any, mast_url: str) -> None:
+        """Probe MAST once; log one WARNING when it cannot be reached. Never raises (but cancellation)."""
+        try:
+            await client.probe(PROBE_WAIT)
+        except (Unavailable, BadResponse) as exc:
+            self.state, self.problem = "unreachable", str(exc)
+            log.warning("MAST cannot be reached at %s (%s); listings and reads that need it fail "
+                        "with EIO until it can (mastfs status shows the errors)", mast_url, exc)
+        except MastfsError:
+            self.state = "ok"  # it answered, if only to refuse
+        else:
+            self.state = "ok"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"state": self.state, "problem": self.problem}
 
 
 @contextlib.asynccontextmanager
@@ -162,12 +190,9 @@ async def open_services(settings: Settings, token: str | TokenKeeper | None) -> 
             await archive.aclose()
 
 
-def cached_bytes(cache: BlockCache, ref: ProductRef) -> int:
-    """How many bytes of ``ref`` the block cache holds (blocks on disk, not yet re-verified)."""
-    from .blockcache import block_count, block_span
-
-    return sum(end - start for start, end in (block_span(index, ref.size) for index in range(block_count(ref.size))
-                                                if cache.contains(ref, index)))
+def cached_bytes(cache: BlockCache, uri: str) -> int:
+    """How many bytes of the product ``uri`` the block cache holds (blocks on disk, not yet re-verified)."""
+    return cache.product_bytes(uri)
 
 
 # ------------------------------------------------------------------------------------------ mounting
@@ -308,9 +333,31 @@ def _fusermount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["fusermount3", *args], capture_output=True, text=True, check=False)
 
 
+def python_module_command(module: str, *args: str) -> list[str]:
+    """``python -m module args`` with this interpreter, except that the child never imports from its
+    current directory (where a folder named ``mastfs``, e.g. a clone of the repository, would shadow the
+    installed package)."""
+    bootstrap = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+                 "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", bootstrap, module, *args]  # the module stays visible in ps
+
+
 def prepare_mountpoint(mountpoint: str) -> str | None:
-    """Check ``mountpoint`` is an empty directory, unmounting the dead remains of a crashed daemon
-    ("Transport endpoint is not connected") first. Returns a message saying what is wrong, or None."""
+    """Check ``mountpoint`` is an empty directory, creating it (with a note on stderr) when missing and
+    unmounting the dead remains of a crashed daemon ("Transport endpoint is not connected") first.
+    Returns a message naming what is wrong (a missing parent, a file in the way, ...), or None."""
+    if not os.path.lexists(mountpoint):
+        parent = os.path.dirname(mountpoint.rstrip("/")) or "/"
+        if not os.path.exists(parent):
+            return f"cannot create the mount point {mountpoint}: its parent directory {parent} does not exist"
+        if not os.path.isdir(parent):
+            return f"cannot create the mount point {mountpoint}: {parent} is a file, not a directory"
+        try:
+            os.mkdir(mountpoint)
+        except OSError as exc:
+            return f"cannot create the mount point {mountpoint}: {exc.strerror}"
+        print(f"mastfs: created the mount point {mountpoint}", file=sys.stderr)
+        return None
     if _mount_entry(mountpoint) is not None:
         try:
             os.statvfs(mountpoint)  # always answered by the filesystem's server (no kernel cache)
@@ -325,7 +372,7 @@ def prepare_mountpoint(mountpoint: str) -> str | None:
         else:
             return f"{mountpoint} is already a mount point (mastfs umount {mountpoint} first?)"
     if not os.path.isdir(mountpoint):
-        return f"{mountpoint} is not a directory"
+        return f"{mountpoint} is a file, not a directory: mount on an empty directory"
     if os.listdir(mountpoint):
         return f"{mountpoint} is not empty; mount on an empty directory so no files are hidden"
     return None
@@ -378,6 +425,7 @@ async def _serve(settings: Settings, mountpoint: str, token: TokenKeeper) -> int
                 log.info("mastfs %s mounted %s at %s (cache %s)", __version__, settings.mast_url, mountpoint,
                          settings.cache_dir)
                 _sd_notify("READY=1")
+                nursery.start_soon(services.mast_probe.run, services.client, settings.mast_url)
         finally:
             _sd_notify("STOPPING=1")
             # After the kernel ended the session there is nothing left to unmount.
@@ -438,7 +486,7 @@ def start_background(settings: Settings, mountpoint: str) -> int:
     start_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "mastfs.daemon", mountpoint],
+            python_module_command("mastfs.daemon", mountpoint),
             stdin=subprocess.PIPE, stdout=log_file, stderr=log_file, env=env, start_new_session=True,
         )
     assert child.stdin is not None
@@ -450,6 +498,7 @@ def start_background(settings: Settings, mountpoint: str) -> int:
             break
         if _mount_entry(mountpoint) is not None and os.path.ismount(mountpoint):
             print(f"mastfs: mounted at {mountpoint} (log: {log_path})", file=sys.stderr)
+            _report_probe(mountpoint, settings.mast_url)
             return 0
         time.sleep(0.05)
     else:
@@ -473,6 +522,26 @@ def mount_command(settings: Settings, mountpoint: str, foreground: bool) -> int:
     if foreground:
         return run_foreground(settings, mountpoint)
     return start_background(settings, mountpoint)
+
+
+def _report_probe(mountpoint: str, mast_url: str) -> None:
+    """Print the daemon's WARNING when its probe found MAST unreachable (waiting for the probe at most
+    PROBE_WAIT plus a second; the mount is already live)."""
+    deadline = time.monotonic() + PROBE_WAIT + 1.0
+    while time.monotonic() < deadline:
+        try:
+            status = list(control_request(mountpoint, {"op": "status"}, timeout=2.0))[-1]
+        except (MastfsError, IndexError):  # the control socket may come up just after the mount
+            time.sleep(0.1)
+            continue
+        probe = status.get("mast_probe") or {}
+        if probe.get("state") == "unreachable":
+            print(f"mastfs: WARNING: MAST cannot be reached at {mast_url} ({probe.get('problem')}); listings "
+                  "and reads that need it fail with EIO until it can", file=sys.stderr)
+            return
+        if probe.get("state") != "pending":
+            return
+        time.sleep(0.1)
 
 
 def umount_command(mountpoint: str) -> int:
@@ -676,6 +745,7 @@ class ControlHandler:
                       "blocks": self.services.cache.entries},
             "reader": self.services.reader.stats(),
             "mast": self.services.client.stats(),
+            "mast_probe": self.services.mast_probe.as_dict(),
             "interrupted": self.operations.interrupts.interrupted,
             "token": self.services.tokens.status(),
             "tree": self.services.tree.stats(),
@@ -690,6 +760,8 @@ class ControlHandler:
         files = []
         async for path, node in tree.walk_products(self.inner_path(message)):
             if level is not None and node.product.level != int(level):
+                continue
+            if message.get("recommended") and not namespace.is_recommended(node.product):
                 continue
             if wanted_type is not None and node.product.product_type != wanted_type:
                 continue
@@ -780,7 +852,7 @@ async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """Body of the detached daemon (``python -m mastfs.daemon MOUNTPOINT``, settings as JSON on stdin,
+    """Body of the detached daemon (``mastfs.daemon MOUNTPOINT`` run as a module, settings as JSON on stdin,
     so nothing sensitive shows on the command line)."""
     values = json.loads(sys.stdin.read())
     sys.stdin.close()

@@ -227,6 +227,12 @@ class Operations(pyfuse3.Operations):
         opener = _pid(ctx)
         handle = await self.interrupts.call(opener, lambda: self.tree.open(inode))
         self._openers[handle] = opener
+        if self.tree.opened_changed(handle):
+            # The file's version or size is not what the kernel was shown: it must ask for the
+            # attributes again (attributes only: no page lock is involved, so this cannot deadlock
+            # inside open) and drop the pages it cached of the old version (keep_cache off).
+            self._invalidate_attributes(inode)
+            return pyfuse3.FileInfo(fh=handle, keep_cache=False)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @boundary
@@ -347,11 +353,15 @@ class Operations(pyfuse3.Operations):
     def invalidate(self, inodes: list[int]) -> None:
         """Ask the kernel to drop what it cached about ``inodes`` (after a refresh); best effort."""
         for inode in inodes:
-            try:
-                pyfuse3.invalidate_inode(inode, attr_only=False)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # the kernel had nothing cached for it
-                    log.debug("invalidate inode %d: %s", inode, exc)
+            self._invalidate_attributes(inode, attr_only=False)
+
+    @staticmethod
+    def _invalidate_attributes(inode: int, attr_only: bool = True) -> None:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=attr_only)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the kernel had nothing cached for it
+                log.debug("invalidate inode %d: %s", inode, exc)
 
 
 def mount_options(allow_other: bool) -> set[str]:

@@ -17,6 +17,7 @@ import re
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Protocol, overload
 
 from .errors import InvalidName, NameTooLong
@@ -38,6 +39,9 @@ MAX_CONE_RADIUS = 1.0
 """Largest accepted cone radius in degrees; wider cones return unbrowsably many observations."""
 
 OTHER_GROUP = "other"
+RECOMMENDED_DIR = "recommended"
+"""The view, in each observation directory, of its "Minimum Recommended Products" (MAST's default set)."""
+MINIMUM_RECOMMENDED = "Minimum Recommended Products"
 _TYPE_GROUPS = {
     "AUXILIARY": "auxiliary",
     "CALIBRATION": "calibration",
@@ -279,12 +283,15 @@ class Placement:
     in display order (levels, then product types, then ``other``); two different products with one file
     name get ``~2``, ``~3`` ... appended to the later names. ``group_of[i]`` is 1 + the position in
     ``group_names`` of product ``i``'s group (0: not shown as a file) and ``slot_of[i]`` its slot there.
+    ``recommended``: file name in ``recommended/`` -> index, for the products MAST marks "Minimum
+    Recommended Products" (sorted by name, made unique like the others).
     """
 
     groups: dict[str, NameList]
     group_of: bytearray
     slot_of: array[int]
     group_names: tuple[str, ...]
+    recommended: dict[str, int]
 
     def path(self, index: int) -> str:
         """Path of product ``index`` relative to the observation directory, "" when not shown."""
@@ -295,13 +302,14 @@ class Placement:
         return f"{name}/{self.groups[name][self.slot_of[index]]}"
 
 
-PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level")
-"""The product fields :func:`place_products` reads (name, group, level)."""
+PLACEMENT_FIELDS = ("dataURI", "productFilename", "productType", "calib_level", "productGroupDescription")
+"""The product fields :func:`place_products` reads (name, group, level, whether recommended)."""
 
 
 def place_products(products: Iterable[ProductLike]) -> Placement:
     """Arrange ``products`` (unique by dataURI) into group directories; see :class:`Placement`."""
     by_group: dict[str, dict[str, int]] = {}
+    recommended: dict[str, int] = {}
     count = 0
     for index, product in enumerate(products):
         count = index + 1
@@ -309,11 +317,9 @@ def place_products(products: Iterable[ProductLike]) -> Placement:
         if name is None:
             continue
         files = by_group.setdefault(product_group(product), {})
-        unique, counter = name, 1
-        while unique in files:
-            counter += 1
-            unique = f"{name}~{counter}"
-        files[unique] = index
+        files[_unique_name(name, files)] = index
+        if is_recommended(product):
+            recommended[_unique_name(name, recommended)] = index
     order = sorted(by_group, key=_group_order)
     group_of = bytearray(count)
     slot_of = array("q", bytes(8 * count))
@@ -325,7 +331,60 @@ def place_products(products: Iterable[ProductLike]) -> Placement:
             group_of[index] = position
             slot_of[index] = slot
         del ordered
-    return Placement(groups, group_of, slot_of, tuple(order))
+    return Placement(groups, group_of, slot_of, tuple(order), dict(sorted(recommended.items())))
+
+
+def _unique_name(name: str, taken: Mapping[str, int]) -> str:
+    """``name``, or ``name~2``, ``name~3`` ...: the first not in ``taken``."""
+    unique, counter = name, 1
+    while unique in taken:
+        counter += 1
+        unique = f"{name}~{counter}"
+    return unique
+
+
+def is_recommended(product: ProductLike) -> bool:
+    """Whether MAST counts ``product`` among the "Minimum Recommended Products" (its
+    ``productGroupDescription``; astroquery's ``mrp_only``, the Portal's default download basket)."""
+    text = str(product.fields.get("productGroupDescription") or "")
+    return text.strip().lower() == MINIMUM_RECOMMENDED.lower()
+
+
+PRODUCT_KINDS: dict[str, tuple[str, ...]] = {
+    "image": ("uncal", "rate", "rateints", "cal", "calints", "i2d", "s2d", "crf", "segm",
+              "raw", "flt", "flc", "drz", "drc"),
+    "table": ("asn", "x1d", "x1dints", "cat", "pool", "jit", "whtlt"),
+    "spectrum": ("c1d", "spec"),
+    "cube": ("s3d",),
+}
+"""File-name suffix (after the last ``_``, before the extension) -> what the file holds, for
+``user.mastfs.kind``; JPEG/PNG/GIF files are ``preview``, anything else ``other`` (docs/namespace.md)."""
+_KIND_OF_SUFFIX = {suffix: kind for kind, suffixes in PRODUCT_KINDS.items() for suffix in suffixes}
+
+
+def product_kind(product: ProductLike) -> str:
+    """``image``, ``table``, ``spectrum``, ``cube``, ``preview`` or ``other``: what a viewer would open
+    ``product`` as, from its file name (see :data:`PRODUCT_KINDS`)."""
+    return kind_of_filename(product.filename)
+
+
+def kind_of_filename(filename: str) -> str:
+    """:func:`product_kind` of a file name (a ``~2`` suffix of a shown name is ignored)."""
+    name = filename.lower()
+    if name.split("~", 1)[0].endswith(_IMAGE_EXTENSIONS):
+        return "preview"
+    stem = name.split(".", 1)[0]
+    return _KIND_OF_SUFFIX.get(stem.rsplit("_", 1)[-1], "other") if "_" in stem else "other"
+
+
+def observation_date(observation: ObservationLike) -> str | None:
+    """ISO 8601 UTC date-time of the observation (``2022-06-03T12:01:26Z``): ``t_min``, else ``t_max``,
+    else ``t_obs_release``; None when all three are null."""
+    for column in ("t_min", "t_max", "t_obs_release"):
+        unix = mjd_to_unix(observation.fields.get(column))
+        if unix is not None:
+            return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None
 
 
 @dataclass(frozen=True)
@@ -406,17 +465,21 @@ def csv_lines(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
 
 
 def products_csv_header(columns: Sequence[str]) -> bytes:
-    """The first line of ``products.csv``: every column of the product rows, then ``mastfs_path``."""
-    return csv_lines([*columns, "mastfs_path"], [])
+    """The first line of ``products.csv``: every column of the product rows, then ``mastfs_path``,
+    ``mastfs_kind`` and ``mastfs_observation_date``."""
+    return csv_lines([*columns, "mastfs_path", "mastfs_kind", "mastfs_observation_date"], [])
 
 
-def products_csv_rows(columns: Sequence[Sequence[Any]], paths: Sequence[str]) -> bytes:
+def products_csv_rows(columns: Sequence[Sequence[Any]], paths: Sequence[str], date: str | None = None) -> bytes:
     """Lines of ``products.csv`` (no header) from column-wise values (``columns[c][row]``, every column
     of the header in order), each row ended by its path relative to the observation directory
-    (``paths[row]``; empty for products not shown)."""
+    (``paths[row]``; empty for products not shown), the kind of that file (:func:`kind_of_filename`)
+    and ``date``, the observation's (:func:`observation_date`)."""
     cells = [_text_column(values) for values in columns]
+    kinds = [kind_of_filename(path.rsplit("/", 1)[-1]) if path else "" for path in paths]
+    dates = [date or ""] * len(paths)
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(zip(*cells, paths, strict=True))
+    csv.writer(buffer, lineterminator="\n").writerows(zip(*cells, paths, kinds, dates, strict=True))
     return buffer.getvalue().encode("utf-8")
 
 
@@ -425,16 +488,17 @@ def _text_column(values: Sequence[Any]) -> list[str]:
     return [value if type(value) is str else (text_value(value) or "") for value in values]
 
 
-def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str]) -> bytes:
+def products_csv(products: Sequence[ProductLike], paths: Mapping[str, str], date: str | None = None) -> bytes:
     """Content of ``products.csv``: one row per product row, every field (union of all rows' columns
-    in first-seen order), then ``mastfs_path``, the file's path relative to the observation directory
-    (empty for products not shown as files). Nulls are empty cells."""
+    in first-seen order), then ``mastfs_path`` (the file's path relative to the observation directory,
+    empty for products not shown as files), ``mastfs_kind`` and ``mastfs_observation_date`` (``date``).
+    Nulls are empty cells."""
     columns: dict[str, None] = {}
     for product in products:
         columns.update(dict.fromkeys(product.fields))
     values = [[product.fields.get(column) for product in products] for column in columns]
     return products_csv_header(list(columns)) + products_csv_rows(
-        values, [paths.get(product.data_uri, "") for product in products])
+        values, [paths.get(product.data_uri, "") for product in products], date)
 
 
 def planned_csv(observations: Sequence[ObservationLike]) -> bytes:
@@ -510,7 +574,9 @@ MAST until you look inside, and what was seen is cached on disk (see "Caching" b
   `/obs`, `/target` and `/cone` likewise list only what was looked up during this mount.
 - `<obs_id>` is MAST's `obs_id`, e.g. `jw02733-o002_t001_miri_f1130w`.
 - `<name>` is resolved by MAST's name resolver (e.g. `NGC 3132`, `M101`); the directory holds the
-  observations within 0.2 degrees of that position. A name that does not resolve does not exist
+  observations within 0.2 degrees of that position. MAST's own `target_name` spellings, with hyphens
+  for blanks (`NGC-3132`, as `user.mast_target_name` shows), work too: a name the resolver does not
+  know as written is tried once more with its hyphens as blanks. A name that does not resolve does not exist
   (ENOENT, one log line).
 - `<ra>,<dec>[,<radius_deg>]` is in decimal degrees, 0 <= ra < 360, -90 <= dec <= 90,
   0 < radius <= 1 (default 0.2), e.g. `/cone/151.755,-40.437,0.05`.
@@ -531,8 +597,10 @@ exist, and never cost a request to MAST.
     auxiliary/ calibration/ info/ preview/ thumbnail/
                                products of the other productType values (only the non-empty ones)
     other/                     products whose type or level is unknown
+    recommended/               MAST's "Minimum Recommended Products" of the observation (when it has any)
     observation.json           every field of the observation row
-    products.csv               one row per product, every field, plus mastfs_path (its path here)
+    products.csv               one row per product, every field, plus mastfs_path (its path here),
+                               mastfs_kind and mastfs_observation_date (as the xattrs below)
 
 - A SCIENCE product goes to `level<N>` by its `calib_level` (0 raw ... 4 contributed). When MAST
   gives no level, a JWST file name decides (`uncal` 1; `rate`, `rateints`, `cal`, `calints` 2;
@@ -551,6 +619,11 @@ exist, and never cost a request to MAST.
   directory, the later ones are shown as `<name>~2`, `<name>~3` ...
 - The same product under several observations is one file for the cache: reading it through either
   path downloads it once.
+- `recommended/` holds the products whose `productGroupDescription` is "Minimum Recommended
+  Products": MAST's default set (the Portal's download basket, astroquery's `mrp_only=True`), e.g. a
+  JWST level-3 observation's i2d mosaic, source catalog and previews, and its members' cal files. They
+  are the same files as in the level and group directories (same inode, one cache entry: reading
+  either downloads once). `mastfs prefetch --recommended PATH` fetches only those.
 
 ## Attributes
 
@@ -574,14 +647,30 @@ exist, and never cost a request to MAST.
   or of the product row (on the file), as text, e.g. `user.mast_target_name`,
   `user.mast_dataURI`, `user.mast_calib_level`. Null fields are omitted.
 - `user.mastfs.*` are mastfs's own, on product files: `user.mastfs.uri` (the product's dataURI),
-  `user.mastfs.cached_bytes` (how many of its bytes the local cache holds) and, once the file was
-  opened in this mount, `user.mastfs.source` (where its bytes come from: `s3://<bucket>/<key>` or
-  the HTTPS download URL).
-- An unknown `user.` attribute is ENODATA; setting or removing any attribute is EPERM. Names outside
-  `user.` (`security.selinux`, `system.posix_acl_*`, `trusted.*`) are EOPNOTSUPP ("not supported on
-  this filesystem"), at once, without asking MAST: `ls -l` asks every file for `security.selinux` and
-  stops asking for the rest of the filesystem after one EOPNOTSUPP (with ENODATA it asked each of
-  thousands of files, a FUSE round trip each).
+  `user.mastfs.cached_bytes` (how many of its bytes the local cache holds), `user.mastfs.kind` (below),
+  `user.mastfs.observation_date` and, once the file was opened in this mount, `user.mastfs.source`
+  (where its bytes come from: `s3://<bucket>/<key>` or the HTTPS download URL) and `user.mastfs.etag`
+  (the ETag of the version the last open read).
+- `user.mastfs.observation_date`, on observation directories and their files: when the observation
+  was made, ISO 8601 UTC (`2022-06-12T01:12:00Z`), from `t_min`, else `t_max`, else `t_obs_release`
+  (planned observations); absent when all three are null.
+- `user.mastfs.kind`, on product files: what a viewer opens the file as, from the file name's last
+  `_suffix` (what MAST's dashboards show as a column):
+
+  | kind | suffixes |
+  |---|---|
+  | `image` | `_uncal`, `_rate`, `_rateints`, `_cal`, `_calints`, `_i2d`, `_s2d`, `_crf`, `_segm`; HST `_raw`, `_flt`, `_flc`, `_drz`, `_drc` |
+  | `table` | `_asn`, `_x1d`, `_x1dints`, `_cat`, `_pool`; HST `_jit`, `_whtlt` |
+  | `spectrum` | `_c1d`, `_spec` (combined one-dimensional spectra) |
+  | `cube` | `_s3d` |
+  | `preview` | `.jpg`, `.jpeg`, `.png`, `.gif` files (previews and thumbnails) |
+  | `other` | anything else (logs, telemetry, ...) |
+- An unknown `user.` attribute is ENODATA; setting or removing any attribute is EROFS (the mount is
+  read-only, so the kernel refuses before asking mastfs). Names outside `user.` (`security.selinux`,
+  `system.posix_acl_*`, `trusted.*`) are EOPNOTSUPP ("not supported on this filesystem"), at once,
+  without asking MAST: `ls -l` asks every file for `security.selinux` and stops asking for the rest of
+  the filesystem after one EOPNOTSUPP (with ENODATA it asked each of thousands of files, a FUSE round
+  trip each).
 
 ## Caching
 

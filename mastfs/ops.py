@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TextIO
 
 from .config import Settings
@@ -115,8 +116,18 @@ def format_status(status: dict[str, Any]) -> str:
             errors = f", {query.get('transient_errors')} transient errors" if query.get("transient_errors") else ""
             lines.append(f"    {_duration(query.get('seconds', 0))} {pages} ({query.get('rows', 0)} rows{waits}"
                          f"{errors}): {query.get('what')}")
-    errors = reader.get("errors", {})
-    lines.append("  errors    " + (", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none"))
+    problems = [f"{name} {count}" for name, count in sorted(reader.get("errors", {}).items())]
+    failed_calls = sum(mast.get("errors", {}).values())
+    if failed_calls:
+        problems.append(f"{failed_calls} failed MAST API call{'s' if failed_calls != 1 else ''}")
+    lines.append("  errors    " + (", ".join(problems) or "none"))
+    last = mast.get("last_error")
+    if last:
+        when = datetime.fromtimestamp(last["time"]).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+        lines.append(f"  last error {when}: {last['message']}")
+    probe = status.get("mast_probe") or {}
+    if probe.get("state") == "unreachable":
+        lines.append(f"  WARNING   MAST could not be reached when mounting: {probe.get('problem')}")
     lines.append(f"  signals   {status.get('interrupted', 0)} waits ended early by a signal to the requester")
     tree = status.get("tree", {})
     lines.append(f"  metadata  {tree.get('nodes', 0)} inodes in memory ({tree.get('kernel_inodes', 0)} known to the "
@@ -206,8 +217,10 @@ class _FileResult:
 
 
 def prefetch_command(paths: list[str], level: int | None, product_type: str | None, jobs: int | None,
-                     out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr) -> int:
-    """Warm the cache for every product below ``paths``, drawing a progress bar on ``progress_stream``;
+                     out: TextIO = sys.stdout, progress_stream: TextIO = sys.stderr,
+                     recommended: bool = False) -> int:
+    """Warm the cache for every product below ``paths`` (only MAST's "Minimum Recommended Products" when
+    ``recommended``), drawing a progress bar on ``progress_stream``;
     then print a manifest to ``out``: one line per file (done, skipped or failed, and why) and a summary.
 
     Rerunning after an interruption resumes: what is cached is skipped. Returns 0 when nothing failed,
@@ -219,7 +232,8 @@ def prefetch_command(paths: list[str], level: int | None, product_type: str | No
     try:
         for path in paths:
             mountpoint, inner = mount_of(path)
-            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs}
+            message = {"op": "prefetch", "path": inner, "level": level, "type": product_type, "jobs": jobs,
+                       "recommended": recommended}
             base_done = bar.bytes_done
             finished_bytes = 0
             for event in _request(mountpoint, message, timeout=None):
@@ -281,7 +295,8 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
 
     While a mount uses that cache directory, ``stats`` asks its daemon (opening the cache here would
     disturb the daemon's unfinished writes) and ``clear`` and ``verify`` refuse (raise MastfsError:
-    unmount first). ``verify`` returns 1 when it found (and removed) corrupt blocks.
+    unmount first). ``verify`` returns 1 when it found (and removed) corrupt blocks or whole files that
+    failed a check.
     """
     import trio
 
@@ -318,10 +333,13 @@ def cache_command(action: str, settings: Settings, out: TextIO = sys.stdout) -> 
         else:
             report = await cache.verify()
             print(f"verified {report.blocks} blocks ({human_bytes(report.bytes)}) in {settings.cache_dir}: "
-                  f"{report.corrupt} corrupt removed, {report.stray_files} unfinished writes removed", file=out)
+                  f"{report.corrupt} corrupt removed ({report.mixed} of another version), "
+                  f"{report.stray_files} unfinished writes removed; {report.products_checked} whole files checked "
+                  f"(MD5 ETag, S3 checksums, FITS DATASUM/CHECKSUM), {report.products_failed} failed and removed",
+                  file=out)
             for path in report.corrupt_paths:
                 print(f"  removed corrupt block {path}", file=out)
-            return 1 if report.corrupt else 0
+            return 1 if report.corrupt or report.products_failed else 0
         return 0
 
     try:

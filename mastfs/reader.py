@@ -37,11 +37,12 @@ and builds the S3 client in it; leaving the block lets fetched blocks reach the 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -58,9 +59,11 @@ from .blockcache import (
     block_start,
 )
 from .errors import IntegrityError, MastfsError, NotFound, Unauthorized, Unavailable
-from .fetch import ColdStartFetcher, Fetcher
+from .fetch import ColdStartFetcher, WholeFileFetcher
+from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .lru import LRU
 from .singleflight import SingleFlight
+from .versions import ObjectVersion, VersionChanged
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ DEADLINE = 30.0
 STORE_GRACE = 5.0
 """Seconds a closing ByteReader waits for fetched blocks to reach the disk before cancelling the rest."""
 SOURCES = ("auto", "s3", "http")
+FITS_CHECKS_KEPT = 64
+"""How many product versions' FITS checks (per-record sums of blocks of HDUs not yet complete) are kept."""
+PINS_KEPT = 10_000
+"""How many products' latest pinned versions the reader remembers (to drop an old version's memory blocks)."""
 
 BlockKey = tuple[str, int]
 
@@ -213,7 +220,7 @@ class ByteReader:
     def __init__(
         self,
         cache: BlockCache,
-        http_fetcher: Fetcher,
+        http_fetcher: WholeFileFetcher,
         s3_fetcher: ColdStartFetcher | None = None,
         source: str = "auto",
         transfers: int = 8,
@@ -240,8 +247,11 @@ class ByteReader:
         self._memory: LRU[BlockKey, bytes] = LRU(memory_limit, weigh=len)
         self._flights: dict[BlockKey, _Flight] = {}
         self._verifying: SingleFlight[str, bool | None] = SingleFlight()
-        self._not_in_cloud: set[str] = set()
+        self._not_in_cloud: set[str] = set()  # uris
         self._s3_only_warned: set[str] = set()
+        self._pinned: LRU[str, str] = LRU(PINS_KEPT)  # uri -> version key of its latest pin
+        self._fits: LRU[str, FitsCheck] = LRU(FITS_CHECKS_KEPT)  # version key -> its FITS check
+        self._hdu_failures: dict[tuple[str, int], int] = {}  # (version key, HDU start) -> failed checks
         self._mismatched: set[str] = set()
         self._active: dict[str, dict[str, Any]] = {}
         self._bytes_fetched = {"s3": 0, "http": 0}
@@ -279,10 +289,81 @@ class ByteReader:
 
     def open_stream(self, ref: ProductRef, *, slack: int = SEQUENTIAL_SLACK,
                     max_readahead: int | None = None) -> ReadStream:
-        """A fresh read stream (one per open file handle) for ``ref``. A read starting at most ``slack``
-        bytes from where the previous one ended counts as sequential (0 for callers whose reads arrive in
-        order, unlike the kernel's); ``max_readahead`` (blocks) overrides the reader's window for it."""
+        """A fresh read stream (one per open file handle) for ``ref`` (a pinned ref: see :meth:`pin`). A
+        read starting at most ``slack`` bytes from where the previous one ended counts as sequential (0 for
+        callers whose reads arrive in order, unlike the kernel's); ``max_readahead`` (blocks) overrides the
+        reader's window for it."""
         return ReadStream(ref, slack, max_readahead)
+
+    async def pin(self, ref: ProductRef) -> ProductRef:
+        """``ref`` as the server states it now: its version (ETag, VersionId, Last-Modified, checksums)
+        and true size, asked of the source its reads will use (one HeadObject or HEAD; a file that
+        states no length is downloaded whole, at most the cache's size, and identified by its sha256).
+        Blocks of the product's other versions leave the cache and memory, so a changed file is read
+        from its start and no old block is served again.
+
+        When the server cannot be reached (Unavailable), the version cached last is used if there is one
+        (stale-if-error: cached bytes still read during an outage; a block not cached fails with EIO).
+
+        Raises NotFound, Unauthorized, Unavailable, BadResponse; MastfsError when a file of unknown
+        length is larger than the cache.
+        """
+        try:
+            return await self._pin(ref)
+        except Unavailable as exc:
+            cached = await self._cache.last_known(ref)
+            if cached is None:
+                raise
+            log.warning("%s: MAST cannot be asked for its version (%s); reading the version cached on %s",
+                        ref.uri, exc, cached.version.tag if cached.version else "?")
+            return cached
+
+    async def _pin(self, ref: ProductRef) -> ProductRef:
+        source = self._source_for(ref)
+        if source is None:
+            raise self._s3_only_failure(ref, "MAST lists no cloud copy")
+        version = None
+        if source == "s3":
+            assert self._s3 is not None and ref.s3_key is not None
+            try:
+                version = await self._s3.stat(ref.s3_key)
+            except NotFound as exc:
+                if self._source == "s3":
+                    raise self._s3_only_failure(ref, str(exc)) from exc
+                log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
+                self._not_in_cloud.add(ref.uri)
+        if version is None:
+            try:
+                version = await self._http.stat(ref.uri)
+            except Unauthorized as exc:
+                raise self._refusal(ref, exc) from exc
+        if version.size is None:
+            pinned = await self._fetch_whole(ref)
+        else:
+            pinned = replace(ref, size=version.size, version=version)
+        if await self._cache.drop_superseded(pinned):
+            log.info("%s changed on MAST: its cached blocks of older versions were dropped", ref.uri)
+        previous = self._pinned.peek(pinned.uri)
+        if previous is not None and previous != pinned.version_key:
+            self._forget_memory(previous)
+        self._pinned.put(pinned.uri, pinned.version_key)
+        return pinned
+
+    async def _fetch_whole(self, ref: ProductRef) -> ProductRef:
+        """Download a file that states no length whole (bounded by the cache size); store its blocks under
+        a version named by the content's sha256; the pinned ref."""
+        data = await self._http.fetch_whole(ref.uri, self._cache.size_limit)
+        digest = hashlib.sha256(data).hexdigest()
+        pinned = replace(ref, size=len(data), sha256=digest, version=ObjectVersion(size=len(data)))
+        self._counts["requests"] += 1
+        self._bytes_fetched["http"] += len(data)
+        for index in range(block_count(len(data))):
+            start, end = block_span(index, len(data))
+            block = data[start:end]
+            self._remember((pinned.version_key, index), block)
+            await self._cache.store(pinned, index, block)
+        return pinned
+
 
     async def read(self, stream: ReadStream, offset: int, length: int) -> bytes:
         """Exactly ``min(length, size - offset)`` verified bytes of the stream's product from ``offset``
@@ -299,7 +380,10 @@ class ByteReader:
     async def read_view(self, stream: ReadStream, offset: int, length: int) -> bytes | memoryview:
         """Like :meth:`read`, but a read inside one block returns a read-only memoryview of the cached
         block instead of a copy (for the FUSE adapter: pyfuse3 accepts any buffer). The view keeps its
-        block alive while referenced."""
+        block alive while referenced.
+
+        Raises VersionChanged once a later pin found another version of the product: an open file
+        never serves bytes of two versions, nor old bytes after a newer open saw the new ones."""
         with trio.move_on_after(self._deadline):
             return await self._read_view(stream, offset, length)
         error = Unavailable(f"{stream.ref.uri}: bytes from {offset} not fetched within the {self._deadline:g}s "
@@ -311,6 +395,9 @@ class ByteReader:
         ref = stream.ref
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length ({offset}, {length})")
+        latest = self._pinned.peek(ref.uri)
+        if ref.version is not None and latest is not None and latest != ref.version_key:
+            raise VersionChanged(f"{ref.uri}: a newer version was opened since this file was")
         end = min(offset + length, ref.size)
         if offset >= end:
             return b""
@@ -471,6 +558,12 @@ class ByteReader:
         except BaseException:
             self._fail([flight], Unavailable(f"read of {flight.ref.uri} interrupted: mastfs is stopping"))
             raise
+        if data is not None:
+            try:
+                self._check_fits(flight.ref, flight.index, data)
+            except HduMismatch as exc:
+                await self._drop_span(flight.ref, exc)
+                data = None
         if data is None:
             await self._transfer([flight])
             return
@@ -500,7 +593,17 @@ class ByteReader:
                         return
                     self._counts["misses"] += len(flights)
                     run.began = time.monotonic()
-                    await self._fetch_run(ref, run)
+                    while True:
+                        try:
+                            await self._fetch_run(ref, run)
+                            break
+                        except HduMismatch as exc:
+                            await self._drop_span(ref, exc)
+                            if self._hdu_failures[(ref.version_key, exc.span[0])] > 1:
+                                log.error("%s: %s again after fetching it again; reads of it fail (EIO) until "
+                                          "the archive serves it right", ref.uri, exc)
+                                raise IntegrityError(f"{ref.uri}: {exc}") from exc
+                            log.warning("%s: %s; its blocks were dropped and are fetched again", ref.uri, exc)
                     self.link.observe(run.began, run.first_at, run.first_bytes, run.last_at, run.total_bytes)
                 except Exception as exc:
                     self._count_error(exc, what)
@@ -534,18 +637,21 @@ class ByteReader:
     async def _fetch_run(self, ref: ProductRef, run: _RunProgress) -> None:
         """Fetch the run's blocks from the source the policy picks, falling back from S3 to HTTPS."""
         flights = run.flights
-        bounds = [block_start(flight.index) for flight in flights] + [block_span(flights[-1].index, ref.size)[1]]
+        bounds = [block_start(flight.index) for flight in flights[run.delivered:]]
+        bounds.append(block_span(flights[-1].index, ref.size)[1])
         source = self._source_for(ref)
         if source is None:
             raise self._s3_only_failure(ref, "MAST lists no cloud copy")
         run.source = source
         progress = self._transfer_started(ref, run.source)
+        delivered_before = run.delivered
 
         async def deliver(data: bytes) -> None:
             flight = flights[run.delivered]
             start, end = block_span(flight.index, ref.size)
             if len(data) != end - start:
                 raise IntegrityError(f"{ref.uri}: fetcher handed over {len(data)} bytes for block {flight.index}")
+            self._check_fits(ref, flight.index, data)
             run.delivered += 1
             run.limit.deadline = trio.current_time() + self._deadline  # the next block gets a deadline too
             run.arrived(len(data))
@@ -566,28 +672,33 @@ class ByteReader:
                 assert self._s3 is not None and ref.s3_key is not None
                 try:
                     self._counts["requests"] += 1
-                    await self._s3.fetch_blocks(ref.s3_key, bounds, deliver)
+                    await self._s3.fetch_blocks(ref.s3_key, bounds, deliver, ref.version)
                     return
                 except NotFound as exc:
                     if self._source == "s3":
                         raise self._s3_only_failure(ref, str(exc)) from exc
-                    if run.delivered:
+                    if run.delivered > delivered_before:
                         raise
                     log.info("%s is not in the cloud; reading it over HTTPS", ref.uri)
-                    self._not_in_cloud.add(ref.version_key)
+                    self._not_in_cloud.add(ref.uri)
                     run.source = progress["source"] = "http"
             self._counts["requests"] += 1
             try:
-                await self._http.fetch_blocks(ref.uri, bounds[run.delivered:], deliver)
+                await self._http.fetch_blocks(ref.uri, bounds[run.delivered - delivered_before:], deliver,
+                                              ref.version)
             except Unauthorized as exc:
-                if ref.exclusive:
-                    raise
-                log.warning("MAST refused a download of the public file %s (%s): not a matter of access "
-                            "rights (public data needs no token); MAST may be failing, try again later",
-                            ref.uri, exc)
-                raise Unavailable(f"{ref.uri}: MAST refused the request ({exc})") from exc
+                raise self._refusal(ref, exc) from exc
         finally:
             self._transfer_ended(ref)
+
+    def _refusal(self, ref: ProductRef, exc: Unauthorized) -> MastfsError:
+        """The error of MAST refusing a download or HEAD: ``exc`` itself (EACCES) for exclusive data; for a
+        public file (EIO: not a matter of access rights) Unavailable, logged with the reason."""
+        if ref.exclusive:
+            return exc
+        log.warning("MAST refused a download of the public file %s (%s): not a matter of access rights "
+                    "(public data needs no token); MAST may be failing, try again later", ref.uri, exc)
+        return Unavailable(f"{ref.uri}: MAST refused the request ({exc})")
 
     def _s3_only_failure(self, ref: ProductRef, why: str) -> Unavailable:
         """The error (EIO, never ENOENT: the file exists) of a read S3 cannot serve under ``--source s3``,
@@ -665,7 +776,7 @@ class ByteReader:
                 return None
             return "s3"
         cloud = self._s3 is not None and ref.s3_key and not ref.exclusive
-        return "s3" if cloud and ref.version_key not in self._not_in_cloud else "http"
+        return "s3" if cloud and ref.uri not in self._not_in_cloud else "http"
 
     def _note_recent(self, uri: str, source: str) -> None:
         self._recent.put(uri, source)
@@ -694,6 +805,41 @@ class ByteReader:
         """Forget a block a sequential stream has left behind (the kernel's page cache and the block cache
         still have it), so the memory LRU keeps the blocks read ahead of the stream."""
         self._memory.pop(key)
+
+    def _check_fits(self, ref: ProductRef, index: int, data: bytes) -> None:
+        """Feed a block about to be handed over to the product's FITS check (DATASUM and CHECKSUM of each
+        HDU once all its blocks passed; see :mod:`mastfs.fitscheck`); headers found in blocks seen
+        before are parsed from their memory copies. Raises HduMismatch (counted per HDU)."""
+        if not applies_to(ref.uri, ref.size) or self._cache.is_verified(ref):
+            return
+        vk = ref.version_key
+        check = self._fits.get(vk)
+        if check is None:
+            check = FitsCheck(ref.size)
+            self._fits.put(vk, check)
+        try:
+            check.add(block_start(index), data, self._memory.peek((vk, index + 1)) or b"")
+            while check.next_header < ref.size:  # a header in a block that passed before it was known
+                at = block_index(check.next_header)
+                seen = self._memory.peek((vk, at)) if at != index else None
+                before = check.next_header
+                if seen is not None:
+                    check.add(block_start(at), seen, self._memory.peek((vk, at + 1)) or b"")
+                if check.next_header == before:
+                    break  # not at hand, or the header runs past the bytes at hand
+        except HduMismatch as exc:
+            key = (vk, exc.span[0])
+            self._hdu_failures[key] = self._hdu_failures.get(key, 0) + 1
+            self._errors["IntegrityError"] = self._errors.get("IntegrityError", 0) + 1
+            raise
+
+    async def _drop_span(self, ref: ProductRef, mismatch: HduMismatch) -> None:
+        """Drop every block (memory and disk) holding bytes of a failed HDU, so it is fetched again."""
+        first, last = block_index(mismatch.span[0]), block_index(mismatch.span[1] - 1)
+        for index in range(first, last + 1):
+            key = (ref.version_key, index)
+            self._memory.pop(key)
+            await self._cache.discard(ref, index)
 
     def _forget_memory(self, version_key: str) -> None:
         for key in [key for key in self._memory if key[0] == version_key]:

@@ -32,14 +32,25 @@ import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import trio
 
 from . import namespace
-from .errors import InvalidName, NoSuchAttribute, NotFound, NotPermitted, Unauthorized, UnsupportedAttribute
+from .errors import (
+    InvalidName,
+    MastfsError,
+    NoSuchAttribute,
+    NotFound,
+    NotPermitted,
+    Unauthorized,
+    UnsupportedAttribute,
+)
 from .lru import LRU
 from .singleflight import SingleFlight
+from .versions import VersionChanged
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -58,8 +69,11 @@ ROOT_INODE = 1
 FORGOTTEN_KEPT = 4096
 """How many nodes the kernel forgot stay findable by inode number (a safety margin, not a cache)."""
 REFS_KEPT = 10_000
-"""How many products' ProductRefs (cache identity, S3 key) are kept; one made again on a later open has
-the same identity, so its cached blocks are found."""
+"""How many products' pinned ProductRefs (version, true size, S3 key) and true sizes are kept."""
+PIN_TTL = 60.0
+"""Seconds an open reuses the version the previous open of the same product pinned (the kernel keeps
+attributes for as long); later opens, and every open after ``mastfs refresh`` or after a read found the
+file changed, ask the server again (one HEAD)."""
 MEMO_SWEEP_EVERY = 256
 """Expired memos are swept after this many new ones."""
 MEMO_TTL = 60.0
@@ -127,9 +141,10 @@ class ArchiveView(Protocol):
 
 
 class BytesView(Protocol):
-    """What the tree needs of the byte layer (:class:`mastfs.reader.ByteReader`): verified bytes of a
-    product through a per-handle stream, and where they come from."""
+    """What the tree needs of the byte layer (:class:`mastfs.reader.ByteReader`): the version a product is
+    at now, verified bytes of it through a per-handle stream, and where they come from."""
 
+    async def pin(self, ref: ProductRef, /) -> ProductRef: ...
     def open_stream(self, ref: ProductRef, /) -> ReadStream: ...
     async def read_view(self, stream: ReadStream, offset: int, length: int, /) -> bytes | memoryview: ...
     def source_of(self, ref: ProductRef, /) -> str | None: ...
@@ -192,6 +207,7 @@ class OpenFile:
     content: Content | None = None
     ref: ProductRef | None = None
     stream: ReadStream | None = None
+    changed: bool = False  # this open found another version or size than the kernel was shown
 
 
 @dataclass
@@ -422,7 +438,11 @@ class ObservationDir(DirNode):
         return observation_mtime(self.observation, tree.mount_time)
 
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
-        return namespace.field_xattrs(self.observation.fields)
+        values = namespace.field_xattrs(self.observation.fields)
+        date = namespace.observation_date(self.observation)
+        if date is not None:
+            values[namespace.OWN_XATTR_PREFIX + "observation_date"] = date.encode()
+        return values
 
     async def contents(self, tree: Tree) -> _ObservationContents:
         return await tree.memoised(self.path, lambda: self._load(tree))
@@ -431,13 +451,14 @@ class ObservationDir(DirNode):
         products = await tree.archive.products(self.observation)
         placement = namespace.place_products(products.projected(namespace.PLACEMENT_FIELDS))
         columns = list(products.columns)
+        date = namespace.observation_date(self.observation)
 
         def render(part: int) -> bytes:
             if part == 0:
                 return namespace.products_csv_header(columns)
             values = products.chunk_columns(part - 1, columns)
             first = products.chunk_start(part - 1)
-            return namespace.products_csv_rows(values, [placement.path(first + i) for i in range(len(values[0]))])
+            return namespace.products_csv_rows(values, [placement.path(first + i) for i in range(len(values[0]))], date)
 
         return _ObservationContents(products, placement, Content.parts(1 + products.chunk_count, render))
 
@@ -446,6 +467,9 @@ class ObservationDir(DirNode):
         entries: dict[str, Node] = {}
         for group in contents.placement.groups:
             entries[group] = tree.intern(GroupDir, (*self.path, group), self)
+        if contents.placement.recommended:
+            entries[namespace.RECOMMENDED_DIR] = tree.intern(RecommendedDir, (*self.path, namespace.RECOMMENDED_DIR),
+                                                             self)
         for name in namespace.SIDECARS:
             entries[name] = tree.intern(SidecarFile, (*self.path, name), self)
         return entries
@@ -457,9 +481,9 @@ class ObservationDir(DirNode):
         return await super().child(tree, name)
 
 
-class GroupDir(DirNode):
-    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation. Its file nodes are
-    made as they are listed or looked up, not kept here (one listing may hold 300,000)."""
+class ObservationSubdir(DirNode):
+    """A directory inside an observation directory (a group, ``recommended/``): it has the
+    observation's time and stays the same node while the observation directory does."""
 
     __slots__ = ("observation_dir",)
 
@@ -468,13 +492,20 @@ class GroupDir(DirNode):
         self.observation_dir = observation_dir
 
     def same_as(self, other: Node) -> bool:
-        return isinstance(other, GroupDir) and other.observation_dir is self.observation_dir
+        return type(other) is type(self) and other.observation_dir is self.observation_dir
 
     def mtime(self, tree: Tree) -> float:
         return self.observation_dir.mtime(tree)
 
     def nlink(self) -> int:
         return 2
+
+
+class GroupDir(ObservationSubdir):
+    """``level2/``, ``auxiliary/`` ...: the products of one group of an observation. Its file nodes are
+    made as they are listed or looked up, not kept here (one listing may hold 300,000)."""
+
+    __slots__ = ()
 
     async def _files(self, tree: Tree) -> tuple[ProductTable, namespace.NameList]:
         """The observation's product table and this group's file names (with their row indices). Raises
@@ -517,6 +548,27 @@ class GroupDir(DirNode):
             tree.forget_memos(memo_key)
             return None, False
         return keys[uri], True
+
+
+class RecommendedDir(ObservationSubdir):
+    """``recommended/``: the observation's "Minimum Recommended Products", as the very nodes (inodes,
+    cache identity) of their files in the level and group directories."""
+
+    __slots__ = ()
+
+    async def entries(self, tree: Tree) -> dict[str, Node]:
+        """Name -> the ProductFile node of the same product in its group directory. Raises NotFound when
+        the view is gone after a refresh."""
+        observation_dir = self.observation_dir
+        placement = (await observation_dir.contents(tree)).placement
+        if not placement.recommended:
+            raise NotFound(f"{self.path_text} no longer exists")
+        entries: dict[str, Node] = {}
+        for name, index in placement.recommended.items():
+            group_name, file_name = placement.path(index).split("/", 1)  # recommended products are shown
+            group_dir = tree.intern(GroupDir, (*observation_dir.path, group_name), observation_dir)
+            entries[name] = await group_dir.child(tree, file_name)
+        return entries
 
 
 class SidecarFile(Node):
@@ -612,9 +664,15 @@ class ProductFile(Node):
         return stat.S_IFREG | 0o444
 
     def mtime(self, tree: Tree) -> float:
+        learned = tree.truths.get(self.product.data_uri)
+        if learned is not None and learned[1] is not None:
+            return learned[1]
         return self.observation_dir.mtime(tree)
 
     async def size(self, tree: Tree) -> int:
+        learned = tree.truths.get(self.product.data_uri)
+        if learned is not None:
+            return learned[0]
         if self.resolved_size is None:
             product = self.product
             size = await tree.archive.resolved_size(product)
@@ -629,15 +687,18 @@ class ProductFile(Node):
         values = namespace.field_xattrs(product.fields)
         own = namespace.OWN_XATTR_PREFIX
         values[own + "uri"] = product.data_uri.encode()
+        values[own + "kind"] = namespace.product_kind(product).encode()
+        date = namespace.observation_date(self.observation_dir.observation)
+        if date is not None:
+            values[own + "observation_date"] = date.encode()
         ref = tree.refs.peek(product.data_uri)
         if ref is not None:  # opened in this mount: the S3 key question is settled
             source = tree.reader.source_of(ref)  # the reader's own decision, so the xattr tells the truth
             if source is not None:
                 values[own + "source"] = source.encode()
-        elif self.resolved_size is not None:  # the cache identity needs only uri and size
-            ref = tree.make_ref(uri=product.data_uri, size=self.resolved_size)
-        if ref is not None:
-            values[own + "cached_bytes"] = str(tree.cached_bytes(ref)).encode()
+            if ref.version is not None and ref.version.etag:
+                values[own + "etag"] = ref.version.etag.encode()
+        values[own + "cached_bytes"] = str(tree.cached_bytes(product.data_uri)).encode()
         return values
 
 
@@ -659,7 +720,7 @@ class Tree:
     archive: the Archive (``program``, ``observation``, ``products``, ``target``, ``cone``, ``s3_keys``,
     ``resolved_size``, ``known_programs``, ``forget``). reader: the ByteReader (``open_stream``,
     ``read``). ``product_ref(uri=, size=, s3_key=, exclusive=)`` makes a ProductRef; ``cache_usage()``
-    returns ``(used_bytes, limit_bytes)`` of the block cache (for statfs); ``cached_bytes(ref)`` how much
+    returns ``(used_bytes, limit_bytes)`` of the block cache (for statfs); ``cached_bytes(uri)`` how much
     of a product it holds.
     """
 
@@ -672,7 +733,7 @@ class Tree:
         has_token: bool,
         product_ref: Callable[..., ProductRef],
         cache_usage: Callable[[], tuple[int, int]],
-        cached_bytes: Callable[[ProductRef], int],
+        cached_bytes: Callable[[str], int],
     ) -> None:
         self.archive = archive
         self.reader = reader
@@ -685,7 +746,10 @@ class Tree:
         self.readme = namespace.README_TEXT.encode()
         self.seen: dict[str, set[str]] = {name: set() for name in namespace.TOP_DIRECTORIES}
         self.refs: LRU[str, ProductRef] = LRU(REFS_KEPT)
-        """dataURI -> ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
+        """dataURI -> pinned ProductRef of products opened lately (at most REFS_KEPT, least recent out first)."""
+        self.truths: LRU[str, tuple[int, float | None]] = LRU(REFS_KEPT)
+        """dataURI -> (true size, Last-Modified) the server stated at the latest pin (at most REFS_KEPT)."""
+        self._pinned_at: dict[str, float] = {}
         self.make_ref = product_ref
         self._cache_usage = cache_usage
         self.cached_bytes = cached_bytes
@@ -930,27 +994,63 @@ class Tree:
             self.log_once(("token", node.product.data_uri), logging.WARNING,
                           "%s is exclusive-access data: %s", node.path_text, TOKEN_HELP)
             raise Unauthorized(f"{node.path_text} is exclusive-access data", reason=TOKEN_HELP)
-        ref = await self.product_ref(node)
-        return OpenFile(node, ref=ref, stream=self.reader.open_stream(ref, **stream_options))
+        shown = self.truths.get(node.product.data_uri)
+        try:
+            ref = await self.product_ref(node)
+        except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
+            self._log_refused(node, exc)
+            raise
+        changed = shown is None or shown != self.truths.get(node.product.data_uri)
+        return OpenFile(node, ref=ref, stream=self.reader.open_stream(ref, **stream_options), changed=changed)
 
-    async def product_ref(self, node: ProductFile) -> ProductRef:
-        """The one ProductRef of the node's dataURI (shared by every observation listing it), with its
-        S3 key looked up (once per stretch of its directory) unless ``--source http``. When the look-up
-        failed the ref reads over HTTPS and is not kept, so the next open asks for the key again."""
+    async def product_ref(self, node: ProductFile, *, fresh: bool = False) -> ProductRef:
+        """The pinned ProductRef of the node's dataURI (shared by every observation listing it): the
+        version and true size the server states (:meth:`ByteReader.pin`), reused for PIN_TTL seconds
+        unless ``fresh``. The S3 key is looked up (once per stretch of its directory) unless ``--source
+        http``; when that look-up failed the ref reads over HTTPS and is not kept, so the next open asks
+        for the key again. A true size other than the row's is logged (WARNING, once per product) and
+        shown from now on."""
         uri = node.product.data_uri
         ref = self.refs.get(uri)
-        if ref is not None:
+        if ref is not None and not fresh and time.monotonic() - self._pinned_at.get(uri, -PIN_TTL) < PIN_TTL:
             return ref
         s3_key, settled = None, True
         if self.settings.source != "http":
             s3_key, settled = await node.group_dir.s3_key(self, node.slot, uri)
-        size = await node.size(self)
-        ref = self.refs.get(uri)  # another task may have made it meanwhile
-        if ref is None:  # a ref dropped from the LRU and made again later has the same cache identity
-            ref = self.make_ref(uri=uri, size=size, s3_key=s3_key, exclusive=node.exclusive)
-            if settled:
-                self.refs.put(uri, ref)
-        return ref
+        base = self.make_ref(uri=uri, size=node.product.size or 0, s3_key=s3_key, exclusive=node.exclusive)
+        pinned = await self.reader.pin(base)
+        if ref is not None and ref.version_key != pinned.version_key:
+            log.warning("%s changed on MAST (now %d bytes, version %s); new opens read the new version",
+                        uri, pinned.size, pinned.version.tag if pinned.version else "?")
+        listed = node.product.size
+        if listed is not None and listed != pinned.size:
+            self.log_once(("true-size", uri, pinned.size), logging.WARNING,
+                          "MAST lists %s as %d bytes but the server has %d; showing %d", uri, listed,
+                          pinned.size, pinned.size)
+        self._learn(pinned, changed=ref is not None and ref.version_key != pinned.version_key, keep=settled)
+        return pinned
+
+    def _learn(self, pinned: ProductRef, changed: bool, keep: bool) -> None:
+        """Show the pinned true size from now on, and once the product ``changed`` on MAST in this mount its
+        new Last-Modified as the modification time (until then the observation's date, as listed, so
+        ``cp -p`` and ``rsync`` see one date before and after reading). The ref itself is reused by the
+        next opens only when ``keep``."""
+        uri = pinned.uri
+        if keep:
+            self.refs.put(uri, pinned)
+            self._pinned_at[uri] = time.monotonic()
+        known = self.truths.peek(uri)
+        modified = known[1] if known is not None else None
+        if changed and pinned.version is not None:
+            modified = _http_time(pinned.version.last_modified)
+        self.truths.put(uri, (pinned.size, modified))
+        if len(self._pinned_at) > len(self.refs):  # refs dropped from the LRU take their times along
+            for gone in [gone for gone in self._pinned_at if gone not in self.refs]:
+                del self._pinned_at[gone]
+
+    def forget_pin(self, uri: str) -> None:
+        """The next open of ``uri`` asks the server for its version again."""
+        self._pinned_at.pop(uri, None)
 
     async def read(self, handle: int, offset: int, length: int) -> bytes | memoryview:
         """Up to ``length`` bytes at ``offset`` (fewer only at the end of the file), possibly as a
@@ -967,10 +1067,25 @@ class Tree:
         assert open_file.stream is not None and open_file.ref is not None  # a product's handle
         try:
             return await self.reader.read_view(open_file.stream, offset, length)
-        except Unauthorized as exc:  # MAST refused the token (expired, or no access to these data)
-            self.log_once(("refused", open_file.ref.uri), logging.WARNING, "%s: %s (%s)",
-                          open_file.node.path_text, exc, exc.reason)
+        except Unauthorized as exc:
+            self._log_refused(open_file.node, exc)
             raise
+        except VersionChanged as exc:
+            self.forget_pin(open_file.ref.uri)
+            self.log_once(("changed", open_file.ref.version_key), logging.WARNING,
+                          "%s: the product changed on MAST while open (%s); this open file fails with EIO, "
+                          "open it again to read the new version", open_file.node.path_text, exc)
+            raise
+
+    def _log_refused(self, node: Any, exc: Unauthorized) -> None:
+        self.log_once(("refused", node.product.data_uri), logging.WARNING, "%s: %s (%s)", node.path_text, exc,
+                      exc.reason)
+
+    def opened_changed(self, handle: int) -> bool:
+        """Whether opening ``handle`` found a version or size the kernel may not have seen (its cached
+        attributes and pages of the file are stale)."""
+        open_file = self._handles.get(handle)
+        return open_file is not None and open_file.changed
 
     def handle_path(self, handle: int) -> str:
         """The path of an open file handle (for log lines)."""
@@ -1020,11 +1135,31 @@ class Tree:
         self.forget_memos(node.path)
         for owner in self._enclosing_observation(node):  # a group or file: its listing is the observation's
             self.forget_memos(owner.path)
+        opened = [file for file in below if isinstance(file, ProductFile) and file.product.data_uri in self.refs]
         for file in below:
             if isinstance(file, ProductFile):
-                self.refs.pop(file.product.data_uri, None)
+                self.forget_pin(file.product.data_uri)
+        await self._repin(opened)
         log.info("refresh %s: its metadata will be asked of MAST again", node.path_text)
         return [n.ino for n in below]
+
+    async def _repin(self, files: list[ProductFile]) -> None:
+        """Ask the server again for the version and true size of products opened before (so ``stat``
+        shows them at once after a refresh); a product that cannot be asked now is forgotten."""
+        limiter = trio.CapacityLimiter(SIZE_RESOLVERS)
+
+        async def repin(file: ProductFile) -> None:
+            async with limiter:
+                try:
+                    await self.product_ref(file, fresh=True)
+                except MastfsError as exc:
+                    log.info("refresh: cannot ask for %s now (%s)", file.product.data_uri, exc)
+                    self.refs.pop(file.product.data_uri, None)
+                    self.truths.pop(file.product.data_uri, None)
+
+        async with trio.open_nursery() as nursery:
+            for file in {f.product.data_uri: f for f in files}.values():
+                nursery.start_soon(repin, file)
 
     @staticmethod
     def _enclosing_observation(node: Node) -> list[Node]:
@@ -1049,18 +1184,36 @@ class Tree:
         return keys
 
     async def walk_products(self, path: str) -> AsyncIterator[tuple[str, ProductFile]]:
-        """Every product file at or below ``path`` (depth first, listing directories as it goes)."""
+        """Every product file at or below ``path`` once (depth first, listing directories as it goes;
+        ``recommended/`` is walked only when it is ``path`` itself, its files being in the groups too)."""
         node = await self.resolve_path(path)
-        async for item in self._walk(node):
+        async for item in self._walk(node, top=True):
             yield item
 
-    async def _walk(self, node: Node) -> AsyncIterator[tuple[str, ProductFile]]:
+    async def _walk(self, node: Node, top: bool = False) -> AsyncIterator[tuple[str, ProductFile]]:
         if isinstance(node, ProductFile):
             yield node.path_text, node
         elif isinstance(node, DirNode) and not isinstance(node, TopDir | RootDir):
+            if isinstance(node, RecommendedDir) and not top:  # its files are walked in their groups
+                return
             for child in await node.children(self):
                 async for item in self._walk(child):
                     yield item
+
+
+def _http_time(text: str | None) -> float | None:
+    """Unix time of a Last-Modified value (HTTP date, or the ISO form S3 answers carry); None if absent
+    or unparsable."""
+    if not text:
+        return None
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 def _never_present(name: str) -> bool:

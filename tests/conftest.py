@@ -37,3 +37,13 @@ def clean_twin(twin):
     twin.faults.clear()
     twin.link.set(0, 0)
     twin.catalog.reset_tokens()
+
+
+@pytest.fixture(scope="module")
+def own_twin():
+    """A twin of the test module's own (scale 0.001), for tests that reprocess or alter products: those
+    changes last for the twin's life and must not reach other modules."""
+    from mastfs.twin.server import Twin
+
+    with Twin.start(scale=0.001) as handle:
+        yield handle

@@ -140,8 +140,13 @@ def layout_of(twin, obs_id: str) -> namespace.Layout:
 
 
 def expected_entries(twin, obs_id: str) -> list[str]:
-    """The sorted entries of an observation directory: its group directories and sidecars."""
-    return sorted([*layout_of(twin, obs_id).groups, *namespace.SIDECARS])
+    """The sorted entries of an observation directory: its group directories, ``recommended/`` when it
+    has Minimum Recommended Products, and sidecars."""
+    rows = twin.catalog.product_rows(str(observation_row(twin, obs_id)["obsid"]))
+    products = [Product.from_row(row) for row in rows]
+    recommended = [namespace.RECOMMENDED_DIR] if any(
+        namespace.is_recommended(p) and namespace.safe_filename(p) for p in products) else []
+    return sorted([*namespace.layout_products(products).groups, *recommended, *namespace.SIDECARS])
 
 
 def product_path(twin, obs_id: str, uri: str) -> str:

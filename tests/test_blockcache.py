@@ -315,3 +315,75 @@ def test_verify_reports_and_removes_corrupt_blocks_and_clear_empties(tmp_path):
         assert cache.entries == 0 and cache.usage()[0] == 0 and block_files(tmp_path) == []
 
     trio.run(main)
+
+
+def test_versions_of_one_product_are_separate_and_superseded_ones_are_dropped(tmp_path):
+    from mastfs.versions import ObjectVersion
+
+    old_bytes, new_bytes = product_bytes(HEADER_BLOCK_SIZE + 500, 1), product_bytes(HEADER_BLOCK_SIZE + 500, 2)
+    old = ProductRef("mast:TEST/v.fits", len(old_bytes), version=ObjectVersion(len(old_bytes), '"one"'))
+    new = ProductRef("mast:TEST/v.fits", len(new_bytes), version=ObjectVersion(len(new_bytes), '"two"'))
+    other = ProductRef("mast:TEST/w.fits", len(old_bytes), version=ObjectVersion(len(old_bytes), '"one"'))
+    assert len({old.version_key, new.version_key, other.version_key}) == 3
+    assert old.product_key == new.product_key != other.product_key
+
+    async def main():
+        cache = BlockCache(str(tmp_path), 100 * MiB, 0)
+        await cache.open()
+        for ref, content in ((old, old_bytes), (new, new_bytes), (other, old_bytes)):
+            await cache.store(ref, 0, block_of(content, 0))
+        assert await cache.load(new, 0) == block_of(new_bytes, 0)  # never the other version's block
+        assert cache.product_bytes("mast:TEST/v.fits") == 2 * HEADER_BLOCK_SIZE
+        reopened = BlockCache(str(tmp_path), 100 * MiB, 0)  # the grouping survives a remount
+        await reopened.open()
+        assert await reopened.drop_superseded(new) == 1
+        assert not reopened.contains(old, 0) and reopened.contains(new, 0) and reopened.contains(other, 0)
+        assert reopened.product_bytes("mast:TEST/v.fits") == HEADER_BLOCK_SIZE
+
+    trio.run(main)
+
+
+def test_a_plain_md5_etag_is_checked_once_the_object_is_whole_also_by_cache_verify(tmp_path):
+    from mastfs.versions import ObjectVersion
+
+    content = product_bytes(HEADER_BLOCK_SIZE + 700)
+    md5 = hashlib.md5(content).hexdigest()
+    good = ProductRef("mast:TEST/m.fits", len(content), version=ObjectVersion(len(content), f'"{md5}"'))
+    liar = ProductRef("mast:TEST/n.fits", len(content), version=ObjectVersion(len(content), '"' + "0" * 32 + '"'))
+    multipart = ProductRef("mast:TEST/p.fits", len(content), version=ObjectVersion(len(content), f'"{md5}-2"'))
+
+    async def main():
+        cache = BlockCache(str(tmp_path), 100 * MiB, 0)
+        await cache.open()
+        for ref in (good, liar, multipart):
+            for index in range(2):
+                await cache.store(ref, index, block_of(content, index))
+        assert await cache.verify_product(good) is True
+        assert await cache.verify_product(multipart) is None  # nothing to check against
+        offline = BlockCache(str(tmp_path), 100 * MiB, 0)  # `mastfs cache verify`: no ProductRef at hand
+        await offline.open()
+        report = await offline.verify()
+        assert (report.products_checked, report.products_failed, report.mixed) == (1, 1, 0)
+        assert not offline.contains(liar, 0) and offline.contains(good, 0) and offline.contains(multipart, 1)
+
+    trio.run(main)
+
+
+def test_cache_verify_counts_a_block_of_another_version_as_mixed(tmp_path):
+    content = product_bytes(HEADER_BLOCK_SIZE + 10)
+    one, two = ProductRef("mast:TEST/x.fits", len(content)), ProductRef("mast:TEST/x.fits", len(content) - 1)
+
+    async def main():
+        cache = BlockCache(str(tmp_path), 100 * MiB, 0)
+        await cache.open()
+        await cache.store(one, 1, block_of(content, 1))
+        await cache.store(two, 0, block_of(content, 0))
+        one_block = next(p for p in block_files(tmp_path) if p.endswith(os.sep + "1"))
+        two_block = next(p for p in block_files(tmp_path) if p.endswith(os.sep + "0"))
+        os.replace(two_block, os.path.join(os.path.dirname(one_block), "0"))  # a block moved between versions
+        reopened = BlockCache(str(tmp_path), 100 * MiB, 0)
+        await reopened.open()
+        report = await reopened.verify()
+        assert (report.blocks, report.corrupt, report.mixed) == (1, 1, 1)
+
+    trio.run(main)

@@ -63,7 +63,7 @@ def wait_for(condition, what: str, timeout: float = WAIT):
 
 
 def daemons_of(mountpoint: str) -> list[psutil.Process]:
-    """Detached mastfs daemons serving ``mountpoint`` (``python -m mastfs.daemon MOUNTPOINT``)."""
+    """Detached mastfs daemons serving ``mountpoint`` (``python -c <bootstrap> mastfs.daemon MOUNTPOINT``)."""
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
@@ -264,7 +264,8 @@ def test_prefetch_failure_is_in_the_manifest_with_its_reason(mount, clean_twin):
     clean_twin.faults.clear()
     assert result.returncode == 1, result.stdout + result.stderr
     [failed] = manifest_lines(result.stdout, "failed")
-    assert path in failed and "failed 2 times" in failed and "SlowDown" in failed, failed  # --retries 2
+    # --retries 2; the open's HeadObject meets the fault first (a HEAD answer has no body: its code is 503)
+    assert path in failed and "failed 2 times" in failed and ("SlowDown" in failed or "503" in failed), failed
     assert summary_counts(result.stdout) == {"done": 0, "skipped": 0, "failed": 1}
 
 

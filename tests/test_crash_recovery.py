@@ -30,7 +30,7 @@ from reliability_util import (
     total_requests,
 )
 
-from mastfs.blockcache import HEADER_SIZE, ProductRef, block_count, block_span
+from mastfs.blockcache import HEADER_SIZE, LAYOUT, ProductRef, block_count, block_span
 
 pytestmark = pytest.mark.mount
 
@@ -57,9 +57,12 @@ def largest_product(twin, obs_id: str) -> tuple[str, str]:
 
 
 def block_path(cache_dir: str, uri: str, size: int, index: int) -> str:
-    """Where the block cache keeps block ``index`` of a product (docs/caching.md)."""
-    version = ProductRef(uri, size).version_key
-    return os.path.join(cache_dir, "blocks", "blocks-v1", version[:2], version, str(index))
+    """Where the block cache keeps block ``index`` of a product (docs/caching.md): under its product key,
+    in the directory of its one cached version."""
+    product = ProductRef(uri, size).product_key
+    product_dir = os.path.join(cache_dir, "blocks", LAYOUT, product[:2], product)
+    (version,) = os.listdir(product_dir)
+    return os.path.join(product_dir, version, str(index))
 
 
 @pytest.fixture

@@ -325,6 +325,7 @@ def test_a_reader_interrupted_by_a_signal_returns_promptly(mounts, twin, fresh):
     obs_id = next(fresh)
     case = Case(twin, mount, obs_id)
     case.prepare("s3_bytes")
+    os.close(os.open(mount.join(case.rel_path(case.uri)), os.O_RDONLY))  # the open's pin (HeadObject) is reused
     twin.faults.add("s3", "stall")
     try:
         output, returned_after = interrupt_while_waiting("read", mount.join(case.rel_path(case.uri)))

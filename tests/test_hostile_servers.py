@@ -385,4 +385,4 @@ def test_mount_cache_directory_is_private_and_holds_only_hashed_names(hostile_mo
     assert stat.S_IMODE(os.stat(hostile_mount.cache_dir).st_mode) == 0o700
     for _root, _dirs, files in os.walk(os.path.join(hostile_mount.cache_dir, "blocks")):
         for name in files:
-            assert name.isdigit() or name in ("verified", "locks") or all(c in "0123456789abcdef" for c in name), name
+            assert name.isdigit() or name in ("verified", "version", "locks") or all(c in "0123456789abcdef" for c in name), name

@@ -69,7 +69,7 @@ def test_observation_directory_groups_products(mount, twin):
     entries = os.listdir(mount.join("program", PROGRAM, OBS))
     assert {"level1", "level2", "level3", "observation.json", "products.csv"} <= set(entries)
     assert set(entries) <= {"level1", "level2", "level3", "auxiliary", "calibration", "info", "preview",
-                            "thumbnail", "other", "observation.json", "products.csv"}
+                            "thumbnail", "other", "recommended", "observation.json", "products.csv"}
     level2 = os.listdir(mount.join("program", PROGRAM, OBS, "level2"))
     obsid = observation_row(twin, OBS)["obsid"]
     science_level2 = {row["productFilename"] for row in twin.catalog.product_rows(obsid)
@@ -153,7 +153,7 @@ def test_observation_xattrs(mount, twin):
     names = os.listxattr(obs_dir)
     row = observation_row(twin, OBS)
     expected = {f"user.mast_{key}" for key, value in row.items() if value is not None}
-    assert set(names) == expected
+    assert set(names) == expected | {"user.mastfs.observation_date"}
     assert os.getxattr(obs_dir, "user.mast_obs_id") == OBS.encode()
     assert os.getxattr(obs_dir, "user.mast_proposal_id") == PROGRAM.encode()
     output = subprocess.run(["getfattr", "-d", obs_dir], capture_output=True, text=True, check=True).stdout
@@ -197,7 +197,7 @@ def test_sidecars_hold_every_field(mount, twin):
         rows = list(csv.DictReader(io.StringIO(handle.read())))
     catalog_rows = twin.catalog.product_rows(row["obsid"])
     assert {r["dataURI"] for r in rows} == {r["dataURI"] for r in catalog_rows}
-    assert set(catalog_rows[0]) | {"mastfs_path"} == set(rows[0])
+    assert set(catalog_rows[0]) | {"mastfs_path", "mastfs_kind", "mastfs_observation_date"} == set(rows[0])
     shown = [r for r in rows if r["mastfs_path"]]
     assert all(os.path.exists(os.path.join(obs_dir, r["mastfs_path"])) for r in shown[:50])
 
@@ -270,7 +270,8 @@ def test_listings_cost_one_query_and_nothing_when_repeated_or_remounted(twin, cl
         os.listdir(first.join("program", PROGRAM))
         stats = clean_twin.stats()
         assert endpoint_requests(stats, "invoke:Mast.Caom.Filtered") == 1
-        assert stats["total_requests"] == endpoint_requests(stats, "invoke")  # nothing but the query
+        # nothing but the query (and the mount's one probe of MAST, a whoami)
+        assert stats["total_requests"] == endpoint_requests(stats, "invoke") + endpoint_requests(stats, "whoami")
 
         clean_twin.reset_stats()
         listing = subprocess.run(["ls", "-l", first.join(level2)], capture_output=True, text=True, check=True)
@@ -305,7 +306,8 @@ def test_cold_find_costs_one_query_per_observation(twin, clean_twin, tmp_path):
     assert endpoint_requests(stats, "invoke") == 1 + PROGRAM_2733_OBSERVATIONS
     # the one product without a size in its row is asked for it once (HEAD); nothing else is fetched
     assert endpoint_requests(stats, "download") == 1
-    assert stats["total_requests"] == 2 + PROGRAM_2733_OBSERVATIONS
+    assert endpoint_requests(stats, "whoami") == 1  # the mount's probe of MAST
+    assert stats["total_requests"] == 3 + PROGRAM_2733_OBSERVATIONS
 
 
 # ------------------------------------------------------------------------------------------- outages
@@ -423,3 +425,13 @@ def test_daemon_memory_follows_the_kernel_and_numbers_survive_forgetting(mount, 
     uri = os.getxattr(os.path.join(level1, name), "user.mastfs.uri").decode()
     with open(os.path.join(level1, name), "rb") as handle:
         assert hashlib.sha256(handle.read()).hexdigest() == clean_twin.catalog.sha256(uri)
+
+
+def test_target_accepts_masts_own_target_name_spelling(mount, twin):
+    """`user.mast_target_name` says NGC-3132; SANTA (like the twin) only knows "NGC 3132"."""
+    observation = mount.join("program", "2733", OBS)
+    spelled = os.getxattr(observation, "user.mast_target_name").decode()
+    assert spelled == "NGC-3132"
+    assert twin.catalog.resolve_name(spelled) == [] and twin.catalog.resolve_name("NGC 3132")
+    assert OBS in os.listdir(mount.join("target", spelled))
+    assert errno_of(os.listdir, mount.join("target", "NO-SUCH-OBJECT-12345")) == errno.ENOENT

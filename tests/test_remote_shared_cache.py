@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -58,8 +59,8 @@ def test_a_mount_and_two_processes_share_one_cache_with_one_transfer_per_block(p
     options = {"mast_url": paced_twin.mast_url, "resolver_url": paced_twin.resolver_url,
                "s3_endpoint": paced_twin.s3_endpoint, "cache_dir": str(cache_dir)}
     with mounted(paced_twin, tmp_path, cache_dir=cache_dir) as mount:
-        with open(mount.join(*OBS_DIR.split("/"), "products.csv"), encoding="utf-8") as handle:
-            relative = next(line.split(",")[-1].strip() for line in handle if URI in line)
+        with open(mount.join(*OBS_DIR.split("/"), "products.csv"), encoding="utf-8", newline="") as handle:
+            relative = next(row["mastfs_path"] for row in csv.DictReader(handle) if row["dataURI"] == URI)
         mount_path = mount.join(*OBS_DIR.split("/"), relative)
         path = f"{OBS_DIR}/{relative}"
         os.stat(mount_path)

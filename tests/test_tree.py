@@ -369,6 +369,6 @@ def test_products_csv_is_made_part_by_part_and_adds_up(clean_twin, tmp_path):
         rows = text.splitlines()
         contents = await (await tree.resolve_path(f"/program/{PROGRAM}/{OBS}")).contents(tree)
         assert len(rows) == len(contents.products) + 1 > 3000
-        assert rows[0].endswith(",mastfs_path")
+        assert rows[0].endswith(",mastfs_path,mastfs_kind,mastfs_observation_date")
 
     run_with_tree(clean_twin, tmp_path, body)

@@ -5,15 +5,27 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from ..versions import ObjectVersion
+
 
 class Fetcher(Protocol):
-    """What the reader needs of a fetcher: verified consecutive blocks of one file, handed over in order,
-    and a user-facing location of that file."""
+    """What the reader needs of a fetcher: the version a file is at now, verified consecutive blocks of
+    one version of it (conditional on ``version`` when given), handed over in order, and a user-facing
+    location of that file."""
 
     def location(self, name: str, /) -> str: ...
 
+    async def stat(self, name: str, /) -> ObjectVersion: ...
+
     async def fetch_blocks(self, name: str, bounds: Sequence[int],
-                           deliver: Callable[[bytes], Awaitable[None]], /) -> None: ...
+                           deliver: Callable[[bytes], Awaitable[None]],
+                           version: ObjectVersion | None = None, /) -> None: ...
+
+
+class WholeFileFetcher(Fetcher, Protocol):
+    """A fetcher that can also download a file that states no length, whole (at most ``most`` bytes)."""
+
+    async def fetch_whole(self, name: str, most: int, /) -> bytes: ...
 
 
 class ColdStartFetcher(Fetcher, Protocol):

@@ -29,9 +29,10 @@ import trio
 
 from ..auth import TokenKeeper, token_may_go_to
 from ..config import Settings
-from ..errors import BadResponse, Retryable, Unauthorized
+from ..errors import BadResponse, MastfsError, Retryable, Unauthorized
 from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
+from ..versions import ObjectVersion, VersionChanged, content_range_total
 from . import check_bounds
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,15 @@ class HttpFetcher:
         """The download URL of ``uri`` (for users: ``user.mastfs.source``)."""
         return f"{self._url}?uri={quote(uri, safe=':/')}"
 
-    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
+    async def fetch_blocks(self, uri: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]],
+                           version: ObjectVersion | None = None) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``uri`` with as few requests as
         possible, awaiting ``deliver(block)`` for each, in order, as soon as it is complete (the next
         block is read after ``deliver`` returns, so it can apply backpressure).
+
+        With ``version``, every request carries its conditions (``If-Match``, else
+        ``If-Unmodified-Since``) and every answer's ETag / Last-Modified must be the version's: a 412 or
+        another validator raises VersionChanged (not retried).
 
         Raises Unauthorized (401/403), NotFound (404), BadResponse (416 or another unexpected answer) at
         once; retries 408/425/429/5xx, timeouts, resets, short bodies and wrong Content-Range answers under
@@ -89,7 +95,7 @@ class HttpFetcher:
         each block. Raises ValueError on empty or unordered bounds.
         """
         check_bounds(bounds)
-        run = _Run(uri, bounds)
+        run = _Run(uri, bounds, version)
         try:
             while run.position < len(bounds) - 1:
                 what = f"download of {uri} [{bounds[run.position]}, {bounds[run.position + 1]})"
@@ -99,7 +105,66 @@ class HttpFetcher:
         finally:
             await run.close()
 
+    async def fetch_whole(self, uri: str, most: int) -> bytes:
+        """The whole file ``uri`` (for files that state no length: no ranges, no validators). Raises
+        MastfsError when it is longer than ``most`` bytes; otherwise like :meth:`fetch_blocks`."""
+        return await self._policy.run(lambda: self._whole_once(uri, most), what=f"download of {uri}")
+
+    async def stat(self, uri: str) -> ObjectVersion:
+        """The version of ``uri`` the server states now: size, ETag, Last-Modified.
+
+        HEAD first; when it carries no Content-Length, a one-byte ranged GET reads the total from its
+        Content-Range (size None when that fails too: only a whole download tells). Raises like
+        :meth:`fetch_blocks`.
+        """
+        return await self._policy.run(lambda: self._stat_once(uri), what=f"version of {uri}")
+
     # ------------------------------------------------------------------ one attempt each
+
+    async def _whole_once(self, uri: str, most: int) -> bytes:
+        try:
+            response = await self._send("GET", uri, {})
+            try:
+                if response.status_code != 200:
+                    raise self._error_for(response, uri)
+                parts, got = [], 0
+                async for chunk in response.aiter_raw():
+                    got += len(chunk)
+                    if got > most:
+                        raise MastfsError(f"{uri} states no length and is larger than the block cache ({most} "
+                                          "bytes); raise --cache-size")
+                    parts.append(chunk)
+                return b"".join(parts)
+            finally:
+                await response.aclose()
+        except httpx.TimeoutException as exc:
+            raise Retryable(f"download of {uri}: timed out ({type(exc).__name__})") from exc
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise Retryable(f"download of {uri}: {type(exc).__name__}: {exc}") from exc
+
+    async def _stat_once(self, uri: str) -> ObjectVersion:
+        try:
+            response = await self._send("HEAD", uri, {})
+            await response.aclose()
+            if response.status_code != 200:
+                raise self._error_for(response, uri)
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if content_type == "text/html" and not uri.lower().endswith((".html", ".htm")):
+                raise BadResponse(f"version of {uri}: answered an HTML page, not the file")
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit():
+                return _version_of(response, int(length))
+            probe = await self._send("GET", uri, {"Range": "bytes=0-0"})
+            await probe.aclose()
+            if probe.status_code == 206:
+                return _version_of(probe, content_range_total(probe.headers.get("Content-Range")))
+            if probe.status_code == 200:  # no length and no ranges: only a whole download tells
+                return _version_of(probe, None)
+            raise self._error_for(probe, uri)
+        except httpx.TimeoutException as exc:
+            raise Retryable(f"size of {uri}: timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise Retryable(f"size of {uri}: {type(exc).__name__}: {exc}") from exc
 
     async def _next_block(self, run: _Run) -> bytes:
         """The run's next block, opening (or re-opening) the request as needed; closes it on failure."""
@@ -130,17 +195,13 @@ class HttpFetcher:
 
     async def _open(self, run: _Run) -> None:
         start, end = run.bounds[run.position], run.bounds[-1]
-        range_header = {"Range": f"bytes={start}-{end - 1}"}
-        response, sent = await self._get_following(run.uri, range_header)
-        if response.status_code in (401, 403) and await self._tokens.renew(sent):
-            await response.aclose()
-            response, sent = await self._get_following(run.uri, range_header)
-        run.attach(response)
-        if response.status_code in (401, 403) and sent is None and self._has_token:
-            host = response.url.host
-            raise Unauthorized(f"download of {run.uri}: refused by {host}, where it was redirected; the token "
-                               f"was not sent there (not on the token allowlist)",
-                               reason=f"if you trust {host}, add it with --token-hosts")
+        conditions = run.version.conditions() if run.version is not None else {}
+        response = await self._send("GET", run.uri, {**conditions, "Range": f"bytes={start}-{end - 1}"},
+                                    attach=run.attach)
+        if response.status_code == 412 and run.version is not None:
+            raise VersionChanged(f"{run.uri}: the file changed on MAST (HTTP 412 to If-Match {run.version.etag})")
+        if run.version is not None and response.status_code in (200, 206):
+            run.version.check(response.headers.get("ETag"), response.headers.get("Last-Modified"), run.uri)
         if response.status_code == 206:
             check_content_range(f"download of {run.uri}", start, end, response.headers.get("Content-Range"),
                                 response.headers.get("Content-Length"))
@@ -157,10 +218,32 @@ class HttpFetcher:
         else:
             raise self._error_for(response, run.uri)
 
-    async def _get_following(self, uri: str, extra_headers: dict[str, str]) -> tuple[httpx.Response, str | None]:
-        """A streamed GET of the download of ``uri`` after at most :data:`MAX_REDIRECTS` redirects, and the
-        token its last hop carried (None: none, or its host is not on the allowlist). Raises BadResponse
-        past that many redirects or on a redirect without a usable Location."""
+    async def _send(self, method: str, uri: str, extra_headers: dict[str, str],
+                    attach: Callable[[httpx.Response], None] | None = None) -> httpx.Response:
+        """The streamed answer to ``method`` on the download of ``uri`` (redirects followed, the token
+        renewed once on 401/403), handed to ``attach`` (which then owns it) before it is checked; the
+        caller closes it otherwise. Raises Unauthorized when a redirect target the token was not sent to
+        refuses, BadResponse like :meth:`_get_following`."""
+        response, sent = await self._get_following(method, uri, extra_headers)
+        if response.status_code in (401, 403) and await self._tokens.renew(sent):
+            await response.aclose()
+            response, sent = await self._get_following(method, uri, extra_headers)
+        if attach is not None:
+            attach(response)
+        if response.status_code in (401, 403) and sent is None and self._has_token:
+            if attach is None:
+                await response.aclose()
+            host = response.url.host
+            raise Unauthorized(f"download of {uri}: refused by {host}, where it was redirected; the token "
+                               f"was not sent there (not on the token allowlist)",
+                               reason=f"if you trust {host}, add it with --token-hosts")
+        return response
+
+    async def _get_following(self, method: str, uri: str,
+                             extra_headers: dict[str, str]) -> tuple[httpx.Response, str | None]:
+        """A streamed ``method`` request of the download of ``uri`` after at most :data:`MAX_REDIRECTS`
+        redirects, and the token its last hop carried (None: none, or its host is not on the allowlist).
+        Raises BadResponse past that many redirects or on a redirect without a usable Location."""
         url: httpx.URL = httpx.URL(self._url, params={"uri": uri})
         for _hop in range(MAX_REDIRECTS + 1):
             token = self._tokens.current()
@@ -169,7 +252,7 @@ class HttpFetcher:
             headers = {**self._headers, **extra_headers}
             if token is not None:
                 headers["Authorization"] = f"token {token}"
-            response = await self._http.send(self._http.build_request("GET", url, headers=headers), stream=True,
+            response = await self._http.send(self._http.build_request(method, url, headers=headers), stream=True,
                                              follow_redirects=False)
             if response.status_code not in _REDIRECTS:
                 return response, token
@@ -194,9 +277,10 @@ class _Run:
     """The state of one :meth:`HttpFetcher.fetch_blocks` call: the open response (if any), the bytes
     received but not yet handed over, and the index of the next block."""
 
-    def __init__(self, uri: str, bounds: Sequence[int]) -> None:
+    def __init__(self, uri: str, bounds: Sequence[int], version: ObjectVersion | None) -> None:
         self.uri = uri
         self.bounds = bounds
+        self.version = version
         self.position = 0
         self.response: httpx.Response | None = None
         self.chunks: AsyncIterator[bytes] | None = None
@@ -269,3 +353,8 @@ class _Run:
                 if chunks is not None:
                     await chunks.aclose()  # type: ignore[attr-defined]
                 await response.aclose()
+
+
+def _version_of(response: httpx.Response, size: int | None) -> ObjectVersion:
+    return ObjectVersion(size=size, etag=response.headers.get("ETag"),
+                         last_modified=response.headers.get("Last-Modified"))

@@ -31,6 +31,7 @@ from ..config import Settings
 from ..errors import NotFound, Retryable
 from ..httpwire import check_content_range, error_for_status, parse_retry_after
 from ..retry import RetryPolicy
+from ..versions import ObjectVersion, VersionChanged, from_s3
 from . import check_bounds
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,33 @@ class S3Fetcher:
         """``s3://<bucket>/<key>`` (for users: ``user.mastfs.source``)."""
         return f"s3://{self._bucket}/{key}"
 
-    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]]) -> None:
+    async def stat(self, key: str) -> ObjectVersion:
+        """The version of object ``key`` now (HeadObject with ``ChecksumMode=ENABLED``: size, ETag,
+        VersionId, LastModified, additional checksums). Raises like :meth:`fetch_blocks`."""
+        client = await self._get_client()
+        where = self.location(key)
+
+        def head() -> ObjectVersion:
+            try:
+                return from_s3(client.head_object(Bucket=self._bucket, Key=key, ChecksumMode="ENABLED"))
+            except botocore.exceptions.ClientError as exc:
+                raise _translate_client_error(exc, where) from exc
+            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise Retryable(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+        async def once() -> ObjectVersion:
+            return await trio.to_thread.run_sync(head, limiter=self._limiter, abandon_on_cancel=True)
+
+        return await self._policy.run(once, what=f"version of {where}")
+
+    async def fetch_blocks(self, key: str, bounds: Sequence[int], deliver: Callable[[bytes], Awaitable[None]],
+                           version: ObjectVersion | None = None) -> None:
         """Read the consecutive blocks ``[bounds[i], bounds[i+1])`` of ``key`` with one GetObject (more
         only after failures), awaiting ``deliver(block)`` for each, in order, as soon as it is read (the
         next block is read after ``deliver`` returns, so it can apply backpressure).
+
+        With ``version``, each GetObject carries ``IfMatch`` (and its VersionId) and its ETag must be the
+        version's: a 412 or another ETag raises VersionChanged (not retried).
 
         Raises NotFound when the object is not in the bucket (the file is not in the cloud; a 401/403 on
         an anonymous read means the same), BadResponse on 416 or another client error; retries
@@ -83,7 +107,7 @@ class S3Fetcher:
         """
         check_bounds(bounds)
         client = await self._get_client()
-        run = _Run(key, bounds)
+        run = _Run(key, bounds, version)
         try:
             while run.position < len(bounds) - 1:
                 what = f"{self.location(key)} [{bounds[run.position]}, {bounds[run.position + 1]})"
@@ -100,7 +124,8 @@ class S3Fetcher:
         try:
             body, skip, block = await trio.to_thread.run_sync(
                 self._next_block_sync, client, run.key, hop, run.skip, run.bounds[run.position],
-                run.bounds[run.position + 1], run.bounds[-1], limiter=self._limiter, abandon_on_cancel=True)
+                run.bounds[run.position + 1], run.bounds[-1], run.version, limiter=self._limiter,
+                abandon_on_cancel=True)
         except trio.Cancelled:
             hop.abandon()  # the thread closes the body itself once its read fails
             raise
@@ -139,17 +164,26 @@ class S3Fetcher:
         return session.client("s3", region_name=self._region, endpoint_url=self._endpoint, config=config)
 
     def _next_block_sync(self, client: Any, key: str, hop: _Hop, skip: int, start: int, end: int,
-                         run_end: int) -> tuple[Any, int, bytes]:
+                         run_end: int, version: ObjectVersion | None) -> tuple[Any, int, bytes]:
         """Worker thread: bytes [start, end) from the hop's open body (None: open a GetObject of
-        [start, run_end) first). Returns (body still open or None, bytes still to skip, block). Closes
-        the body itself on failure, when abandoned, and after the run's last byte."""
+        [start, run_end) first, conditional on ``version``). Returns (body still open or None, bytes
+        still to skip, block). Closes the body itself on failure, when abandoned, and after the run's
+        last byte."""
         where = self.location(key)
         body = hop.body
         try:
             if body is None:
-                response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}")
+                conditions: dict[str, str] = {}
+                if version is not None and version.etag:
+                    conditions["IfMatch"] = version.etag
+                    if version.version_id:
+                        conditions["VersionId"] = version.version_id
+                response = client.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={start}-{run_end - 1}",
+                                             **conditions)
                 body = response["Body"]
                 hop.attach(body)
+                if version is not None:
+                    version.check(response.get("ETag"), None, where)
                 if response["ResponseMetadata"]["HTTPStatusCode"] == 200 and "ContentRange" not in response:
                     log.debug("%s: the server ignored the Range header; reading from its start", where)
                     skip = start
@@ -172,6 +206,8 @@ class S3Fetcher:
             if body is not None:
                 body.close()
             if isinstance(exc, botocore.exceptions.ClientError):
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed" and version is not None:
+                    raise VersionChanged(f"{where}: the object changed (412 to If-Match {version.etag})") from exc
                 raise _translate_client_error(exc, where) from exc
             if isinstance(exc, botocore.exceptions.BotoCoreError | urllib3.exceptions.HTTPError | OSError
                           | ValueError | _Abandoned):
@@ -246,9 +282,10 @@ def _socket_of(body: Any) -> socket.socket | None:
 class _Run:
     """The state of one :meth:`S3Fetcher.fetch_blocks` call (only touched on the trio thread)."""
 
-    def __init__(self, key: str, bounds: Sequence[int]) -> None:
+    def __init__(self, key: str, bounds: Sequence[int], version: ObjectVersion | None) -> None:
         self.key = key
         self.bounds = bounds
+        self.version = version
         self.position = 0
         self.body: Any = None
         self.skip = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -184,11 +185,25 @@ class MastClient:
         self._requests: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._queries: dict[int, QueryProgress] = {}
+        self._last_error: dict[str, Any] | None = None
 
     def stats(self) -> dict[str, Any]:
         """Requests sent and failed tries, by endpoint (``invoke``, ``path_lookup``, ``file``, ``whoami``,
-        ``resolver``), since the client was made, and the queries in flight (for ``mastfs status``)."""
-        return {"requests": dict(self._requests), "errors": dict(self._errors), "queries": self.queries()}
+        ``resolver``), since the client was made, the queries in flight, and the last failure (``time`` in
+        seconds since the epoch, ``endpoint``, ``message``) or None (for ``mastfs status``)."""
+        return {"requests": dict(self._requests), "errors": dict(self._errors), "queries": self.queries(),
+                "last_error": self._last_error}
+
+    def _failed(self, endpoint: str, message: str) -> None:
+        """Count a failed try and remember it as the last error."""
+        self._errors[endpoint] += 1
+        self._last_error = {"time": time.time(), "endpoint": endpoint, "message": message}
+
+    async def probe(self, within: float) -> None:
+        """One try of ``GET /whoami`` within ``within`` seconds, to tell whether MAST can be reached.
+        Raises Unavailable (unreachable, 5xx, too slow) or BadResponse; counted like any request."""
+        policy = RetryPolicy(attempts=1, deadline=within)
+        await self._request_json("GET", f"{self._mast}/whoami", what="probing MAST", policy=policy)
 
     # --- low level --------------------------------------------------------------------------------
 
@@ -207,15 +222,15 @@ class MastClient:
             response = await self._http.request(method, url, headers=headers, **kwargs)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
                 httpx.ProxyError, httpx.DecodingError) as exc:
-            self._errors[endpoint] += 1
+            self._failed(endpoint, f"{what}: {type(exc).__name__}: {exc}")
             raise Retryable(f"{what}: {type(exc).__name__}: {exc}") from exc
         except httpx.HTTPError as exc:
-            self._errors[endpoint] += 1
+            self._failed(endpoint, f"{what}: {type(exc).__name__}: {exc}")
             raise BadResponse(f"{what}: {type(exc).__name__}: {exc}") from exc
         status = response.status_code
         if status < 300:
             return response
-        self._errors[endpoint] += 1
+        self._failed(endpoint, f"{what}: HTTP {status}")
         if status == 414:
             raise RequestTooLong(f"{what}: HTTP 414 (request line too long)")
         raise error_for_status(status, what, has_token=mast_host and bool(self._token_provider()),

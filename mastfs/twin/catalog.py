@@ -21,10 +21,19 @@ one (see docs/twin.md and /work/shared/reference/MAST_API.md):
 Ids (obsid, objID, obsID, parent_obsid) are JSON strings in program 2733 and numbers in the HST and
 exclusive programs and the OPO row; BIG_PROGRAM alternates per observation. Sizes are real-world sizes
 times `scale` (FITS rounded to 2880-byte blocks, with a floor that keeps every file valid). File bytes
-come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU).
+come from `mastfs.twin.fitsgen`, built lazily per product and memoised (a bounded LRU); each FITS
+product's data sums (for CHECKSUM/DATASUM) are memoised for the catalog's life.
 
-All public methods are thread-safe: the catalog is immutable after construction apart from its
-memo caches, whose races are benign.
+Versions: every product has an HTTPS copy and (with an ``s3_key``) an S3 copy, each at a *revision*
+(0 at start). :meth:`Catalog.reprocess` moves one or both copies to a new revision, as STScI's
+reprocessing does (same dataURI, new bytes, new Last-Modified, possibly a new size); while only one copy
+moved, the S3 copy lags behind (or leads). :meth:`Catalog.etag` is the S3 ETag of a copy's bytes
+(see :func:`s3_etag`), the same on both copies of one revision. :meth:`Catalog.misreport_size` and
+:meth:`Catalog.make_dynamic` alter what rows and downloads state about a product (size off by some bytes;
+no size and no Content-Length, generated on the fly and so absent from S3).
+
+All public methods are thread-safe: construction builds everything, later changes (reprocessing, size
+switches) replace whole entries under a lock, and memo caches' races are benign.
 """
 
 from __future__ import annotations
@@ -37,17 +46,28 @@ import re
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
 from mastfs.twin import fitsgen
-from mastfs.twin.fitsgen import FitsSpec, GeneratedFile, ImageExt
+from mastfs.twin.fitsgen import ChecksumMemo, FitsSpec, GeneratedFile, ImageExt
+from mastfs.twin.sky import Band, Field, Ring, Sky, Wcs, preview_jpeg
 
 logger = logging.getLogger(__name__)
 
 PIECE_SIZE = 1 << 20
 """Default size of the pieces :meth:`Catalog.pieces` streams a product body in (1 MiB)."""
+
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+"""Objects larger than this are taken as uploaded in parts of MULTIPART_PART_SIZE (the AWS CLI's and
+boto3's defaults), so their S3 ETag is ``md5(part md5s)-N``; smaller ones have the content md5."""
+MULTIPART_PART_SIZE = 8 * 1024 * 1024
+REPROCESS_SHIFT = 7919
+"""Pattern offset added per revision: a reprocessed product's data bytes differ from the previous ones."""
+REPROCESS_SECONDS = 86_400
+"""Last-Modified moves this much per revision."""
+COPIES = ("http", "s3")
 
 PROGRAM_2733 = "2733"
 OBS_2733_MIRI_F1130W = "jw02733-o002_t001_miri_f1130w"
@@ -147,6 +167,8 @@ _MIN_JPEG_SIZE = 1024
 _GENERATED_CACHE_SIZE = 512
 _SHA_CHUNK = 8 << 20
 _MRP = "Minimum Recommended Products"
+_NGC_3132_FIELD = Field(151.7553, -40.4368, seed=3132, ring=Ring())
+"""The Southern Ring and its surroundings, as programs 2733 (JWST) and 11599 (HST) see them."""
 _ARCSEC = 1.0 / 3600.0
 
 
@@ -179,6 +201,7 @@ class _Program:
     id_base: int  # level-3 obsids are id_base + n, exposures' id_base + 100_000 + n, guide stars' + 200_000 + n
     exclusive: bool = False
     cal_ver: str = "1.11.3"
+    field: Field | None = None  # the sky its images show
 
     @property
     def data_rights(self) -> str:
@@ -294,6 +317,12 @@ def _mjd_to_datetime(mjd: float) -> datetime:
     return _MJD_EPOCH + timedelta(days=mjd)
 
 
+def _microns(filter_name: str, per_micron: int = 100) -> float:
+    """Central wavelength of a filter named like F1130W (JWST: 11.30 um) or F502N (HST, per_micron=1000)."""
+    digits = "".join(c for c in filter_name.split(";")[0] if c.isdigit())
+    return int(digits or "200") / per_micron
+
+
 def _datetime_to_mjd(moment: datetime) -> float:
     return (moment - _MJD_EPOCH) / timedelta(days=1)
 
@@ -324,6 +353,35 @@ def _guide_group(visit_id: str, visit_start: datetime,
 
 def _crc(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
+
+
+def s3_etag(part_md5s: list[bytes], size: int) -> str:
+    """The quoted ETag S3 gives an object of ``size`` bytes whose MULTIPART_PART_SIZE parts have these
+    md5 digests: the content md5 up to MULTIPART_THRESHOLD (one-part upload), else
+    ``md5(concatenated part md5s)-N``."""
+    if size <= MULTIPART_THRESHOLD:
+        whole = part_md5s[0].hex() if part_md5s else hashlib.md5(b"", usedforsecurity=False).hexdigest()
+        return f'"{whole}"'
+    combined = hashlib.md5(b"".join(part_md5s), usedforsecurity=False).hexdigest()
+    return f'"{combined}-{len(part_md5s)}"'
+
+
+def _remade(maker: Callable[[], GeneratedFile], size: int, revision: int, seed: int,
+            memo: ChecksumMemo) -> GeneratedFile:
+    """The file ``maker`` builds, as of reprocessing ``revision``: ``size`` bytes, data pattern moved by
+    ``revision * REPROCESS_SHIFT`` (FITS: the filler HDU's data, so its DATASUM; ``memo`` keeps this
+    revision's sums). Raises ValueError for products whose maker takes no pattern offset (text files) or
+    a size the format cannot have."""
+    shift = seed + revision * REPROCESS_SHIFT
+    if isinstance(maker, functools.partial) and maker.func is _build_jwst_fits:
+        cards, images, shape, wcs, sky = maker.args[:5]
+        return _build_jwst_fits(cards, images, shape, wcs, sky, size, shift, memo)
+    if isinstance(maker, functools.partial) and maker.func is fitsgen.build_fits:
+        return fitsgen.build_fits(maker.args[0], size, shift, memo)
+    if isinstance(maker, functools.partial) and maker.func is fitsgen.build_jpeg:
+        _, _, comment, *picture = maker.args
+        return fitsgen.build_jpeg(size, shift, comment, *picture)
+    raise ValueError("only FITS and JPEG products can be reprocessed")
 
 
 def _polygon(ra: float, dec: float, half_width_deg: float) -> str:
@@ -433,9 +491,22 @@ def _jwst_primary_cards(
 
 
 def _build_jwst_fits(cards: Callable[[], tuple], images: tuple[ImageExt, ...], shape: tuple[int, int],
-                     wcs: tuple[float, float, float] | None, size: int, shift: int) -> GeneratedFile:
+                     wcs: tuple[float, float, float], sky: Sky, size: int, shift: int,
+                     memo: ChecksumMemo) -> GeneratedFile:
     """A JWST FITS product; its header cards are computed only now, when the file is first read."""
-    return fitsgen.build_fits(FitsSpec(primary_cards=cards(), images=images, base_shape=shape, wcs=wcs), size, shift)
+    return fitsgen.build_fits(_jwst_spec(cards, images, shape, wcs, sky), size, shift, memo)
+
+
+def _jwst_spec(cards: Callable[[], tuple], images: tuple[ImageExt, ...], shape: tuple[int, int],
+               wcs: tuple[float, float, float], sky: Sky) -> FitsSpec:
+    return FitsSpec(primary_cards=cards(), images=images, base_shape=shape, wcs=wcs, sky=sky)
+
+
+def _fitted_wcs(spec: Callable[[], FitsSpec], size: int) -> Wcs:
+    """The WCS (and shape) of the images of a FITS file of `size` bytes made from `spec()`."""
+    made = spec()
+    shape = fitsgen.image_shape(made, size)
+    return Wcs(*fitsgen.fitted_wcs(made.wcs, made.base_shape, shape), shape)
 
 
 class Catalog:
@@ -457,7 +528,15 @@ class Catalog:
         self._product_base_rows: dict[str, dict] = {}
         self._makers: dict[str, Callable[[], GeneratedFile]] = {}
         self._next_id: dict[str, int] = {}
-        self._sha256: dict[str, str] = {}
+        self._digests: dict[tuple[str, int], dict[str, str]] = {}
+        self._lock = threading.Lock()
+        self._revisions: dict[tuple[str, str], tuple[int, TwinProduct]] = {}  # (uri, copy) -> (revision, product)
+        self._revision_sizes: dict[tuple[str, int], int] = {}
+        self._revision_memos: dict[tuple[str, int], ChecksumMemo] = {}
+        self._row_sizes: dict[str, int] = {}  # uri -> size the rows state after reprocessing
+        self._size_errors: dict[str, int] = {}  # uri -> bytes the rows' size is off by
+        self._dynamic: set[str] = set()
+        self._skies: dict[tuple[str, float], Sky] = {}
         self._generated = functools.lru_cache(maxsize=_GENERATED_CACHE_SIZE)(self._build_file)
         self._build_2733()
         self._build_exclusive()
@@ -479,22 +558,136 @@ class Catalog:
         return [dict(row) for row in self._observation_rows]
 
     def product_rows(self, obsid: str) -> Sequence[dict]:
-        """Mast.Caom.Products rows of the observation with this `obsid` (str or int); [] if unknown.
+        """Mast.Caom.Products rows of the observation with this `obsid` (str or int); [] if unknown; the
+        sizes rows state after reprocessing and size switches (:meth:`misreport_size`, :meth:`make_dynamic`).
 
         A list of fresh dicts, except for MOSAIC_OBSID: a :class:`ProductRows` view generating each row
-        (a fresh dict) when indexed or iterated, never holding them all."""
-        rows = self._rows_by_obsid.get(str(obsid).strip(), ())
-        if isinstance(rows, ProductRows):
-            return rows
-        return [dict(row) for row in rows]
+        (a fresh dict) when indexed or iterated, never holding them all (and never altered)."""
+        found = self._rows_by_obsid.get(str(obsid).strip(), ())
+        if isinstance(found, ProductRows):
+            return found
+        rows = [dict(row) for row in found]
+        if self._row_sizes or self._size_errors or self._dynamic:
+            for row in rows:
+                uri = row["dataURI"]
+                if uri in self._dynamic:
+                    row["size"] = None
+                elif row["size"] is not None and (uri in self._row_sizes or uri in self._size_errors):
+                    row["size"] = self._row_sizes.get(uri, row["size"]) + self._size_errors.get(uri, 0)
+        return rows
 
-    def product(self, uri: str) -> TwinProduct | None:
-        """The product with this dataURI (MOSAIC_PROGRAM's generated on demand), or None."""
+    def product(self, uri: str, copy: str = "http") -> TwinProduct | None:
+        """The product with this dataURI as its ``copy`` ("http" or "s3") stands now (size and mtime of
+        that copy's revision; a dynamic product has no s3_key and no Content-Length), or None.
+        MOSAIC_PROGRAM's products are generated on demand."""
         product = self._products.get(uri)
         if product is None and uri.startswith(_Mosaic.URI_PREFIX):
             found = self._mosaic.product(uri)
             product = found[0] if found else None
+        if product is None:
+            return None
+        revision = self._revisions.get((uri, copy))
+        if revision is not None:
+            product = revision[1]
+        if uri in self._dynamic:
+            product = replace(product, s3_key=None, send_content_length=False)
         return product
+
+    def revision(self, uri: str, copy: str = "http") -> int:
+        """The revision (0: never reprocessed) of a product's ``copy``. Raises KeyError for unknown uris."""
+        if (uri, copy) not in self._revisions and self.product(uri) is None:
+            raise KeyError(uri)
+        revision = self._revisions.get((uri, copy))
+        return 0 if revision is None else revision[0]
+
+    def reprocess(self, uri: str, resize: int = 0, copies: str = "both") -> dict:
+        """Reprocess a product: its ``copies`` ("both", "s3" or "http") get new bytes (the data pattern
+        moves), a Last-Modified one day later and, with ``resize`` (bytes, a multiple of 2880 for FITS),
+        a new size; so a new ETag. Only FITS and JPEG products can be reprocessed (their makers take a
+        pattern offset). Raises KeyError for an unknown uri, ValueError for a bad ``copies``, a product
+        that cannot be reprocessed or a size the format cannot have. Returns :meth:`describe`."""
+        if copies not in ("both", *COPIES):
+            raise ValueError(f"copies must be both, s3 or http, not {copies!r}")
+        base = self.product(uri)
+        if base is None:
+            raise KeyError(uri)
+        base = replace(base, s3_key=self._products[uri].s3_key) if uri in self._products else base
+        targets = COPIES if copies == "both" else (copies,)
+        with self._lock:
+            number = max(self.revision(uri, c) for c in COPIES) + 1
+            for copy in targets:
+                size = self.product(uri, copy).size + resize  # type: ignore[union-attr]
+                _remade(self._maker(uri), size, number, _crc(uri), ChecksumMemo())  # raises before any change
+                product = replace(base, size=size, mtime=base.mtime + number * REPROCESS_SECONDS)
+                self._revision_sizes[(uri, number)] = size  # both copies of one revision share bytes
+                self._revisions[(uri, copy)] = (number, product)
+            if "http" in targets:
+                self._row_sizes[uri] = self._revisions[(uri, "http")][1].size
+        return self.describe(uri)
+
+    def misreport_size(self, uri: str, delta: int) -> None:
+        """Make the product rows state a size ``delta`` bytes off the file's (0: the truth again).
+        Raises KeyError for an unknown uri."""
+        if self.product(uri) is None:
+            raise KeyError(uri)
+        with self._lock:
+            self._size_errors[uri] = delta
+
+    def make_dynamic(self, uri: str) -> None:
+        """Serve the product as a file generated on the fly: null ``size`` in rows, no Content-Length and
+        no ranges on HTTPS, not in S3 (path_lookup 404). Raises KeyError for an unknown uri."""
+        if self.product(uri) is None:
+            raise KeyError(uri)
+        with self._lock:
+            self._dynamic.add(uri)
+
+    def describe(self, uri: str) -> dict:
+        """``{"uri", "http": {...}, "s3": {...}}`` with each copy's revision, size, mtime, ETag and
+        sha256 (s3 None when the product is not in the cloud). Raises KeyError for unknown uris."""
+        answer: dict = {"uri": uri}
+        for copy in COPIES:
+            product = self.product(uri, copy)
+            if product is None:
+                raise KeyError(uri)
+            if copy == "s3" and not product.s3_key:
+                answer[copy] = None
+                continue
+            answer[copy] = {"revision": self.revision(uri, copy), "size": product.size, "mtime": product.mtime,
+                            "etag": self.etag(uri, copy), "sha256": self.sha256(uri, copy)}
+        return answer
+
+    def etag(self, uri: str, copy: str = "http") -> str:
+        """The quoted S3 ETag of a copy (:func:`s3_etag`): for an object of at most MULTIPART_THRESHOLD
+        bytes its content MD5 (computed once per revision by streaming :meth:`read`: what clients such as
+        rclone check); for a larger one the multipart form ``md5(part digests)-N`` over digests of the
+        product's identity and revision per part, not of its bytes (hashing a generated >= 1 GiB object
+        took longer than a client's deadline; no client can check a multipart ETag without the part
+        sizes anyway). Raises KeyError for an unknown uri."""
+        product = self.product(uri, copy)
+        if product is None:
+            raise KeyError(uri)
+        if product.size <= MULTIPART_THRESHOLD:
+            return self._digest(uri, copy, "etag")
+        revision = self.revision(uri, copy)
+        parts = [hashlib.md5(f"{uri}\n{revision}\n{part}".encode(), usedforsecurity=False).digest()
+                 for part in range(-(-product.size // MULTIPART_PART_SIZE))]
+        return s3_etag(parts, product.size)
+
+    def listed_etag(self, uri: str, copy: str = "s3") -> str:
+        """The ETag a bucket listing states: :meth:`etag` when that costs nothing (a multipart ETag, or a
+        content md5 a HEAD or GET already computed); otherwise the one-part multipart form over the
+        digest of the product's identity and revision (``"<md5>-1"``, as S3 states for an object
+        uploaded in one multipart part), so a listing never generates objects to hash them. Raises
+        KeyError for an unknown uri."""
+        product = self.product(uri, copy)
+        if product is None:
+            raise KeyError(uri)
+        revision = self.revision(uri, copy)
+        known = self._digests.get((uri, revision))
+        if product.size > MULTIPART_THRESHOLD or known is not None:
+            return self.etag(uri, copy)
+        digest = hashlib.md5(f"{uri}\n{revision}\n0".encode(), usedforsecurity=False).hexdigest()
+        return f'"{digest}-1"'
 
     def products(self) -> Iterable[TwinProduct]:
         """Every product built at construction once (unique by uri), in construction order: all but the
@@ -514,37 +707,52 @@ class Catalog:
         (a prefix inside one visit folder of MOSAIC_PROGRAM); None when `prefix` covers more."""
         return self._mosaic.s3_keys(prefix, limit)
 
-    def read(self, uri: str, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the product, clipped to its size; O(length).
+    def read(self, uri: str, offset: int, length: int, copy: str = "http") -> bytes:
+        """Bytes [offset, offset+length) of the product's ``copy`` as it stands now, clipped to its
+        size; O(length).
 
         Raises KeyError for an unknown uri, ValueError for a negative offset or length.
         """
-        return self._generated(uri).read(offset, length)
+        return self._generated(uri, self.revision(uri, copy)).read(offset, length)
 
-    def pieces(self, uri: str, offset: int, length: int, piece_size: int = PIECE_SIZE) -> Iterator[bytes]:
-        """Bytes [offset, offset+length) of the product (clipped to its size) in pieces of at most
-        ``piece_size`` bytes, each read when asked for. Raises KeyError for an unknown uri."""
+    def pieces(self, uri: str, offset: int, length: int, piece_size: int = PIECE_SIZE, copy: str = "http",
+               revision: int | None = None) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of the product's ``copy`` (clipped to its size) in pieces of at
+        most ``piece_size`` bytes, each read when asked for; ``revision`` pins the revision (default: the
+        copy's revision now), so a body started before a reprocessing ends with the bytes it began
+        with. Raises KeyError for an unknown uri."""
+        generated = self._generated(uri, self.revision(uri, copy) if revision is None else revision)
         position, end = offset, offset + length
         while position < end:
-            data = self.read(uri, position, min(piece_size, end - position))
+            data = generated.read(position, min(piece_size, end - position))
             if not data:
                 return
             yield bytes(data)
             position += len(data)
 
-    def sha256(self, uri: str) -> str:
-        """Hex SHA-256 of the product's bytes, computed by streaming `read`; memoised.
+    def sha256(self, uri: str, copy: str = "http") -> str:
+        """Hex SHA-256 of the bytes of the product's ``copy``, computed by streaming `read`; memoised per
+        revision.
 
         Raises KeyError for an unknown uri.
         """
-        digest = self._sha256.get(uri)
-        if digest is None:
-            generated = self._generated(uri)
+        return self._digest(uri, copy, "sha256")
+
+    def _digest(self, uri: str, copy: str, kind: str) -> str:
+        revision = self.revision(uri, copy)
+        key = (uri, revision)
+        digests = self._digests.get(key)
+        if digests is None:
+            generated = self._generated(uri, revision)
             hasher = hashlib.sha256()
-            for offset in range(0, generated.size, _SHA_CHUNK):
-                hasher.update(generated.read(offset, _SHA_CHUNK))
-            digest = self._sha256[uri] = hasher.hexdigest()
-        return digest
+            parts = []
+            for offset in range(0, generated.size, MULTIPART_PART_SIZE):
+                part = generated.read(offset, MULTIPART_PART_SIZE)
+                hasher.update(part)
+                parts.append(hashlib.md5(part, usedforsecurity=False).digest())
+            digests = self._digests[key] = {"sha256": hasher.hexdigest(),
+                                            "etag": s3_etag(parts, generated.size)}
+        return digests[kind]
 
     def resolve_name(self, name: str) -> list[dict]:
         """SANTA `resolvedCoordinate` entries for `name` (case and blanks ignored); [] if unresolvable."""
@@ -680,29 +888,45 @@ class Catalog:
         self._observations[str(row["obsid"])] = entry
         return entry
 
-    def _build_file(self, uri: str) -> GeneratedFile:
-        """Generate (not read) the bytes description of a product; memoised by the LRU in __init__.
-        Raises KeyError for an unknown uri."""
+    def _build_file(self, uri: str, revision: int = 0) -> GeneratedFile:
+        """Generate (not read) the bytes description of a product's revision; memoised by the LRU in
+        __init__. Raises KeyError for an unknown uri."""
+        if revision:
+            memo = self._revision_memos.setdefault((uri, revision), ChecksumMemo())
+            return _remade(self._maker(uri), self._revision_sizes[(uri, revision)], revision, _crc(uri), memo)
+        return self._maker(uri)()
+
+    def _maker(self, uri: str) -> Callable[[], GeneratedFile]:
+        """The maker of a product's bytes as built (revision 0). Raises KeyError for an unknown uri."""
         maker = self._makers.get(uri)
         if maker is None:
             found = self._mosaic.product(uri)
             if found is None:
                 raise KeyError(uri)
-            product, maker = found
-        else:
-            product = self._products[uri]
-        generated = maker()
-        assert generated.size == product.size, uri
-        return generated
+            maker = found[1]
+        return maker
 
     # ------------------------------------------------------------------ JWST products
 
-    def _jwst_fits_maker(self, uri: str, size: int, cards: Callable[[], tuple], images: tuple[ImageExt, ...],
-                         shape: tuple[int, int], wcs: tuple[float, float, float] | None) -> Callable[[], GeneratedFile]:
-        return functools.partial(_build_jwst_fits, cards, images, shape, wcs, size, _crc(uri))
+    def _sky(self, program: _Program, microns: float) -> Sky:
+        """The program's field seen at `microns` (one shared Sky per program and band)."""
+        key = (program.proposal_id, round(microns, 3))
+        sky = self._skies.get(key)
+        if sky is None:
+            assert program.field is not None, program.proposal_id
+            sky = self._skies[key] = Sky(program.field, Band.for_wavelength(microns))
+        return sky
 
-    def _jpeg_maker(self, uri: str, size: int, comment: str) -> Callable[[], GeneratedFile]:
-        return functools.partial(fitsgen.build_jpeg, size, _crc(uri), comment)
+    def _jwst_fits_maker(self, uri: str, size: int, cards: Callable[[], tuple], images: tuple[ImageExt, ...],
+                         shape: tuple[int, int], wcs: tuple[float, float, float],
+                         sky: Sky) -> Callable[[], GeneratedFile]:
+        return functools.partial(_build_jwst_fits, cards, images, shape, wcs, sky, size, _crc(uri), ChecksumMemo())
+
+    def _jpeg_maker(self, uri: str, size: int, comment: str, sky: Sky | None = None, wcs: Wcs | None = None,
+                    largest: int = 512) -> Callable[[], GeneratedFile]:
+        """A JPEG of `size` bytes showing what an image with `wcs` shows of `sky` (if given)."""
+        picture = functools.partial(preview_jpeg, sky, wcs, largest=largest) if sky and wcs else None
+        return functools.partial(fitsgen.build_jpeg, size, _crc(uri), comment, picture)
 
     def _jwst_row(self, program: _Program, obsid_value: object, obs_id: str, description: str, product_type: str,
                   subgroup: str | None, calib_level: int, filters: str | None, recommended: bool = False,
@@ -744,6 +968,7 @@ class Catalog:
         name = exposure.name
         s3_dir = f"jwst/public/jw{program.padded}/{exposure.visit_id}"
         exp_type = "NRC_IMAGE" if exposure.instrument == "NIRCAM" else "MIR_IMAGE"
+        sky = self._sky(program, _microns(exposure.filter))
         specs = []
         fits_suffixes = _EXPOSURE_SUFFIXES
         if program.exclusive:
@@ -763,7 +988,7 @@ class Catalog:
             s3_key = None if program.exclusive or uri == HTTP_ONLY_URI else f"{s3_dir}/{filename}"
             specs.append(_FileSpec(
                 uri=uri, filename=filename, size=size, s3_key=s3_key,
-                maker=self._jwst_fits_maker(uri, size, cards, images, exposure.shape, wcs),
+                maker=self._jwst_fits_maker(uri, size, cards, images, exposure.shape, wcs, sky),
                 row=self._jwst_row(program, obsid_value, name, description, "SCIENCE", suffix.upper(), level, filters,
                                    recommended=suffix == "cal")))
         if not program.exclusive:
@@ -774,7 +999,9 @@ class Catalog:
                 s3_key = f"{s3_dir}/{filename}" if product_type == "PREVIEW" else None
                 specs.append(_FileSpec(
                     uri=uri, filename=filename, size=size, s3_key=s3_key,
-                    maker=self._jpeg_maker(uri, size, f"{name} calibrated preview"),
+                    maker=self._jpeg_maker(uri, size, f"{name} calibrated preview", sky,
+                                           Wcs(exposure.ra, exposure.dec, exposure.pixel_scale, exposure.shape),
+                                           512 if product_type == "PREVIEW" else 128),
                     row=self._jwst_row(program, obsid_value, name, f"{product_type.title()} image", product_type, None, 2, filters,
                                        versioned=False)))
         asn_name = f"jw{program.padded}-o{exposure.observation:03d}_{program.asn_version}_image2_{candidate:05d}_asn.json"
@@ -810,6 +1037,9 @@ class Catalog:
         first = members[0]
         exp_type = "NRC_IMAGE" if instrument == "NIRCAM" else "MIR_IMAGE"
         s3 = (lambda f: None) if program.exclusive else (lambda f: f"{level3.s3_dir}/{f}")
+        sky = self._sky(program, _microns(first.filter))
+        mosaic_wcs = (level3.ra, level3.dec, level3.pixel_scale)
+        i2d_wcs: Callable[[], Wcs] | None = None
         uris = []
         for suffix, datamodel, description, subgroup in (
             ("i2d", "ImageModel", "Level 3: resampled and combined 2D image", "I2D"),
@@ -828,10 +1058,12 @@ class Catalog:
                 else ("MULTIPLE" if instrument == "NIRCAM" else "MIRIMAGE"),
                 filt=first.filter, pupil=first.pupil, start_mjd=start, duration=duration, ra=level3.ra,
                 dec=level3.dec, exp_type=exp_type)
+            if suffix == "i2d":
+                i2d_wcs = functools.partial(
+                    _fitted_wcs, functools.partial(_jwst_spec, cards, images, level3.mosaic, mosaic_wcs, sky), size)
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=s3(filename),
-                maker=self._jwst_fits_maker(uri, size, cards, images, level3.mosaic,
-                                            (level3.ra, level3.dec, level3.pixel_scale)),
+                maker=self._jwst_fits_maker(uri, size, cards, images, level3.mosaic, mosaic_wcs, sky),
                 row=self._jwst_row(program, obsid_value, obs_id, description, "SCIENCE", subgroup, 3, level3.filters,
                                    recommended=suffix == "i2d",
                                    documentation="https://jwst-pipeline.readthedocs.io/en/latest/jwst/data_products/"
@@ -842,7 +1074,7 @@ class Catalog:
             size = self._scaled(380_000 + _crc(uri) % 200_000, _MIN_TEXT_SIZE)
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=s3(filename),
-                maker=functools.partial(_source_catalog_file, obs_id, level3.ra, level3.dec, size),
+                maker=functools.partial(_source_catalog_file, obs_id, sky, i2d_wcs, size),
                 row=self._jwst_row(program, obsid_value, obs_id, "Level 3: source catalog", "SCIENCE", "CAT", 3,
                                    level3.filters, recommended=True)))
         asn_name = f"jw{program.padded}-o{level3.observation:03d}_{program.asn_version}_image3_{_crc(obs_id) % 1000:05d}_asn.json"
@@ -873,7 +1105,9 @@ class Catalog:
             uris.append(self._add_product(
                 program=program, uri=uri, filename=filename, size=size,
                 s3_key=None if product_type == "THUMBNAIL" else s3(filename),
-                maker=self._jpeg_maker(uri, size, f"{obs_id} level-3 preview"),
+                maker=self._jpeg_maker(uri, size, f"{obs_id} level-3 preview", sky,
+                                       Wcs(level3.ra, level3.dec, level3.pixel_scale, level3.mosaic),
+                                       512 if product_type == "PREVIEW" else 128),
                 row=self._jwst_row(program, obsid_value, obs_id, f"{product_type.title()} image", product_type, None, 3,
                                    level3.filters, recommended=True, versioned=False)))
         return uris
@@ -927,7 +1161,8 @@ class Catalog:
                 ra=ra, dec=dec, exp_type=exp_type)
             specs.append(_FileSpec(
                 uri=uri, filename=filename, size=size, s3_key=f"{s3_dir}/{filename}" if s3_dir else None,
-                maker=self._jwst_fits_maker(uri, size, cards, images, shape, None),
+                maker=self._jwst_fits_maker(uri, size, cards, images, shape, (ra, dec, 0.069 * _ARCSEC),
+                                            self._sky(program, 2.0)),
                 row=self._jwst_row(program, obsid_value, stem, f"guide star data: {exp_type.lower()}", "AUXILIARY",
                                    stem.split("_")[1].upper(), level, None)))
         return specs
@@ -996,7 +1231,8 @@ class Catalog:
             proposal_id=PROGRAM_2733, pi="Pontoppidan, Klaus",
             title="Webb's First Images: the Southern Ring Nebula (NGC 3132)", proposal_type="ERO",
             target="NGC 3132", target_classification="Nebulae; Planetary nebulae",
-            release_mjd=59772.42, processed=datetime(2023, 5, 3, 15, 12, 56, tzinfo=timezone.utc), id_base=87_600_000)
+            release_mjd=59772.42, processed=datetime(2023, 5, 3, 15, 12, 56, tzinfo=timezone.utc), id_base=87_600_000,
+            field=_NGC_3132_FIELD)
         id_style: Callable[[int], object] = str
         exposure_ids: dict[str, int] = {}
         ra0, dec0 = 151.7553, -40.4368
@@ -1105,7 +1341,8 @@ class Catalog:
             }
             self._list_product(entry, self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=None,
-                maker=self._jpeg_maker(uri, size, f"{obs_id} {description}"), row=row))
+                maker=self._jpeg_maker(uri, size, f"{obs_id} {description}", self._sky(program, 2.0 if suffix == "a" else 11.3),
+                                       Wcs(ra, dec, 0.35 * _ARCSEC, (600, 800))), row=row))
 
     def _build_exclusive(self) -> None:
         program = _Program(
@@ -1113,7 +1350,7 @@ class Catalog:
             title="Dust formation in the colliding winds of WR 140 (twin exclusive access)", proposal_type="GO",
             target="WR 140", target_classification="Star; Wolf-Rayet star", release_mjd=66154.0,
             processed=datetime(2025, 3, 1, 9, 30, tzinfo=timezone.utc), id_base=230_000_100, exclusive=True,
-            cal_ver="1.17.1")
+            cal_ver="1.17.1", field=Field(305.116804, 43.854125, seed=140))
         ra0, dec0 = 305.116804, 43.854125
         exposure_ids: dict[str, int] = {}
         for index, (optical, filt, detector, em_range, scale) in enumerate((
@@ -1133,7 +1370,8 @@ class Catalog:
             proposal_id=HST_PROGRAM, pi="Twin, Hubble",
             title="WFC3 narrow-band imaging of the planetary nebula NGC 3132", proposal_type="GO",
             target="NGC 3132", target_classification="PLANETARY NEBULA", release_mjd=55504.3,
-            processed=datetime(2021, 11, 20, 4, 0, tzinfo=timezone.utc), id_base=2_003_740_000, cal_ver="3.6.2")
+            processed=datetime(2021, 11, 20, 4, 0, tzinfo=timezone.utc), id_base=2_003_740_000, cal_ver="3.6.2",
+            field=_NGC_3132_FIELD)
         ra0, dec0 = 151.75710, -40.43640
         for index, (filt, em_range) in enumerate((("F502N", (499.0, 506.0)), ("F656N", (654.0, 658.0)),
                                                   ("F814W", (699.0, 962.0)))):
@@ -1229,8 +1467,9 @@ class Catalog:
                 maker = functools.partial(
                     fitsgen.build_fits,
                     FitsSpec(primary_cards=cards, images=images, base_shape=shape, filler_extname="WCSCORR",
-                             filler_column="WCS_DATA", wcs=(ra0, dec0, 0.04 * _ARCSEC)),
-                    size, _crc(uri))
+                             filler_column="WCS_DATA", wcs=(ra0, dec0, 0.04 * _ARCSEC),
+                             sky=self._sky(program, _microns(filt, 1000))),
+                    size, _crc(uri), ChecksumMemo())
                 s3_key = None if suffix == "trl" else f"hst/public/{assoc[:4]}/{assoc}/{filename}"
                 row = {
                     "obsID": file_obsid, "obs_collection": "HST", "dataproduct_type": "image", "obs_id": rootname,
@@ -1246,7 +1485,8 @@ class Catalog:
             size = self._scaled(350_000, _MIN_JPEG_SIZE)
             self._list_product(entry, self._add_product(
                 program=program, uri=uri, filename=filename, size=size, s3_key=None,
-                maker=self._jpeg_maker(uri, size, f"{assoc} drizzled preview"),
+                maker=self._jpeg_maker(uri, size, f"{assoc} drizzled preview", self._sky(program, _microns(filt, 1000)),
+                                       Wcs(ra0, dec0, 0.04 * _ARCSEC, (4200, 4200))),
                 row={"obsID": obsid, "obs_collection": "HST", "dataproduct_type": "image", "obs_id": assoc,
                      "description": "Preview-Full", "type": "S", "productType": "PREVIEW", "project": "HST",
                      "calib_level": 3, "filters": filt}))
@@ -1257,7 +1497,8 @@ class Catalog:
             proposal_id=BIG_PROGRAM, pi="Survey, Twin",
             title="Twin wide-field MIRI survey of GOODS-S (520 pointings)", proposal_type="GO",
             target="GOODS-S", target_classification="Galaxy; Extragalactic deep field", release_mjd=60197.0,
-            processed=datetime(2023, 9, 10, 12, 0, tzinfo=timezone.utc), id_base=330_000_000, cal_ver="1.11.4")
+            processed=datetime(2023, 9, 10, 12, 0, tzinfo=timezone.utc), id_base=330_000_000, cal_ver="1.11.4",
+            field=Field(53.1228, -27.8056, seed=5500, half_width=0.35, count=20000))
         ra0, dec0 = 53.1228, -27.8056
         scale = 0.11 * _ARCSEC
         for number in range(1, 521):
@@ -1350,7 +1591,8 @@ class _Mosaic:
             proposal_id=MOSAIC_PROGRAM, pi="Mosaic, Twin",
             title="Twin COSMOS-Web-like NIRCam mosaic (one observation of 300,000 products)", proposal_type="GO",
             target="COSMOS", target_classification="Galaxy; Extragalactic deep field", release_mjd=60450.0,
-            processed=datetime(2024, 3, 20, 8, 0, tzinfo=timezone.utc), id_base=410_000_000, cal_ver="1.13.4")
+            processed=datetime(2024, 3, 20, 8, 0, tzinfo=timezone.utc), id_base=410_000_000, cal_ver="1.13.4",
+            field=Field(150.1163, 2.2009, seed=1727, half_width=0.4, count=20000))
         self.ra0, self.dec0 = 150.1163, 2.2009
         members = tuple(self._exposure(index) for index in range(MOSAIC_VISITS * self.EXPOSURES_PER_VISIT))
         level3 = _Level3(program, "NIRCAM", "clear-f277w", self.FILTERS, 1, self.ra0, self.dec0, (15000, 15000),
@@ -1504,20 +1746,36 @@ _CATALOG_COLUMNS = (("label", "int64"), ("xcentroid", "float64"), ("ycentroid", 
                     ("aper_total_abmag", "float64"), ("is_extended", "bool"))
 
 
-def _source_catalog_file(obs_id: str, ra: float, dec: float, size: int) -> GeneratedFile:
-    """A JWST-like source catalog (ECSV) with deterministic rows filling exactly `size` bytes."""
+def _source_catalog_file(obs_id: str, sky: Sky, i2d_wcs: Callable[[], Wcs], size: int) -> GeneratedFile:
+    """A JWST-like source catalog (ECSV) of the sources the level-3 mosaic shows, brightest first (labels as
+    in its segmentation map); rows past those are faint detections at the noise limit, to fill `size`."""
+    wcs = i2d_wcs()
+    sources = sky.catalog_sources(wcs)
+    ny, nx = wcs.shape
     seed = _crc(obs_id)
+    faint_flux = 3 * sky.band.noise * 2 * math.pi * (sky.band.fwhm_arcsec / 2.3548 / 206264.8) ** 2 * 1e6
 
     def row(index: int) -> list[str]:
-        mix = (seed + index * 2654435761) & 0xFFFFFFFF
-        x, y = mix % 4096 + (mix >> 20) / 4096.0, (mix >> 12) % 4096 + (mix & 0xFF) / 256.0
-        flux = 0.01 + (mix % 100_000) / 1000.0
-        return [str(index + 1), f"{x:.4f}", f"{y:.4f}", f"{ra + (x - 2048) * 3e-5:.8f}",
-                f"{dec + (y - 2048) * 3e-5:.8f}", f"{flux:.6f}", f"{23.9 - 2.5 * math.log10(flux):.4f}",
-                "True" if mix % 7 == 0 else "False"]
+        if index < len(sources):
+            label, x, y, ra, dec, flux, extended = sources[index]
+        else:
+            mix = (seed + index * 2654435761) & 0xFFFFFFFF
+            x, y = (mix % 65536) / 65536 * (nx - 1), (mix >> 16) / 65536 * (ny - 1)
+            ra_pixel, dec_pixel = _pixel_to_sky(wcs, x, y)
+            label, ra, dec, flux, extended = sky.field.count + index + 1, ra_pixel, dec_pixel, faint_flux, False
+        return [str(label), f"{x:.4f}", f"{y:.4f}", f"{ra:.8f}", f"{dec:.8f}", f"{flux:.6e}",
+                f"{-2.5 * math.log10(flux / 3631.0):.4f}", "True" if extended else "False"]
 
     meta = {"version": "1.11.3", "aperture_params": "{aperture_radii: [1.8, 2.6, 3.4]}", "obs_id": obs_id}
     return fitsgen.build_text(fitsgen.ecsv_catalog(_CATALOG_COLUMNS, row, meta, size))
+
+
+def _pixel_to_sky(wcs: Wcs, x: float, y: float) -> tuple[float, float]:
+    """Inverse TAN projection of zero-based pixel (x, y) (small fields: linear is within 1e-6 deg)."""
+    crpix1, crpix2 = wcs.crpix
+    dec = wcs.dec + (y + 1 - crpix2) * wcs.scale
+    ra = wcs.ra - (x + 1 - crpix1) * wcs.scale / math.cos(math.radians(dec))
+    return ra, dec
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ KINDS = (
     "reset",
     "truncate",
     "wrong_range",
+    "wrong_body",
     "stall",
     "executing",
     "unauthorized",
@@ -47,7 +48,7 @@ KINDS = (
 # Kinds that need a response body to act on (they change how the body is written).
 BODY_KINDS = frozenset({"reset", "truncate", "drip"})
 # Kinds that only make sense for a GET carrying a single satisfiable Range header.
-RANGE_KINDS = frozenset({"wrong_range", "ignore_range"})
+RANGE_KINDS = frozenset({"wrong_range", "wrong_body", "ignore_range"})
 # Kinds every request of an endpoint can suffer (answer replaced or delayed before any work is done).
 GENERIC_KINDS = frozenset({"latency", "status", "html_504", "stall", "unauthorized"})
 # Hostile-server kinds: the answer is built, then made hostile (see the functions at the end of this module).

@@ -26,9 +26,15 @@ import functools
 import json
 import math
 import random
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from mastfs.twin.sky import Sky, Wcs
 
 BLOCK = 2880
 PATTERN_SIZE = 1 << 20
@@ -37,6 +43,7 @@ _PATTERN = random.Random(0x6D617374).randbytes(PATTERN_SIZE)
 _DOUBLED_PATTERN = memoryview(_PATTERN + _PATTERN)
 _PRIMARY_HEADER_MAX_BLOCKS = 2
 _CARDS_PER_BLOCK = BLOCK // 80
+_SUM_CHUNK = 8 << 20  # a multiple of 4: data sums are streamed in chunks of this size
 
 
 def pad_to_block(nbytes: int) -> int:
@@ -69,7 +76,8 @@ class FitsSpec:
     base_shape: tuple[int, int]  # (ny, nx) of every image at full (real-world) size
     filler_extname: str = "ASDF"
     filler_column: str = "ASDF_METADATA"
-    wcs: tuple[float, float, float] | None = None  # (ra, dec, pixel scale in deg) for SCI headers
+    wcs: tuple[float, float, float] | None = None  # (ra, dec, pixel scale in deg at base_shape) for SCI headers
+    sky: Sky | None = None  # what the image data show (with `wcs`); pattern bytes when None
 
 
 @functools.lru_cache(maxsize=256)
@@ -91,27 +99,108 @@ def fits_natural_size(images: Sequence[ImageExt], base_shape: tuple[int, int], f
             + pad_to_block(max(filler_bytes, 1)))
 
 
-class GeneratedFile:
-    """Deterministic file contents made of literal segments and stretches of the data pattern.
+class DataSource(Protocol):
+    """Bytes of one data unit stretch generated on demand (e.g. a sky image plane)."""
 
-    `read` is thread-safe (instances are immutable after construction).
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of this stretch (0 <= offset < offset+length <= size)."""
+        ...
+
+
+@dataclass(frozen=True)
+class HduHeader:
+    """A FITS header whose CHECKSUM and DATASUM cards are filled in when first read.
+
+    `data_start`/`data_size` locate the HDU's data unit (padding included) in the file.
     """
 
-    __slots__ = ("size", "_shift", "_starts", "_segments")
+    cards: tuple[tuple[str, object, str], ...]
+    data_start: int
+    data_size: int
 
-    def __init__(self, segments: Sequence[bytes | int], shift: int) -> None:
-        """`segments`: literal bytes, or an int = that many pattern bytes; `shift` offsets the pattern."""
+    @property
+    def size(self) -> int:
+        return len(self.render("0", 0))
+
+    def render(self, checksum: str, datasum: int) -> bytes:
+        return _header([*self.cards, ("CHECKSUM", checksum, "HDU checksum"),
+                        ("DATASUM", str(datasum), "data unit checksum")])
+
+
+class ChecksumMemo:
+    """Per-product memo of data-unit sums (keyed by data unit offset), shared by every `GeneratedFile` of
+    one product so that each sum is computed at most once; thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.datasums: dict[int, int] = {}
+
+
+def ones_complement_sum(data: bytes | memoryview, start: int = 0) -> int:
+    """FITS checksum arithmetic: 32-bit ones'-complement sum of big-endian words of `data` (length a
+    multiple of 4) added to `start`. Partial sums combine: sum(a + b) == sum(b, start=sum(a))."""
+    total = start + int(np.frombuffer(data, dtype=">u4").sum(dtype=np.uint64))
+    while total >> 32:
+        total = (total & 0xFFFFFFFF) + (total >> 32)
+    return total
+
+
+_CHECKSUM_EXCLUDED = frozenset(range(0x3A, 0x41)) | frozenset(range(0x5B, 0x61))
+
+
+def encode_checksum(value: int) -> str:
+    """The 16-character ASCII encoding of a 32-bit value (FITS checksum convention, as astropy's)."""
+    chars = [0] * 16
+    for i in range(4):
+        byte = (value >> ((3 - i) * 8)) & 0xFF
+        quotient, remainder = byte // 4 + 0x30, byte % 4
+        group = [quotient + remainder, quotient, quotient, quotient]
+        changed = True
+        while changed:
+            changed = False
+            for j in (0, 2):
+                if group[j] in _CHECKSUM_EXCLUDED or group[j + 1] in _CHECKSUM_EXCLUDED:
+                    group[j] += 1
+                    group[j + 1] -= 1
+                    changed = True
+        for j in range(4):
+            chars[4 * j + i] = group[j]
+    return bytes(chars[(i + 15) % 16] for i in range(16)).decode("ascii")
+
+
+class GeneratedFile:
+    """Deterministic file contents made of literal segments, stretches of the data pattern, data sources
+    and checksummed FITS headers.
+
+    `read` is thread-safe. A header's DATASUM is computed on the first read of that header by streaming
+    its data unit (O(data unit) once per product when a `ChecksumMemo` is given, never held in memory).
+    """
+
+    __slots__ = ("size", "_shift", "_starts", "_segments", "_memo", "_rendered")
+
+    def __init__(self, segments: Sequence[bytes | int | DataSource | HduHeader], shift: int,
+                 memo: ChecksumMemo | None = None) -> None:
+        """`segments`: literal bytes, an int = that many pattern bytes, a `DataSource`, or an `HduHeader`;
+        `shift` offsets the pattern; `memo` keeps data sums across instances of the same product."""
         self._shift = shift % PATTERN_SIZE
         self._starts: list[int] = []
-        self._segments: list[tuple[int, int, memoryview | None]] = []
+        self._segments: list[tuple[int, int, object]] = []
+        self._memo = memo if memo is not None else ChecksumMemo()
+        self._rendered: dict[int, memoryview] = {}
         position = 0
         for segment in segments:
-            length = segment if isinstance(segment, int) else len(segment)
+            if isinstance(segment, int):
+                length, content = segment, None
+            elif isinstance(segment, (bytes, bytearray)):
+                length, content = len(segment), memoryview(bytes(segment))
+            else:
+                length, content = segment.size, segment
             if length == 0:
                 continue
-            literal = None if isinstance(segment, int) else memoryview(bytes(segment))
             self._starts.append(position)
-            self._segments.append((position, position + length, literal))
+            self._segments.append((position, position + length, content))
             position += length
         self.size = position
 
@@ -125,19 +214,45 @@ class GeneratedFile:
         end = min(self.size, offset + length)
         if offset >= end:
             return b""
-        parts: list[memoryview] = []
+        parts: list[memoryview | bytes] = []
         index = bisect_right(self._starts, offset) - 1
         position = offset
         while position < end:
-            start, stop, literal = self._segments[index]
+            start, stop, content = self._segments[index]
             stop = min(stop, end)
-            if literal is None:
+            if content is None:
                 _append_pattern(parts, position + self._shift, stop - position)
+            elif isinstance(content, memoryview):
+                parts.append(content[position - start : stop - start])
+            elif isinstance(content, HduHeader):
+                parts.append(self._header_bytes(start, content)[position - start : stop - start])
             else:
-                parts.append(literal[position - start : stop - start])
+                parts.append(content.read(position - start, stop - position))
             position = stop
             index += 1
         return b"".join(parts)
+
+    def _header_bytes(self, start: int, header: HduHeader) -> memoryview:
+        """The header at `start` with its CHECKSUM and DATASUM filled in (rendered once per instance)."""
+        rendered = self._rendered.get(start)
+        if rendered is None:
+            datasum = self._datasum(header)
+            unsummed = header.render("0" * 16, datasum)
+            checksum = encode_checksum(~ones_complement_sum(unsummed, datasum) & 0xFFFFFFFF)
+            rendered = self._rendered[start] = memoryview(header.render(checksum, datasum))
+        return rendered
+
+    def _datasum(self, header: HduHeader) -> int:
+        """Ones'-complement sum of the header's data unit, streamed in chunks; memoised per product."""
+        with self._memo.lock:
+            datasum = self._memo.datasums.get(header.data_start)
+            if datasum is None:
+                datasum = 0
+                end = header.data_start + header.data_size
+                for position in range(header.data_start, end, _SUM_CHUNK):
+                    datasum = ones_complement_sum(self.read(position, min(_SUM_CHUNK, end - position)), datasum)
+                self._memo.datasums[header.data_start] = datasum
+        return datasum
 
 
 def _append_pattern(parts: list[memoryview], position: int, length: int) -> None:
@@ -185,7 +300,8 @@ def _header(cards: Sequence[tuple[str, object, str]]) -> bytes:
     return text.ljust(pad_to_block(len(text))).encode("ascii")
 
 
-def _image_header(image: ImageExt, shape: tuple[int, int], wcs: tuple[float, float, float] | None) -> bytes:
+def _image_cards(image: ImageExt, shape: tuple[int, int],
+                 wcs: tuple[float, float, float] | None) -> list[tuple[str, object, str]]:
     ny, nx = shape
     axes = [nx, ny, *reversed(image.leading)]
     cards: list[tuple[str, object, str]] = [
@@ -217,12 +333,11 @@ def _image_header(image: ImageExt, shape: tuple[int, int], wcs: tuple[float, flo
             ("CDELT2", float(scale), "second axis increment per pixel"),
             ("RADESYS", "ICRS", "name of the coordinate reference frame"),
         ]
-    return _header(cards)
+    return cards
 
 
-def _filler_header(extname: str, column: str, nbytes: int) -> bytes:
-    return _header(
-        [
+def _filler_cards(extname: str, column: str, nbytes: int) -> list[tuple[str, object, str]]:
+    return [
             ("XTENSION", "BINTABLE", "binary table extension"),
             ("BITPIX", 8, "array data type"),
             ("NAXIS", 2, "number of array dimensions"),
@@ -235,7 +350,6 @@ def _filler_header(extname: str, column: str, nbytes: int) -> bytes:
             ("TFORM1", f"{nbytes}B", ""),
             ("EXTNAME", extname, "extension name"),
         ]
-    )
 
 
 def _image_data_bytes(images: Sequence[ImageExt], ny: int, nx: int) -> int:
@@ -262,37 +376,66 @@ def _fit_shape(images: Sequence[ImageExt], base_shape: tuple[int, int], budget: 
     return ny, nx
 
 
-def build_fits(spec: FitsSpec, size: int, shift: int) -> GeneratedFile:
-    """A valid FITS file of exactly `size` bytes (a multiple of 2880, >= fits_min_size(spec.images)).
+def fitted_wcs(wcs: tuple[float, float, float], base_shape: tuple[int, int],
+               shape: tuple[int, int]) -> tuple[float, float, float]:
+    """The (ra, dec, pixel scale) of an image shrunk from `base_shape` to `shape`: it covers the same sky
+    with larger pixels."""
+    ra, dec, scale = wcs
+    return ra, dec, scale * base_shape[1] / shape[1]
 
-    Image data and filler data come from the data pattern (offset by `shift`); data padding is zeros.
-    Raises ValueError if the size is impossible or the primary header exceeds two blocks.
-    """
+
+def image_shape(spec: FitsSpec, size: int) -> tuple[int, int]:
+    """(ny, nx) of the images `build_fits(spec, size, ...)` makes. Raises ValueError as build_fits does."""
+    return _layout(spec, size)[1]
+
+
+def _layout(spec: FitsSpec, size: int) -> tuple[HduHeader, tuple[int, int]]:
+    """The primary header and the image shape of a file of `size` bytes; raises ValueError if impossible."""
     if size % BLOCK:
         raise ValueError(f"FITS size {size} is not a multiple of {BLOCK}")
-    primary = _header(
-        [
-            ("SIMPLE", True, "conforms to FITS standard"),
-            ("BITPIX", 8, "array data type"),
-            ("NAXIS", 0, "number of array dimensions"),
-            ("EXTEND", True, ""),
-            *spec.primary_cards,
-        ]
+    primary_cards = (
+        ("SIMPLE", True, "conforms to FITS standard"),
+        ("BITPIX", 8, "array data type"),
+        ("NAXIS", 0, "number of array dimensions"),
+        ("EXTEND", True, ""),
+        *spec.primary_cards,
     )
-    if len(primary) > _PRIMARY_HEADER_MAX_BLOCKS * BLOCK:
+    primary = HduHeader(primary_cards, 0, 0)
+    if primary.size > _PRIMARY_HEADER_MAX_BLOCKS * BLOCK:
         raise ValueError("primary header longer than two blocks")
-    headers_size = len(primary) + BLOCK * (len(spec.images) + 1)
-    budget = size - headers_size - BLOCK  # keep at least one block for the filler's data
+    budget = size - primary.size - BLOCK * (len(spec.images) + 1) - BLOCK  # >= 1 block of filler data
     if budget < 0:
         raise ValueError(f"size {size} too small")
-    ny, nx = _fit_shape(spec.images, spec.base_shape, budget)
-    segments: list[bytes | int] = [primary]
+    return primary, _fit_shape(spec.images, spec.base_shape, budget)
+
+
+def build_fits(spec: FitsSpec, size: int, shift: int, memo: ChecksumMemo | None = None) -> GeneratedFile:
+    """A valid FITS file of exactly `size` bytes (a multiple of 2880, >= fits_min_size(spec.images)).
+
+    Image data show `spec.sky` (else they are pattern bytes); filler data come from the data pattern
+    (offset by `shift`); data padding is zeros. Shrunk images keep the sky `spec.wcs` covers.
+    Every HDU carries CHECKSUM and DATASUM, computed when its header is first read (sums kept in `memo`).
+    Raises ValueError if the size is impossible or the primary header exceeds two blocks.
+    """
+    primary, (ny, nx) = _layout(spec, size)
+    headers_size = primary.size + BLOCK * (len(spec.images) + 1)
+    wcs = fitted_wcs(spec.wcs, spec.base_shape, (ny, nx)) if spec.wcs else None
+    segments: list[bytes | int | DataSource | HduHeader] = [primary]
+    position = primary.size
     for image in spec.images:
         nbytes = ny * nx * image.bytes_per_pixel
-        segments += [_image_header(image, (ny, nx), spec.wcs), nbytes, bytes(pad_to_block(nbytes) - nbytes)]
+        cards = tuple(_image_cards(image, (ny, nx), wcs))
+        header = HduHeader(cards, position + HduHeader(cards, 0, 0).size, pad_to_block(nbytes))
+        data: int | DataSource = nbytes
+        if spec.sky is not None and wcs is not None:
+            data = spec.sky.plane(image.extname, image.bitpix, image.bunit, image.leading, Wcs(*wcs, (ny, nx)))
+        segments += [header, data, bytes(pad_to_block(nbytes) - nbytes)]
+        position += header.size + pad_to_block(nbytes)
     filler = size - headers_size - _image_data_bytes(spec.images, ny, nx)
-    segments += [_filler_header(spec.filler_extname, spec.filler_column, filler), filler]
-    generated = GeneratedFile(segments, shift)
+    cards = tuple(_filler_cards(spec.filler_extname, spec.filler_column, filler))
+    filler_header = HduHeader(cards, position + HduHeader(cards, 0, 0).size, filler)
+    segments += [filler_header, filler]
+    generated = GeneratedFile(segments, shift, memo)
     assert generated.size == size
     return generated
 
@@ -308,16 +451,21 @@ _JPEG_IMAGE = base64.b64decode(
     "ujCzLopnd+nGtDnCKjK0XihUE/P6CEovMKHzopPB1DY+hTbXmmfZMrdLks/SfqGjVQdOteaCy2N9F62fpS+ZXBzDAdC6ebvfQVV6"
     "pyr3SCjnnBben//Z"
 )
-"""A real 64x64 baseline JPEG (a swirled ring, made once with ImageMagick); previews are this image padded."""
+"""A real 64x64 baseline JPEG (a swirled ring, made once with ImageMagick): the image of previews too small
+for a rendered one."""
 _COM_MAX_PAYLOAD = 65533
 
 
-def build_jpeg(size: int, shift: int, comment: str) -> GeneratedFile:
-    """A valid JPEG of exactly `size` bytes: a small real image whose extra bytes are pattern bytes in COM
-    (comment) segments, which decoders skip. Raises ValueError if `size` cannot hold the image."""
+def build_jpeg(size: int, shift: int, comment: str,
+               picture: Callable[[int], bytes | None] | None = None) -> GeneratedFile:
+    """A valid JPEG of exactly `size` bytes: a real image whose extra bytes are pattern bytes in COM
+    (comment) segments, which decoders skip. `picture(budget)` draws the image in at most `budget` bytes
+    (None: it cannot); without one, or when it cannot, a small built-in image is used.
+    Raises ValueError if `size` cannot hold the image."""
     note = comment.encode("ascii", "replace")[:200]
-    app0_end = 4 + int.from_bytes(_JPEG_IMAGE[4:6], "big")  # SOI, then the APP0 (JFIF) segment
-    head, body = _JPEG_IMAGE[:app0_end], _JPEG_IMAGE[app0_end:]
+    image = (picture(size - 8 - len(note)) if picture else None) or _JPEG_IMAGE
+    app0_end = 4 + int.from_bytes(image[4:6], "big")  # SOI, then the APP0 (JFIF) segment
+    head, body = image[:app0_end], image[app0_end:]
     rest = size - len(head) - len(body) - 4 - len(note)
     if rest < 0:
         raise ValueError(f"JPEG size {size} too small")

@@ -9,7 +9,8 @@ Served (wire formats as in /work/shared/reference/MAST_API.md):
 * ``HEAD``/``GET /api/v0.1/Download/file?uri=``: single byte ranges, 416, 401 for exclusive data.
 * ``GET``/``POST /api/v0.1/path_lookup/?uri=..&uri=..``; ``GET /whoami``; ``GET /Santa-war/query``.
 * admin (not counted): ``/__twin__/faults``, ``/__twin__/stats``, ``/__twin__/stats/reset``,
-  ``/__twin__/sha256?uri=``, ``/__twin__/requests`` (what the last requests asked for, decoded).
+  ``/__twin__/sha256?uri=``, ``/__twin__/requests`` (what the last requests asked for, decoded),
+  ``/__twin__/reprocess`` and ``/__twin__/product`` (versions, misstated sizes, dynamic products).
 
 Product bodies are streamed from ``Catalog.read`` in 1 MiB pieces, never materialised whole. Every
 request consults the :class:`~mastfs.twin.faults.FaultController` and is counted in
@@ -26,10 +27,11 @@ import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from mastfs.twin.catalog import OBSERVATION_COLUMNS, PRODUCT_COLUMNS, Catalog, ProductRows
@@ -125,6 +127,7 @@ class Reply:
     body: bytes = b""
     stream: tuple[str, int, int] | None = None
     length_known: bool = True
+    revision: int | None = None  # the product revision a stream reads (None: the current one)
     pieces: Iterable[bytes] | None = None  # a body generated while it is sent (length unknown)
 
     @property
@@ -241,6 +244,36 @@ def parse_single_range(header: str, size: int) -> tuple[int, int] | str | None:
     if start >= size:
         return "unsatisfiable"
     return start, min(end, size - 1)
+
+
+def precondition_failed(headers: Any, etag: str, mtime: float) -> bool:
+    """True when ``If-Match`` names another entity tag or ``If-Unmodified-Since`` is before ``mtime``
+    (RFC 9110 section 13.1: strong comparison; ``*`` matches)."""
+    if_match = headers.get("If-Match")
+    if if_match is not None:
+        tags = [tag.strip() for tag in if_match.split(",")]
+        return "*" not in tags and etag not in tags
+    since = headers.get("If-Unmodified-Since")
+    if since:
+        try:
+            return int(mtime) > parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def if_range_holds(value: str | None, etag: str, mtime: float) -> bool:
+    """Whether a Range may be honoured under ``If-Range: value`` (an entity tag, or a date that must
+    equal Last-Modified); True without the header."""
+    if not value:
+        return True
+    value = value.strip()
+    if value.startswith('"') or value.startswith("W/"):
+        return value == etag
+    try:
+        return parsedate_to_datetime(value).timestamp() == int(mtime)
+    except (TypeError, ValueError):
+        return False
 
 
 def mismatched_range(start: int, end: int, size: int, shift: int) -> tuple[int, int]:
@@ -668,7 +701,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 yield view[start : start + CHUNK_SIZE]
             return
         uri, offset, _ = reply.stream
-        yield from self.server.link.pace(self.server.catalog.pieces(uri, offset, limit, CHUNK_SIZE))
+        pieces = self.server.catalog.pieces(uri, offset, limit, CHUNK_SIZE, revision=reply.revision)
+        yield from self.server.link.pace(pieces)
 
     # ---- admin -----------------------------------------------------------------------------------------
 
@@ -740,7 +774,33 @@ class MastRequestHandler(BaseHTTPRequestHandler):
                 return json_reply({"error": f"unknown uri {uri!r}"}, status=404)
             digest = self.server.catalog.sha256(uri)
             return json_reply({"uri": uri, "sha256": digest, "size": product.size})
+        if route in ("reprocess", "product") and method == "POST":
+            return self._alter_product(route)
+        if route == "product" and method == "GET":
+            try:
+                return json_reply(self.server.catalog.describe(self.query.get("uri", [""])[0]))
+            except KeyError as exc:
+                return json_reply({"error": f"unknown uri {exc}"}, status=404)
         return json_reply({"error": f"no admin route {method} {route}"}, status=404)
+
+    def _alter_product(self, route: str) -> Reply:
+        """``POST /__twin__/reprocess {"uri", "resize": 0, "copies": "both"}`` and ``POST /__twin__/product
+        {"uri", "size_error": N}`` / ``{"uri", "dynamic": true}``; both answer :meth:`Catalog.describe`."""
+        catalog = self.server.catalog
+        try:
+            spec = json.loads(self.body or b"null")
+            uri = spec["uri"]
+            if route == "reprocess":
+                return json_reply(catalog.reprocess(uri, int(spec.get("resize", 0)), spec.get("copies", "both")))
+            if "size_error" in spec:
+                catalog.misreport_size(uri, int(spec["size_error"]))
+            if spec.get("dynamic"):
+                catalog.make_dynamic(uri)
+            return json_reply(catalog.describe(uri))
+        except KeyError as exc:
+            return json_reply({"error": f"unknown uri or missing field: {exc}"}, status=404)
+        except (AttributeError, TypeError, ValueError) as exc:
+            return json_reply({"error": str(exc)}, status=400)
 
     # ---- endpoints -------------------------------------------------------------------------------------
 
@@ -979,7 +1039,8 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         return json_reply(config or {})
 
     def _download(self, uri: str, fault: Fault | None) -> Reply:
-        """``/api/v0.1/Download/file``: headers, 401, 404, single ranges, 416."""
+        """``/api/v0.1/Download/file``: headers (ETag and Last-Modified of the HTTPS copy), 401, 404,
+        If-Match / If-Unmodified-Since (412), If-Range, single ranges, 416."""
         catalog = self.server.catalog
         if fault is not None and fault.kind == "redirect":
             return self._redirect(uri, int(fault.number("hops", 1)), str(fault.params.get("to", "second")))
@@ -993,27 +1054,37 @@ class MastRequestHandler(BaseHTTPRequestHandler):
         if not catalog.may_read(product, request_token(self.headers)):
             return html_reply(401, "Unauthorized", UNAUTHORIZED_MESSAGE)
         size = product.size
+        revision = catalog.revision(uri)
         headers = [
             ("Content-Type", content_type_for(product.filename)),
             ("Content-Disposition", f'attachment; filename="{product.filename}"'),
             ("Last-Modified", http_date(product.mtime)),
         ]
-        if not product.send_content_length:
-            return Reply(200, headers, stream=(uri, 0, size), length_known=False)
-        headers.append(("Accept-Ranges", "bytes"))
+        if not product.send_content_length:  # generated on the fly: no length, no validators, no ranges
+            return Reply(200, headers, stream=(uri, 0, size), length_known=False, revision=revision)
+        etag = catalog.etag(uri)
+        headers += [("ETag", etag), ("Accept-Ranges", "bytes")]
+        if precondition_failed(self.headers, etag, product.mtime):
+            return html_reply(412, "Precondition Failed")
         range_header = self.headers.get("Range") if self.command == "GET" else None
+        if range_header and not if_range_holds(self.headers.get("If-Range"), etag, product.mtime):
+            range_header = None  # RFC 9110: a changed representation is sent whole
         wanted = parse_single_range(range_header, size) if range_header else None
         if wanted == "unsatisfiable":
             reply = html_reply(416, "Requested Range Not Satisfiable")
             reply.headers.append(("Content-Range", f"bytes */{size}"))
             return reply
         if wanted is None or (fault is not None and fault.kind == "ignore_range"):
-            return Reply(200, headers, stream=(uri, 0, size))
+            return Reply(200, headers, stream=(uri, 0, size), revision=revision)
         start, end = wanted
+        body_start = start
         if fault is not None and fault.kind == "wrong_range":
             start, end = mismatched_range(start, end, size, int(fault.number("shift", 2880)))
+            body_start = start
+        elif fault is not None and fault.kind == "wrong_body":
+            body_start = mismatched_range(start, end, size, int(fault.number("shift", 2880)))[0]
         headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-        return Reply(206, headers, stream=(uri, start, end - start + 1))
+        return Reply(206, headers, stream=(uri, body_start, end - start + 1), revision=revision)
 
     def _redirect(self, uri: str, hops: int, target: str) -> Reply:
         """302 to the same download on listener ``target`` ("second": 127.0.0.2, "mast": the main one),

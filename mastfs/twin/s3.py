@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import contextvars
 import datetime
-import hashlib
 import itertools
 import logging
 import os
@@ -87,16 +87,13 @@ STATUS_LINES = {
 }
 
 
-def etag_for(product: TwinProduct) -> str:
-    """Deterministic quoted ETag of a catalog product: md5 of its identity (uri, size, mtime), not of
-    its bytes (S3 multipart ETags are not content md5s either)."""
-    identity = f"{product.uri}\n{product.size}\n{product.mtime!r}".encode()
-    return '"' + hashlib.md5(identity, usedforsecurity=False).hexdigest() + '"'
-
-
 def naive_utc(timestamp: float) -> datetime.datetime:
     """``timestamp`` as the naive UTC datetime moto keeps in ``FakeKey.last_modified``."""
     return datetime.datetime.fromtimestamp(int(timestamp), tz=datetime.timezone.utc).replace(tzinfo=None)
+
+
+_LISTING: contextvars.ContextVar[bool] = contextvars.ContextVar("twin_s3_listing", default=False)
+"""True while moto renders a bucket listing (see :attr:`LazyCatalogKey.etag`)."""
 
 
 class LazyCatalogKey(FakeKey):
@@ -105,25 +102,54 @@ class LazyCatalogKey(FakeKey):
     it)."""
 
     def __init__(self, product: TwinProduct, catalog: Catalog, account_id: str, owner: str) -> None:
+        self.uri = product.uri
+        self.catalog = catalog
         super().__init__(
             name=product.s3_key,
             value=b"",
             account_id=account_id,
             region_name=REGION,
-            etag=etag_for(product).strip('"'),
             bucket_name=BUCKET,
         )
-        self.product = product
-        self.catalog = catalog
         self.owner = owner
-        self.contentsize = product.size
-        self.last_modified = naive_utc(product.mtime)
         self.acl = get_canned_acl("public-read")
+
+    @property
+    def product(self) -> TwinProduct:
+        """The catalog product as its S3 copy stands now (reprocessing changes size, mtime, ETag)."""
+        product = self.catalog.product(self.uri, "s3")
+        assert product is not None
+        return product
+
+    @property
+    def etag(self) -> str:
+        """The S3 copy's real S3 ETag (content md5, or the multipart form), computed once per revision.
+        In a listing, a content md5 not computed yet is not computed there (that generates the object:
+        a listing of thousands took minutes): see :meth:`Catalog.listed_etag`."""
+        if _LISTING.get():
+            return self.catalog.listed_etag(self.uri, "s3")
+        return self.catalog.etag(self.uri, "s3")
+
+    @property
+    def last_modified(self) -> datetime.datetime:
+        return naive_utc(self.product.mtime)
+
+    @last_modified.setter
+    def last_modified(self, _value: datetime.datetime) -> None:
+        pass  # moto stamps new keys with "now"; a catalog key's time is its copy's mtime
+
+    @property
+    def contentsize(self) -> int:
+        return self.product.size
+
+    @contentsize.setter
+    def contentsize(self, _value: int) -> None:
+        pass
 
     @property
     def value(self) -> bytes:
         """The whole object, read from the catalog (only moto-internal paths such as CopyObject use it)."""
-        return self.catalog.read(self.product.uri, 0, self.product.size)
+        return self.catalog.read(self.uri, 0, self.product.size, copy="s3")
 
     @value.setter
     def value(self, new_value: bytes) -> None:
@@ -258,6 +284,8 @@ class S3Gateway:
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = self.account_id
 
         product = self.product(key) if bucket == BUCKET and key else None
+        if product is not None and not self._in_cloud(product.uri):
+            product = None  # a product made dynamic left the bucket
         is_catalog_get = method == "GET" and product is not None and set(query) <= {"x-id"}
         is_generated_head = (method == "HEAD" and product is not None and key not in self.products
                              and set(query) <= {"x-id"})
@@ -281,9 +309,9 @@ class S3Gateway:
         elif method not in ("GET", "HEAD"):
             status, headers, body = self._error(403, request_id)
         elif is_generated_head:  # answered here: registering in moto would keep a key per HEAD
-            status, headers, _ = self._get_object(environ, product, request_id, None)
+            status, headers, _ = self._get_object(environ, product.uri, request_id, None)
         elif is_catalog_get:
-            status, headers, body = self._get_object(environ, product, request_id, terminal)
+            status, headers, body = self._get_object(environ, product.uri, request_id, terminal)
             if status not in (200, 206):  # a product body waits for its first byte in Link.pace
                 self.link.delay_metadata()
             length = int(dict(headers).get("Content-Length", 0))
@@ -295,7 +323,12 @@ class S3Gateway:
             elif bucket == BUCKET and not key:
                 self.register_prefix(query.get("prefix", [""])[0])
             self.link.delay_metadata()
-            return self._counted(self.moto_app(environ, start_response), stat_keys, environ)
+            listing = _LISTING.set(not key)
+            try:
+                answer = self.moto_app(environ, start_response)
+            finally:
+                _LISTING.reset(listing)
+            return self._counted(answer, stat_keys, environ)
         self.link.delay_metadata()
         start_response(STATUS_LINES.get(status, f"{status} Error"), headers)
         if method == "HEAD":
@@ -337,12 +370,21 @@ class S3Gateway:
             headers.append(("Retry-After", str(int(fault.number("retry_after", 1)))))
         return status, headers, body
 
+    def _in_cloud(self, uri: str) -> bool:
+        """Whether the product ``uri`` is in the bucket now (a product made dynamic is not)."""
+        product = self.catalog.product(uri, "s3")
+        return product is not None and product.s3_key is not None
+
     def _get_object(
-        self, environ: dict, product: TwinProduct, request_id: str, fault: Fault | None
+        self, environ: dict, uri: str, request_id: str, fault: Fault | None
     ) -> tuple[int, list, Iterable[bytes]]:
-        """GetObject of a catalog key: conditionals, one Range, streamed body."""
+        """GetObject of a catalog key (its S3 copy as it stands now): conditionals, one Range, a body
+        streamed from the revision the headers describe."""
+        revision = self.catalog.revision(uri, "s3")
+        product = self.catalog.product(uri, "s3")
+        assert product is not None
         size = product.size
-        etag = etag_for(product)
+        etag = self.catalog.etag(uri, "s3")
         last_modified = naive_utc(product.mtime)
         headers = [
             ("Content-Type", OBJECT_CONTENT_TYPE),
@@ -368,13 +410,17 @@ class S3Gateway:
             return status, error_headers, body
         if wanted is None or (fault is not None and fault.kind == "ignore_range"):
             headers.append(("Content-Length", str(size)))
-            return 200, headers, self._stream(product.uri, 0, size)
+            return 200, headers, self._stream(uri, 0, size, revision)
         start, end = wanted
+        body_start = start
         if fault is not None and fault.kind == "wrong_range":
             start, end = mismatched_range(start, end, size, int(fault.number("shift", 2880)))
+            body_start = start
+        elif fault is not None and fault.kind == "wrong_body":
+            body_start = mismatched_range(start, end, size, int(fault.number("shift", 2880)))[0]
         headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
         headers.append(("Content-Length", str(end - start + 1)))
-        return 206, headers, self._stream(product.uri, start, end - start + 1)
+        return 206, headers, self._stream(uri, body_start, end - start + 1, revision)
 
     @staticmethod
     def _precondition(environ: dict, etag: str, last_modified: datetime.datetime) -> int | None:
@@ -400,9 +446,10 @@ class S3Gateway:
             return 304
         return None
 
-    def _stream(self, uri: str, offset: int, length: int) -> Iterator[bytes]:
-        """Catalog bytes [offset, offset+length) in pieces of at most CHUNK_SIZE, paced by the link."""
-        return self.link.pace(self.catalog.pieces(uri, offset, length, CHUNK_SIZE))
+    def _stream(self, uri: str, offset: int, length: int, revision: int) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of the S3 copy's ``revision`` in pieces of at most CHUNK_SIZE,
+        paced by the link."""
+        return self.link.pace(self.catalog.pieces(uri, offset, length, CHUNK_SIZE, copy="s3", revision=revision))
 
     def _counted(
         self,
