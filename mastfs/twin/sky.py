@@ -250,6 +250,21 @@ class SkyPlane:
         self.planes = math.prod(leading)
         self.groups = leading[-1] if len(leading) == 2 else 1  # uncal: (nints, ngroups)
         self.size = self.planes * wcs.shape[0] * wcs.shape[1] * self.dtype.itemsize
+        self._models: dict[tuple[int, int], np.ndarray] = {}
+
+    def _model(self, y0: int, y1: int) -> np.ndarray:
+        """The noiseless scene of rows [y0, y1), read-only: the same in every leading plane, so a cube of
+        thousands of small planes (guide-star products) computes it once, not once per plane. Keeps the
+        last few row spans only."""
+        key = (y0, y1)
+        model = self._models.get(key)
+        if model is None:
+            model = self.sky.model(self.wcs, y0, y1)
+            model.setflags(write=False)
+            if len(self._models) >= _MODEL_SPANS:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = model
+        return model
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the extension's data; O(length + one image row)."""
@@ -291,7 +306,7 @@ class SkyPlane:
             return np.full((rows, nx), 1.0 / variance_floor, dtype=np.float32)
         if name == "VAR_RNOISE":
             return np.full((rows, nx), variance_floor * factor ** 2, dtype=np.float32)
-        model = sky.model(self.wcs, y0, y1)
+        model = self._model(y0, y1)
         if name == "DQ":
             return np.where(model > _SATURATION * band.noise, 2, 0)
         poisson_per_unit = np.float32(band.noise ** 2 / 2 / band.background)
@@ -316,6 +331,9 @@ class SkyPlane:
         error *= factor
         return error
 
+
+_MODEL_SPANS = 4
+"""Row spans of the scene an extension keeps (see :meth:`SkyPlane._model`)."""
 
 _PREVIEW_TRIES = ((512, 85), (256, 80), (128, 70), (64, 50), (32, 40), (16, 30))
 
