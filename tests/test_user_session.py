@@ -247,7 +247,9 @@ def test_find_and_du_list_without_reading_files(mount, twin):
     assert len(observations) == 10 and os.path.join(program, MIRI_OBS) in observations
     mosaics = subprocess.run(["find", os.path.join(program, NIRCAM_OBS), "-name", "*_i2d.fits"],
                              capture_output=True, text=True, timeout=WAIT, check=True).stdout.split()
-    assert mosaics == [os.path.join(program, NIRCAM_OBS, "level3", NIRCAM_I2D_URI.rsplit("/", 1)[1])]
+    name = NIRCAM_I2D_URI.rsplit("/", 1)[1]  # a Minimum Recommended Product: in level3/ and recommended/
+    assert sorted(mosaics) == [os.path.join(program, NIRCAM_OBS, "level3", name),
+                               os.path.join(program, NIRCAM_OBS, "recommended", name)]
 
     level1 = os.path.join(program, NIRCAM_OBS, "level1")
     sizes = sum(os.stat(os.path.join(level1, name)).st_size for name in os.listdir(level1))
