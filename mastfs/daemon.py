@@ -244,9 +244,10 @@ def tune_malloc() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 
 METADATA_SWING = 10_000
-"""Inodes in memory gained or lost, or MAST query pages received, after which freed heap memory is handed
-back to the kernel (malloc_trim): a 300,000-product listing leaves its pages' garbage behind, and the
-kernel forgetting its inodes frees their nodes."""
+"""Inodes in memory gained or lost, product rows of expired listings let go, or MAST query pages received
+(a thousandth), after which freed heap memory is handed back to the kernel (malloc_trim): a 300,000-product
+listing leaves its pages' garbage behind, the kernel forgetting its inodes frees their nodes, and its
+layout goes when its memo expires."""
 TRIM_CHECK_INTERVAL = 2.0
 
 
@@ -262,10 +263,11 @@ async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTE
     last_nodes, last_pages = 0, 0
     while True:
         await trio.sleep(interval)
+        released_rows = services.tree.sweep_memos()
         nodes = services.tree.stats()["nodes"]
         pages = services.client.stats()["requests"].get("invoke", 0)
-        if abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000:
-            services.tree.sweep_memos()
+        if (abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000
+                or released_rows >= METADATA_SWING):
             gc.collect()
             trim(0)
             last_nodes, last_pages = nodes, pages

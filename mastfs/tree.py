@@ -30,8 +30,9 @@ import logging
 import os
 import stat
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -220,19 +221,16 @@ class _Memo:
 
 
 class Node:
-    """One path of the tree. Subclasses say whether they are directories and what they hold. Nodes
-    use slots: a listing of 300,000 files holds 300,000 of them."""
+    """One path of the tree. Subclasses say whether they are directories and what they hold, and keep
+    their path (:class:`PathNode`) or make it when asked (:class:`ProductFile`). Nodes use slots: a
+    listing of 300,000 files holds 300,000 of them."""
 
-    __slots__ = ("ino", "_path")
+    __slots__ = ("ino",)
     is_dir = False
-
-    def __init__(self, ino: int, path: tuple[str, ...]) -> None:
-        self.ino = ino
-        self._path = path
 
     @property
     def path(self) -> tuple[str, ...]:
-        return self._path
+        raise NotImplementedError
 
     @property
     def name(self) -> str:
@@ -263,7 +261,21 @@ class Node:
         return {}
 
 
-class DirNode(Node):
+class PathNode(Node):
+    """A node that keeps its path (every kind but product files, which are many)."""
+
+    __slots__ = ("_path",)
+
+    def __init__(self, ino: int, path: tuple[str, ...]) -> None:
+        self.ino = ino
+        self._path = path
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self._path
+
+
+class DirNode(PathNode):
     """A directory: ``entries`` lists it, ``child`` looks one name up (validated first, before any I/O),
     ``children`` gives its nodes in display order."""
 
@@ -299,7 +311,7 @@ class RootDir(DirNode):
         return entries
 
 
-class ReadmeFile(Node):
+class ReadmeFile(PathNode):
     __slots__ = ()
 
     async def size(self, tree: Tree) -> int:
@@ -417,19 +429,37 @@ class QueryDir(ObservationListDir):
 @dataclass(frozen=True)
 class _ObservationContents:
     """An observation directory's products (a packed ProductTable), where each is shown, and the
-    content of products.csv (made part by part when read)."""
+    content of products.csv (made part by part when read). Held by its memo and by the file nodes of
+    its groups (through :class:`GroupFiles`); gone with the last of them."""
 
     products: ProductTable
     placement: namespace.Placement
     products_csv: Content
+    group_files: dict[str, GroupFiles] = field(default_factory=dict)
+    """Group name -> what the file nodes of that group share (made when the group is first listed)."""
+
+
+class GroupFiles:
+    """What every file node of one group directory shares: the directory, the observation's contents
+    (product table, placement) and the sizes looked up for rows that state none (by slot)."""
+
+    __slots__ = ("group_dir", "contents", "names", "resolved")
+
+    def __init__(self, group_dir: GroupDir, contents: _ObservationContents, names: namespace.NameList) -> None:
+        self.group_dir = group_dir
+        self.contents = contents
+        self.names = names
+        self.resolved: dict[int, int] = {}
 
 
 class ObservationDir(DirNode):
-    __slots__ = ("observation",)
+    __slots__ = ("observation", "_shown")
 
     def __init__(self, ino: int, path: tuple[str, ...], observation: Observation) -> None:
         super().__init__(ino, path)
         self.observation = observation
+        self._shown: weakref.ref[_ObservationContents] | None = None
+        """The contents loaded last, while anything (the memo, a file node) still holds them."""
 
     def same_as(self, other: Node) -> bool:
         return isinstance(other, ObservationDir) and other.observation == self.observation
@@ -448,7 +478,12 @@ class ObservationDir(DirNode):
         return await tree.memoised(self.path, lambda: self._load(tree))
 
     async def _load(self, tree: Tree) -> _ObservationContents:
+        """The contents from the Archive; the very contents loaded before when the rows are the same (so
+        the file nodes the kernel holds keep theirs, and a second layout is neither made nor kept)."""
         products = await tree.archive.products(self.observation)
+        shown = self._shown() if self._shown is not None else None
+        if shown is not None and shown.products == products:
+            return shown
         placement = namespace.place_products(products.projected(namespace.PLACEMENT_FIELDS))
         columns = list(products.columns)
         date = namespace.observation_date(self.observation)
@@ -460,7 +495,9 @@ class ObservationDir(DirNode):
             first = products.chunk_start(part - 1)
             return namespace.products_csv_rows(values, [placement.path(first + i) for i in range(len(values[0]))], date)
 
-        return _ObservationContents(products, placement, Content.parts(1 + products.chunk_count, render))
+        contents = _ObservationContents(products, placement, Content.parts(1 + products.chunk_count, render))
+        self._shown = weakref.ref(contents)
+        return contents
 
     async def entries(self, tree: Tree) -> dict[str, Node]:
         contents = await self.contents(tree)
@@ -507,27 +544,29 @@ class GroupDir(ObservationSubdir):
 
     __slots__ = ()
 
-    async def _files(self, tree: Tree) -> tuple[ProductTable, namespace.NameList]:
-        """The observation's product table and this group's file names (with their row indices). Raises
-        NotFound when the group is gone after a refresh."""
+    async def _files(self, tree: Tree) -> GroupFiles:
+        """What this group's file nodes share (the observation's product table, this group's file
+        names with their row indices). Raises NotFound when the group is gone after a refresh."""
         contents = await self.observation_dir.contents(tree)
-        files = contents.placement.groups.get(self.name)
-        if files is None:
-            raise NotFound(f"{self.path_text} no longer exists")
-        return contents.products, files
+        files = contents.group_files.get(self.name)
+        if files is None or files.group_dir is not self:
+            names = contents.placement.groups.get(self.name)
+            if names is None:
+                raise NotFound(f"{self.path_text} no longer exists")
+            files = contents.group_files[self.name] = GroupFiles(self, contents, names)
+        return files
 
     async def children(self, tree: Tree) -> list[Node]:
-        table, names = await self._files(tree)
-        return [tree.intern(ProductFile, (*self.path, name), self, table, names, slot)
-                for slot, name in enumerate(names)]
+        files = await self._files(tree)
+        return [tree.intern(ProductFile, (*self.path, name), files, slot) for slot, name in enumerate(files.names)]
 
     async def child(self, tree: Tree, name: str) -> Node:
         namespace.check_component(name)
-        table, names = await self._files(tree)
-        slot = names.find(name)
+        files = await self._files(tree)
+        slot = files.names.find(name)
         if slot is None:
             raise NotFound(f"{self.path_text}/{name}")
-        return tree.intern(ProductFile, (*self.path, name), self, table, names, slot)
+        return tree.intern(ProductFile, (*self.path, name), files, slot)
 
     async def s3_key(self, tree: Tree, slot: int, uri: str) -> tuple[str | None, bool]:
         """(S3 key or None, settled) of the file in ``slot`` with dataURI ``uri``. The keys of its stretch of
@@ -535,7 +574,8 @@ class GroupDir(ObservationSubdir):
         in one Archive call and memoised (under a key no real path can have: names never contain NUL).
         When the look-up said nothing about ``uri`` (it failed), settled is False and the memo goes, so
         the next open asks again."""
-        table, names = await self._files(tree)
+        files = await self._files(tree)
+        table, names = files.contents.products, files.names
         stretch = slot // S3_LOOKUP_SPAN
         memo_key = (*self.path, "\0s3", str(stretch))
 
@@ -571,7 +611,7 @@ class RecommendedDir(ObservationSubdir):
         return entries
 
 
-class SidecarFile(Node):
+class SidecarFile(PathNode):
     __slots__ = ("observation_dir",)
 
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
@@ -593,7 +633,7 @@ class SidecarFile(Node):
         return (await self.content(tree)).size
 
 
-class PlannedFile(Node):
+class PlannedFile(PathNode):
     """``planned.csv`` of a program, target or cone directory: the planned observations left out."""
 
     __slots__ = ("text",)
@@ -614,20 +654,16 @@ class PlannedFile(Node):
 
 class ProductFile(Node):
     """One product: name ``slot`` of its group's NameList, row ``index`` of its observation's
-    ProductTable, decoded only when its fields are needed (size and rights come packed). Its name and
-    path are made when asked for (a listing may hold 300,000 of these)."""
+    ProductTable, decoded only when its fields are needed (size and rights come packed). Holds nothing
+    but its number, its slot and what its group's files share: name, path and row are made when asked
+    for (a listing may hold 300,000 of these; each costs about 130 bytes with its two numbers)."""
 
-    __slots__ = ("group_dir", "table", "names", "slot", "index", "resolved_size")
+    __slots__ = ("files", "slot")
 
-    def __init__(self, ino: int, path: tuple[str, ...], group_dir: GroupDir, table: ProductTable,
-                 names: namespace.NameList, slot: int) -> None:
+    def __init__(self, ino: int, path: tuple[str, ...], files: GroupFiles, slot: int) -> None:
         self.ino = ino
-        self.group_dir = group_dir
-        self.table = table
-        self.names = names
+        self.files = files
         self.slot = slot
-        self.index = names.indices[slot]
-        self.resolved_size: int | None = table.size(self.index)
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -635,7 +671,25 @@ class ProductFile(Node):
 
     @property
     def name(self) -> str:
-        return self.names[self.slot]
+        return self.files.names[self.slot]
+
+    @property
+    def group_dir(self) -> GroupDir:
+        return self.files.group_dir
+
+    @property
+    def table(self) -> ProductTable:
+        return self.files.contents.products
+
+    @property
+    def index(self) -> int:
+        return self.files.names.indices[self.slot]
+
+    @property
+    def resolved_size(self) -> int | None:
+        """The size the row states, else the one looked up (None: not yet)."""
+        size = self.table.size(self.index)
+        return size if size is not None else self.files.resolved.get(self.slot)
 
     @property
     def observation_dir(self) -> ObservationDir:
@@ -663,14 +717,19 @@ class ProductFile(Node):
             return stat.S_IFREG | (0o400 if tree.has_token else 0o000)
         return stat.S_IFREG | 0o444
 
+    def _learned(self, tree: Tree) -> tuple[int, float | None] | None:
+        """(true size, Last-Modified) an open in this mount learned of the product; its row is not
+        decoded while nothing was learned of any product (a listing's stat of 300,000 files)."""
+        return tree.truths.get(self.product.data_uri) if tree.truths else None
+
     def mtime(self, tree: Tree) -> float:
-        learned = tree.truths.get(self.product.data_uri)
+        learned = self._learned(tree)
         if learned is not None and learned[1] is not None:
             return learned[1]
         return self.observation_dir.mtime(tree)
 
     async def size(self, tree: Tree) -> int:
-        learned = tree.truths.get(self.product.data_uri)
+        learned = self._learned(tree)
         if learned is not None:
             return learned[0]
         if self.resolved_size is None:
@@ -679,7 +738,8 @@ class ProductFile(Node):
             if size is None:
                 tree.log_once(("size", product.data_uri), logging.WARNING,
                               "MAST states no size for %s; it is shown empty", product.data_uri)
-            self.resolved_size = size or 0
+            self.files.resolved[self.slot] = size or 0
+            return size or 0
         return self.resolved_size
 
     def xattrs(self, tree: Tree) -> dict[str, bytes]:
@@ -863,11 +923,22 @@ class Tree:
             self.sweep_memos()
         return value
 
-    def sweep_memos(self) -> None:
-        """Drop the memoised directory contents that expired (a big listing's layout leaves with them)."""
+    def sweep_memos(self) -> int:
+        """Drop the memoised directory contents that expired, and the forgotten file nodes of observations
+        no memo holds any more (they would keep the observation's product table and layout). Returns how
+        many product rows the dropped memos held (what a big listing's layout weighs)."""
         now = trio.current_time()
+        rows = 0
         for key in [key for key, memo in self._memos.items() if memo.expires <= now]:
-            del self._memos[key]
+            value = self._memos.pop(key).value
+            if isinstance(value, _ObservationContents):
+                rows += len(value.products)
+        if rows:
+            held = {id(memo.value) for memo in self._memos.values()}
+            for ino in [ino for ino, node in self._forgotten.items()
+                        if isinstance(node, ProductFile) and id(node.files.contents) not in held]:
+                self._forgotten.pop(ino)
+        return rows
 
     def forget_memos(self, prefix: tuple[str, ...]) -> int:
         """Drop memoised contents at and below ``prefix``; returns how many were dropped."""
