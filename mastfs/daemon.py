@@ -268,6 +268,7 @@ async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTE
         pages = services.client.stats()["requests"].get("invoke", 0)
         if (abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000
                 or released_rows >= METADATA_SWING):
+            services.tree.compact()
             gc.collect()
             trim(0)
             last_nodes, last_pages = nodes, pages
