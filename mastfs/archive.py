@@ -49,8 +49,11 @@ V = TypeVar("V")
 RELEASED_AGE_DAYS = 365.0
 #: After MAST failed for a key whose stale entry was served, wait this long before asking again.
 STALE_RETRY_INTERVAL = 60.0
-#: Entries kept decoded in memory in front of the disk cache.
+#: Entries kept decoded in memory in front of the disk cache, a listing counting once per
+#: MEMORY_ROWS_PER_ENTRY rows it holds (so at most about 65,000 product rows: a 300,000-product table
+#: is not kept here; the tree holds it while it is listed, and a later call loads it from disk).
 MEMORY_ENTRIES = 4096
+MEMORY_ROWS_PER_ENTRY = 16
 #: Kinds accepted by :meth:`Archive.forget`.
 FORGETTABLE = ("program", "observation", "products", "target", "size", "s3")
 
@@ -60,6 +63,14 @@ _CACHE_ERRORS = (sqlite3.Error, OSError, diskcache.Timeout, ValueError)
 def mjd_now(clock: Callable[[], float]) -> float:
     """The Modified Julian Date of ``clock()`` (unix seconds)."""
     return clock() / 86400.0 + MJD_UNIX_EPOCH
+
+
+def _memory_weight(entry: _Entry) -> int:
+    """How many of the MEMORY_ENTRIES an entry takes: one, and one more per MEMORY_ROWS_PER_ENTRY rows
+    of a listing (observations or products)."""
+    value = entry.value
+    rows = len(value) if isinstance(value, list | ProductTable) else 0
+    return 1 + rows // MEMORY_ROWS_PER_ENTRY
 
 
 @dataclass
@@ -108,7 +119,7 @@ class Archive:
         self._cache: diskcache.Cache | None = None
         self._open_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(4)
-        self._memory: LRU[str, _Entry] = LRU(MEMORY_ENTRIES)
+        self._memory: LRU[str, _Entry] = LRU(MEMORY_ENTRIES, weigh=_memory_weight)
         self._flights: SingleFlight[str, Any] = SingleFlight()
         self._outage = False
         # Keys are scoped by MAST host and collections: a twin and the real archive may share a cache dir.

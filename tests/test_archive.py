@@ -13,6 +13,7 @@ import pytest
 import trio
 from asyncutil import trio_test
 
+from mastfs import archive as archive_module
 from mastfs.archive import RELEASED_AGE_DAYS, STALE_RETRY_INTERVAL, Archive
 from mastfs.config import Settings
 from mastfs.errors import NotFound, Unavailable
@@ -94,6 +95,23 @@ async def test_products_economy(clean_twin, tmp_path):
     async with open_archive(clean_twin, tmp_path) as reopened:
         assert await reopened.products(obs) == products
     assert requests(clean_twin) == 1
+
+
+@trio_test
+async def test_memory_keeps_small_answers_decoded_and_big_listings_on_disk(clean_twin, tmp_path, monkeypatch):
+    """The decoded entries in front of the disk cache weigh by the rows they hold: a product table
+    beyond the memory's share is loaded from disk again (equal, not the same object; no request), a
+    program's listing stays decoded."""
+    monkeypatch.setattr(archive_module, "MEMORY_ROWS_PER_ENTRY", 1)  # the 3,000-row table outweighs ...
+    monkeypatch.setattr(archive_module, "MEMORY_ENTRIES", 1000)  # ... the whole memory
+    async with open_archive(clean_twin, tmp_path) as archive:
+        program = await archive.program(twin_catalog.PROGRAM_2733)
+        obs = await archive.observation(twin_catalog.OBS_2733_MIRI_F1130W)
+        products = await archive.products(obs)
+        again = await archive.products(obs)
+        assert again == products and again is not products and len(products) >= 3000
+        assert await archive.program(twin_catalog.PROGRAM_2733) is program
+    assert requests(clean_twin, "invoke:Mast.Caom.Products") == 1
 
 
 @trio_test

@@ -4,8 +4,10 @@ called directly. Inode stability, cache identity, single flight, xattr short cut
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import stat
+import weakref
 
 import pytest
 import trio
@@ -370,5 +372,51 @@ def test_products_csv_is_made_part_by_part_and_adds_up(clean_twin, tmp_path):
         contents = await (await tree.resolve_path(f"/program/{PROGRAM}/{OBS}")).contents(tree)
         assert len(rows) == len(contents.products) + 1 > 3000
         assert rows[0].endswith(",mastfs_path,mastfs_kind,mastfs_observation_date")
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_a_reloaded_listing_keeps_the_contents_its_file_nodes_hold(clean_twin, tmp_path, monkeypatch):
+    """When an observation's memo expires while the kernel holds its file nodes, the reload (from the
+    metadata cache) finds the same rows and gives back the very contents those nodes hold: one product
+    table and one layout in memory, not two, and the same nodes."""
+    monkeypatch.setattr(tree_module, "MEMO_TTL", 0.0)  # every memo is expired as soon as it is made
+
+    async def body(tree):
+        obs_path = f"/program/{PROGRAM}/{OBS}"
+        level2 = await ino_of(tree, obs_path + "/level2")
+        held = await tree.listdir(level2)
+        contents = held[0].files.contents
+        clean_twin.reset_stats()
+        again = await tree.listdir(level2)
+        assert [node.ino for node in again] == [node.ino for node in held]
+        assert all(new is old for new, old in zip(again, held, strict=True))
+        assert await (await tree.resolve_path(obs_path)).contents(tree) is contents
+        assert requests(clean_twin) == 0  # the rows came from the metadata cache
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_expired_listings_leave_memory_with_the_forgotten_nodes_of_their_files(clean_twin, tmp_path,
+                                                                               monkeypatch):
+    """Once the kernel forgot a listing's files and its memo expired, sweeping drops the memo and the
+    forgotten file nodes still pointing at the observation's rows, so its table and layout are freed;
+    the sweep says how many rows it let go (the daemon then hands the heap back)."""
+    monkeypatch.setattr(tree_module, "MEMO_TTL", 0.0)
+
+    async def body(tree):
+        level2 = await ino_of(tree, f"/program/{PROGRAM}/{OBS}/level2")
+        listed = await tree.listdir(level2)
+        contents = weakref.ref(listed[0].files.contents)  # the table (which the Archive may keep) and the layout
+        rows = len(listed[0].files.contents.products)
+        tree.release_listing([node.ino for node in listed])  # readdir handed none out: all forgotten
+        del listed
+        assert tree.stats()["forgotten_kept"] >= 80
+        assert tree.sweep_memos() == rows > 3000
+        assert tree.stats()["memos"] == 0 and tree.stats()["forgotten_kept"] < 10
+        gc.collect()
+        assert contents() is None
+        tree.compact()
+        assert (await tree.getattr(level2)).is_dir  # what the kernel still holds is still there
 
     run_with_tree(clean_twin, tmp_path, body)
