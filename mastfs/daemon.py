@@ -260,18 +260,20 @@ async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTE
     except (OSError, AttributeError):
         return
     trim.argtypes = [ctypes.c_size_t]
-    last_nodes, last_pages = 0, 0
+    last_nodes, last_rows, last_pages = 0, 0, 0
     while True:
         await trio.sleep(interval)
-        released_rows = services.tree.sweep_memos()
-        nodes = services.tree.stats()["nodes"]
+        services.tree.sweep_memos()
+        held = services.tree.stats()
+        nodes, rows = held["nodes"], held["memo_rows"]
         pages = services.client.stats()["requests"].get("invoke", 0)
-        if (abs(nodes - last_nodes) >= METADATA_SWING or pages - last_pages >= METADATA_SWING // 1000
-                or released_rows >= METADATA_SWING):
+        if (abs(nodes - last_nodes) >= METADATA_SWING or last_rows - rows >= METADATA_SWING
+                or pages - last_pages >= METADATA_SWING // 1000):
             services.tree.compact()
             gc.collect()
             trim(0)
             last_nodes, last_pages = nodes, pages
+        last_rows = rows
 
 
 def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> bool:

@@ -907,9 +907,12 @@ class Tree:
         self._listed = dict(self._listed)
 
     def stats(self) -> dict[str, int]:
-        """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos."""
+        """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos and the
+        product rows of the observations they hold (what a big listing's layout weighs)."""
+        memo_rows = sum(len(memo.value.products) for memo in self._memos.values()
+                        if isinstance(memo.value, _ObservationContents))
         return {"nodes": len(self._nodes), "kernel_inodes": len(self._lookups), "listed": len(self._listed),
-                "memos": len(self._memos), "forgotten_kept": len(self._forgotten)}
+                "memos": len(self._memos), "memo_rows": memo_rows, "forgotten_kept": len(self._forgotten)}
 
     async def memoised(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
         """The memoised value for ``key`` while fresh (MEMO_TTL), else the result of ``await load()``.
@@ -930,22 +933,18 @@ class Tree:
             self.sweep_memos()
         return value
 
-    def sweep_memos(self) -> int:
+    def sweep_memos(self) -> None:
         """Drop the memoised directory contents that expired, and the forgotten file nodes of observations
-        no memo holds any more (they would keep the observation's product table and layout). Returns how
-        many product rows the dropped memos held (what a big listing's layout weighs)."""
+        no memo holds any more (they would keep the observation's product table and layout)."""
         now = trio.current_time()
-        rows = 0
-        for key in [key for key, memo in self._memos.items() if memo.expires <= now]:
-            value = self._memos.pop(key).value
-            if isinstance(value, _ObservationContents):
-                rows += len(value.products)
-        if rows:
+        expired = [key for key, memo in self._memos.items() if memo.expires <= now]
+        for key in expired:
+            del self._memos[key]
+        if expired:
             held = {id(memo.value) for memo in self._memos.values()}
             for ino in [ino for ino, node in self._forgotten.items()
                         if isinstance(node, ProductFile) and id(node.files.contents) not in held]:
                 self._forgotten.pop(ino)
-        return rows
 
     def forget_memos(self, prefix: tuple[str, ...]) -> int:
         """Drop memoised contents at and below ``prefix``; returns how many were dropped."""

@@ -15,15 +15,20 @@ import time
 import pytest
 from mountutil import endpoint_requests, mounted
 
+from mastfs.tree import MEMO_TTL
 from mastfs.twin import catalog as twin_catalog
 
 pytestmark = pytest.mark.mount
 
-RSS_GOAL_MB = 250
-"""Issue 10's goal for the daemon's peak RSS while listing and stat-ing every file of the 300,000-product
-observation. NOT MET YET: this branch measured a peak of about 310-340 MB on the 2-core test machine."""
-RSS_LIMIT_MB = 400
-"""What this test holds the daemon to meanwhile (a regression bound above the measured peak)."""
+RSS_LIMIT_MB = 250
+"""Issue 10's bound on the daemon's peak RSS (VmHWM: the kernel's high-water mark, so no peak escapes
+sampling) while listing and stat-ing every file of the 300,000-product observation. Measured: about
+220 MB on the 2-core test machine (idle about 95 MB); 310-340 MB before file nodes shed their
+per-node fields and a reloaded listing kept its layout."""
+FALLBACK_MB = 60
+"""How far above its idle RSS the daemon may stay once the kernel forgot the inodes and the listing's
+memo expired. Measured: about 30 MB (heap the allocator cannot hand back); 150 MB before (the layout
+and the forgotten file nodes stayed, the inode tables kept their largest size)."""
 
 
 def daemon_memory_mb(pid: int) -> tuple[float, float]:
@@ -54,7 +59,7 @@ def forget_kernel_inodes() -> None:
 def test_pages_shifting_fail_the_listing_then_the_300k_observation_lists_completely(clean_twin, tmp_path):
     """While rows shift between pages the listing is EIO (never short); then every one of the 300,607
     products lists (find, ls -l), with the daemon under RSS_LIMIT_MB, and the daemon gives the memory
-    back once the kernel forgets the inodes."""
+    back (to within FALLBACK_MB of idle) once the kernel forgets the inodes."""
     twin = clean_twin
     obs = os.path.join("obs", twin_catalog.MOSAIC_OBS_ID)
     rows = len(twin.catalog.product_rows(twin_catalog.MOSAIC_OBSID))
@@ -86,7 +91,7 @@ def test_pages_shifting_fail_the_listing_then_the_300k_observation_lists_complet
         with open(mount.join(obs, "products.csv")) as csv_file:
             assert sum(1 for _ in csv_file) == rows + 1
         current_mb, peak_mb = daemon_memory_mb(pid)
-        assert peak_mb < RSS_LIMIT_MB, f"daemon peak RSS {peak_mb:.0f} MB (idle {idle_mb:.0f} MB, goal {RSS_GOAL_MB})"
+        assert peak_mb < RSS_LIMIT_MB, f"daemon peak RSS {peak_mb:.0f} MB (idle {idle_mb:.0f} MB)"
         twin.reset_stats()
         again = subprocess.run(["ls", "-l", mount.join(obs, "auxiliary")], capture_output=True, text=True,
                                timeout=900)
@@ -99,10 +104,15 @@ def test_pages_shifting_fail_the_listing_then_the_300k_observation_lists_complet
             time.sleep(1)
             forget_kernel_inodes()
         assert status_json(mount)["tree"]["nodes"] <= 20_000
+        # the observation's layout goes when its memo expires (MEMO_TTL); the daemon then trims its heap
+        deadline = time.monotonic() + MEMO_TTL + 60
+        while status_json(mount)["tree"]["memos"] > 0 and time.monotonic() < deadline:
+            time.sleep(2)
+        assert status_json(mount)["tree"]["memos"] == 0
         after_mb, _ = daemon_memory_mb(pid)
         print(f"300k: cold find {cold_seconds:.0f}s, {pages} pages, idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB, "
               f"listed {current_mb:.0f} MB, after forget {after_mb:.0f} MB")
-        assert after_mb < current_mb
+        assert after_mb < idle_mb + FALLBACK_MB, f"RSS {after_mb:.0f} MB after the kernel forgot (idle {idle_mb:.0f})"
 
 
 INTERRUPTED_LS = """
