@@ -27,7 +27,7 @@ sampling) while listing and stat-ing every file of the 300,000-product observati
 per-node fields and a reloaded listing kept its layout."""
 FALLBACK_MB = 60
 """How far above its idle RSS the daemon may stay once the kernel forgot the inodes and the listing's
-memo expired. Measured: about 30 MB (heap the allocator cannot hand back); 150 MB before (the layout
+memo expired. Measured: about 35 MB (heap the allocator cannot hand back); 150 MB before (the layout
 and the forgotten file nodes stayed, the inode tables kept their largest size)."""
 
 
