@@ -226,6 +226,7 @@ class Node:
     listing of 300,000 files holds 300,000 of them."""
 
     __slots__ = ("ino",)
+    ino: int
     is_dir = False
 
     @property
