@@ -19,7 +19,7 @@ import pytest
 from mountutil import endpoint_requests, mounted, start_mount
 
 from mastfs import namespace
-from mastfs.daemon import control_request
+from mastfs.control import control_request
 from mastfs.twin import catalog as twin_catalog
 
 PROGRAM = twin_catalog.PROGRAM_2733

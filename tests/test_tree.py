@@ -10,7 +10,7 @@ import stat
 import pytest
 import trio
 
-from mastfs import daemon, namespace
+from mastfs import namespace, services
 from mastfs import tree as tree_module
 from mastfs.config import Settings
 from mastfs.errors import (
@@ -36,8 +36,8 @@ def run_with_tree(twin, tmp_path, body, token=None, **changes):
                                  s3_endpoint=twin.s3_endpoint, cache_dir=str(tmp_path / "cache"), **changes)
 
     async def main():
-        async with daemon.open_services(settings, token) as services:
-            return await body(services.tree)
+        async with services.open_services(settings, token) as built:
+            return await body(built.tree)
 
     return trio.run(main)
 
