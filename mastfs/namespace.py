@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol, overload
 
 from .errors import InvalidName, NameTooLong
+from .sequences import item_or_slice
 
 NAME_MAX = 255
 """Longest name (in UTF-8 bytes) of one path component, as on local filesystems."""
@@ -261,12 +262,9 @@ class NameList(Sequence[str]):
     def __getitem__(self, slot: slice) -> list[str]: ...
 
     def __getitem__(self, slot: int | slice) -> str | list[str]:
-        if isinstance(slot, slice):
-            return [self[i] for i in range(*slot.indices(len(self)))]
-        if slot < 0:
-            slot += len(self)
-        if not 0 <= slot < len(self):
-            raise IndexError(slot)
+        return item_or_slice(slot, len(self), self._name)
+
+    def _name(self, slot: int) -> str:
         return self._text[self._starts[slot]:self._starts[slot + 1] - 1]
 
     def find(self, name: str) -> int | None:

@@ -1,4 +1,5 @@
-"""SingleFlight and LRU, the shared primitives of the archive, the tree and the reader."""
+"""SingleFlight, LRU and item_or_slice, the shared primitives of the archive, the tree, the reader and the
+packed sequences."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import trio.testing
 from asyncutil import trio_test
 
 from mastfs.lru import LRU
+from mastfs.namespace import NameList
+from mastfs.sequences import item_or_slice
 from mastfs.singleflight import SingleFlight
 
 
@@ -155,3 +158,30 @@ def test_weighted_lru_bounds_the_total_weight():
     assert lru.weight == 2 and lru.pop("missing") is None
     lru.clear()
     assert len(lru) == 0 and lru.weight == 0
+
+
+def test_item_or_slice_indexes_like_a_list():
+    letters = ["a", "b", "c", "d", "e"]
+    asked: list[int] = []
+
+    def item(i: int) -> str:
+        asked.append(i)
+        return letters[i]
+
+    for index in (0, 4, -1, -5):
+        assert item_or_slice(index, len(letters), item) == letters[index]
+    for cut in (slice(1, 3), slice(None, None, -2), slice(-2, None), slice(7, 9)):
+        assert item_or_slice(cut, len(letters), item) == letters[cut]
+    assert all(0 <= i < len(letters) for i in asked)  # the element function only sees indices in range
+    for outside in (5, -6):
+        with pytest.raises(IndexError):
+            item_or_slice(outside, len(letters), item)
+
+
+def test_name_list_indexes_like_the_list_of_its_names():
+    names = ["a.fits", "b.fits", "c.jpg"]
+    packed = NameList(names, [2, 0, 1])
+    assert [packed[i] for i in range(-3, 3)] == [names[i] for i in range(-3, 3)]
+    assert packed[::-1] == names[::-1]
+    with pytest.raises(IndexError):
+        packed[3]

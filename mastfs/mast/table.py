@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 from ..errors import BadResponse
+from ..sequences import item_or_slice
 from .models import ID_COLUMNS, MAX_SIZE, Product, normalise_id
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,9 @@ class ProductTable(Sequence[Product]):
     def __getitem__(self, index: slice) -> list[Product]: ...
 
     def __getitem__(self, index: int | slice) -> Product | list[Product]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        return item_or_slice(index, len(self), self._row)
+
+    def _row(self, index: int) -> Product:
         number, offset = divmod(index, CHUNK_ROWS)
         return self.chunk(number)[offset]
 
