@@ -1,4 +1,4 @@
-"""SingleFlight, LRU and item_or_slice, the shared primitives of the archive, the tree, the reader and the
+"""SingleFlight, LRU and PackedSequence, the shared primitives of the archive, the tree, the reader and the
 packed sequences."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from asyncutil import trio_test
 
 from mastfs.lru import LRU
 from mastfs.namespace import NameList
-from mastfs.sequences import item_or_slice
+from mastfs.sequences import PackedSequence
 from mastfs.singleflight import SingleFlight
 
 
@@ -160,22 +160,28 @@ def test_weighted_lru_bounds_the_total_weight():
     assert len(lru) == 0 and lru.weight == 0
 
 
-def test_item_or_slice_indexes_like_a_list():
+def test_packed_sequence_indexes_like_a_list():
     letters = ["a", "b", "c", "d", "e"]
     asked: list[int] = []
 
-    def item(i: int) -> str:
-        asked.append(i)
-        return letters[i]
+    class Letters(PackedSequence[str]):
+        def __len__(self) -> int:
+            return len(letters)
 
+        def _item(self, index: int) -> str:
+            asked.append(index)
+            return letters[index]
+
+    packed = Letters()
     for index in (0, 4, -1, -5):
-        assert item_or_slice(index, len(letters), item) == letters[index]
+        assert packed[index] == letters[index]
     for cut in (slice(1, 3), slice(None, None, -2), slice(-2, None), slice(7, 9)):
-        assert item_or_slice(cut, len(letters), item) == letters[cut]
-    assert all(0 <= i < len(letters) for i in asked)  # the element function only sees indices in range
+        assert packed[cut] == letters[cut]
+    assert list(packed) == letters and packed.index("c") == 2
+    assert all(0 <= i < len(letters) for i in asked)  # _item only ever sees indices in range
     for outside in (5, -6):
         with pytest.raises(IndexError):
-            item_or_slice(outside, len(letters), item)
+            packed[outside]
 
 
 def test_name_list_indexes_like_the_list_of_its_names():
