@@ -818,7 +818,7 @@ class Tree:
     def _hand_out(self, node: Node) -> None:
         """Register ``node`` under its number: the kernel is about to know it."""
         self._nodes[node.ino] = node
-        self._forgotten.pop(node.ino, None)
+        self._forgotten.pop(node.ino)
 
     def remember(self, ino: int) -> None:
         """The kernel took one more reference to ``ino`` (a readdirplus entry of :meth:`listdir`;
@@ -1166,8 +1166,8 @@ class Tree:
                     await self.product_ref(file, fresh=True)
                 except MastfsError as exc:
                     log.info("refresh: cannot ask for %s now (%s)", file.product.data_uri, exc)
-                    self.refs.pop(file.product.data_uri, None)
-                    self.truths.pop(file.product.data_uri, None)
+                    self.refs.pop(file.product.data_uri)
+                    self.truths.pop(file.product.data_uri)
 
         async with trio.open_nursery() as nursery:
             for file in {f.product.data_uri: f for f in files}.values():
