@@ -102,11 +102,10 @@ R = TypeVar("R", bound="Row")
 @dataclass(frozen=True)
 class Row:
     """A MAST row: ``fields`` holds every raw column. Subclasses name the columns a row must have
-    (``REQUIRED``), the one that identifies it (``KEY``: rows are hashed by it) and what it is (``KIND``)."""
+    (``REQUIRED``) and the one that identifies it (``KEY``: rows are hashed by it)."""
 
     REQUIRED: ClassVar[tuple[str, ...]]
     KEY: ClassVar[str]
-    KIND: ClassVar[str]
 
     fields: dict[str, Any]
 
@@ -115,7 +114,7 @@ class Row:
         """Parse a raw row. Raises BadResponse if it is not an object or lacks a ``REQUIRED`` column."""
         fields = normalise_row(row)
         if any(_text(fields, name) is None for name in cls.REQUIRED):
-            raise BadResponse(f"{cls.KIND} row without {'/'.join(cls.REQUIRED)}: {sorted(fields)[:8]}...")
+            raise BadResponse(f"{cls.__name__.lower()} row without {'/'.join(cls.REQUIRED)}: {sorted(fields)[:8]}...")
         return cls(fields)
 
     def __hash__(self) -> int:
@@ -142,7 +141,6 @@ class Observation(Row):
 
     REQUIRED = ("obs_id", "obsid")
     KEY = "obsid"
-    KIND = "observation"
 
     @property
     def obs_id(self) -> str:
@@ -206,7 +204,6 @@ class Product(Row):
 
     REQUIRED = ("dataURI",)
     KEY = "dataURI"
-    KIND = "product"
 
     @property
     def data_uri(self) -> str:
