@@ -409,7 +409,7 @@ class ByteReader:
         if first == last:
             data = await self._block(ref, first)
             base = block_start(first)
-            return memoryview(data)[offset - base:end - base]
+            return memoryview(data).toreadonly()[offset - base:end - base]
         self._ensure(ref, first, last, keep=True)  # every missing block in flight before waiting for any
         parts = []
         for index in range(first, last + 1):
