@@ -55,7 +55,6 @@ PROGRESS_INTERVAL = 0.5
 _CONTROL_LINE_MAX = 1 << 20
 
 
-
 def _control_dirs() -> list[str]:
     dirs = []
     runtime = os.environ.get("XDG_RUNTIME_DIR")
