@@ -101,8 +101,10 @@ class Spectrum:
 
 
 def thermal_background(microns: np.ndarray) -> np.ndarray:
-    """Sky and telescope background (MJy/sr) at these wavelengths, as `Band.for_wavelength` states it."""
-    return np.array([Band.for_wavelength(float(value)).background for value in microns])
+    """Sky and telescope background (MJy/sr) at these wavelengths: the zodiacal light or the telescope's
+    thermal glow, whichever is brighter (`Band.for_wavelength`'s two laws, joined without its step to
+    zero at 5 um)."""
+    return np.maximum(0.1 * microns, 1.5 * np.clip(microns - 5.0, 0, None) ** 1.5)
 
 
 class SpectralScene(Sky):
