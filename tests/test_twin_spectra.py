@@ -12,9 +12,11 @@ import os
 import subprocess
 import warnings
 
+import astropy.units as u
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 from mountutil import mounted
 from test_fits_checksums import fitscheck_path
 
@@ -26,7 +28,7 @@ LEVEL3_S2D_URI = f"mast:JWST/product/{SPECTRA_OBS_ID}_s2d.fits"
 ISOLATED_LINES = ("[Ar III]", "H2 0-0 S(3)", "[S IV]", "[Ne II]")
 """Lines with no other line within 0.4 um: their peak can be compared with the continuum beside them."""
 X1D_UNITS = {"WAVELENGTH": "um", "FLUX": "Jy", "FLUX_ERROR": "Jy", "SURF_BRIGHT": "MJy/sr", "SB_ERROR": "MJy/sr",
-             "BACKGROUND": "MJy/sr", "FLUX_VAR_POISSON": "Jy^2", "SB_VAR_FLAT": "(MJy/sr)^2"}
+             "BACKGROUND": "MJy/sr", "FLUX_VAR_POISSON": "Jy^2", "SB_VAR_FLAT": "MJy^2/sr^2"}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,9 @@ def test_x1d_has_a_continuum_and_the_nebulas_lines_in_jwst_units(catalog, uri):
             assert hdus["EXTRACT1D"].columns[name].unit == unit, name
         assert [c.name for c in hdus["EXTRACT1D"].columns] == [name for name, _, _ in spectra.X1D_COLUMNS]
         assert_continuum_and_lines(table)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every unit parses as a FITS unit
+            assert Table.read(hdus, hdu="EXTRACT1D")["SB_VAR_FLAT"].unit == u.MJy ** 2 / u.sr ** 2
         assert np.all(table["DQ"] == 0) and np.all(table["NPIXELS"] > 1)
         assert np.all(table["BACKGROUND"] > 0)
         # tenths of a mJy: a knot of a planetary nebula as LRS sees it, not 1e38
