@@ -6,7 +6,8 @@ ring-shaped planetary nebula, all deterministic and rendered per byte range in O
 - `Band(background, fwhm_arcsec)`: how one filter sees the field (surface brightness in MJy/sr).
 - `Sky(field, band)`: a field seen in a band; `Sky.plane(...)` is the `DataSource` of one FITS image
   extension under a TAN WCS (values by EXTNAME: SCI, ERR, DQ, VAR_*, WHT, CON, AREA, segmentation labels,
-  raw ramps), and `Sky.render(...)` the noise-free model for previews.
+  raw ramps; WAVELENGTH for spectra, see `mastfs.twin.spectra`), and `Sky.render(...)` the noise-free
+  model for previews.
 - `Wcs`: the TAN projection the FITS headers state (CRPIX at the image centre, north up, east left).
 
 Consistency: SCI = model + noise * ERR; ERR**2 = VAR_POISSON + VAR_RNOISE + VAR_FLAT; DQ flags
