@@ -7,6 +7,7 @@ work; this module holds no filesystem logic.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -204,8 +205,21 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"mastfs: {exc}") from exc
 
 
+FUSE_MISSING = ("mastfs: mounting needs the FUSE library pyfuse3, which is not installed: "
+                "pip install 'mastfs[fuse]' (it builds against libfuse3: apt install fuse3 libfuse3-dev). "
+                "mast:// URLs in Python need no FUSE.")
+
+
+def _require_fuse() -> None:
+    """Raise SystemExit with how to install pyfuse3 when it is missing (the `fuse` extra)."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise SystemExit(FUSE_MISSING)
+
+
 def run_mount(args: argparse.Namespace) -> int:
     from .daemon import mount_command
+
+    _require_fuse()
 
     return mount_command(_settings_from(args), args.mountpoint, foreground=args.foreground)
 
@@ -264,6 +278,7 @@ def run_demo(args: argparse.Namespace) -> int:
     clean up both on exit (and the cache, unless ``--cache-dir`` named one)."""
     from .daemon import prepare_mountpoint, python_module_command
 
+    _require_fuse()
     mountpoint = os.path.abspath(args.mountpoint)
     problem = prepare_mountpoint(mountpoint)
     if problem:
