@@ -266,7 +266,7 @@ class Archive:
                 ra, dec = position.value
                 keys.append(self._cone_key(ra, dec, DEFAULT_CONE_RADIUS))
         for key in keys:
-            self._memory.pop(key, None)
+            self._memory.pop(key)
             await self._cache_call(self._delete_raw, key)
 
     async def forget_all(self) -> None:

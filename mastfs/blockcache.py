@@ -438,6 +438,24 @@ class BlockCache:
         self._by_version.setdefault(vk, set()).add(index)
         return True
 
+    async def mark_verified(self, ref: ProductRef) -> bool:
+        """Remember, on disk for every later instance, that the complete cached product passed the checks
+        its reader ran over every block (its FITS DATASUM/CHECKSUM, for products without a whole-file
+        digest), so :meth:`is_verified` holds and later reads skip those checks. Losing a block drops the
+        mark, as for :meth:`verify_product`. Returns False, marking nothing, when a block is missing."""
+        vk = ref.version_key
+        if vk in self._verified:
+            return True
+        if not self.is_complete(ref):
+            return False
+        marker = os.path.join(self._version_dir(vk), _VERIFIED_MARKER)
+        await self._run(_write_marker, marker)
+        if not self.is_complete(ref):  # a block was evicted meanwhile
+            await self._run(_unlink_all, [marker])
+            return False
+        self._verified.add(vk)
+        return True
+
     async def verify_product(self, ref: ProductRef) -> bool | None:
         """Check a complete product against every whole-file digest known for it (``ref.sha256``, the
         content MD5 of a plain-MD5 ETag, S3 additional checksums: :meth:`ProductRef.checks`).
@@ -762,8 +780,7 @@ class BlockCache:
         for name, hasher in hashers.items():
             if hasher.result() != hasher.expected:
                 return name, -1
-        with open(marker, "wb"):
-            pass
+        _write_marker(marker)
         return "match", -1
 
 
@@ -1028,6 +1045,11 @@ def _stamp(target: int | str) -> None:
     which survives a remount."""
     now = time.time_ns()
     os.utime(target, ns=(now, now))
+
+
+def _write_marker(path: str) -> None:
+    with open(path, "wb"):
+        pass
 
 
 def _unlink_all(paths: list[str]) -> None:

@@ -7,6 +7,7 @@ work; this module holds no filesystem logic.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -204,38 +205,51 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"mastfs: {exc}") from exc
 
 
+FUSE_MISSING = ("mastfs: mounting needs the FUSE library pyfuse3, which is not installed: "
+                "pip install 'mastfs[fuse]' (it builds against libfuse3: apt install fuse3 libfuse3-dev). "
+                "mast:// URLs in Python need no FUSE.")
+
+
+def _require_fuse() -> None:
+    """Raise SystemExit with how to install pyfuse3 when it is missing (the `fuse` extra)."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise SystemExit(FUSE_MISSING)
+
+
 def run_mount(args: argparse.Namespace) -> int:
     from .daemon import mount_command
+
+    _require_fuse()
 
     return mount_command(_settings_from(args), args.mountpoint, foreground=args.foreground)
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    from .daemon import umount_command
+    from .mounts import umount_command
 
     return umount_command(args.mountpoint)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from .ops import status_command
+    from .cli_verbs import status_command
 
     return status_command(args.mountpoint, args.json)
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
-    from .ops import prefetch_command
+    from .cli_verbs import prefetch_command
 
     return prefetch_command(args.paths, args.level, args.product_type, args.jobs, recommended=args.recommended)
 
 
 def run_refresh(args: argparse.Namespace) -> int:
-    from .ops import refresh_command
+    from .cli_verbs import refresh_command
 
     return refresh_command(args.path)
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from .ops import cache_command
+    from .cli_verbs import cache_command
 
     return cache_command(args.action, _settings_from(args))
 
@@ -262,8 +276,10 @@ def run_twin_serve(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """Check the mountpoint, start the twin in a child process, mount against it in the foreground,
     clean up both on exit (and the cache, unless ``--cache-dir`` named one)."""
-    from .daemon import prepare_mountpoint, python_module_command
+    from .daemon import python_module_command
+    from .mounts import prepare_mountpoint
 
+    _require_fuse()
     mountpoint = os.path.abspath(args.mountpoint)
     problem = prepare_mountpoint(mountpoint)
     if problem:

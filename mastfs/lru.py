@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from typing import Generic, TypeVar, overload
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-D = TypeVar("D")
 
 
 def _one(_value: object) -> int:
@@ -52,14 +51,10 @@ class LRU(Generic[K, V]):
         """(key, value) pairs, least recently used first."""
         return iter(self._entries.items())
 
-    @overload
-    def get(self, key: K) -> V | None: ...
-    @overload
-    def get(self, key: K, default: D) -> V | D: ...
-    def get(self, key: K, default: object = None) -> object:
-        """The value of ``key`` (now the most recent), or ``default``."""
+    def get(self, key: K) -> V | None:
+        """The value of ``key`` (now the most recent), or None."""
         if key not in self._entries:
-            return default
+            return None
         self._entries.move_to_end(key)
         return self._entries[key]
 
@@ -79,14 +74,10 @@ class LRU(Generic[K, V]):
             _, old = self._entries.popitem(last=False)
             self.weight -= self._weigh(old)
 
-    @overload
-    def pop(self, key: K) -> V | None: ...
-    @overload
-    def pop(self, key: K, default: D) -> V | D: ...
-    def pop(self, key: K, default: object = None) -> object:
-        """Remove ``key`` and return its value, or ``default`` when absent."""
+    def pop(self, key: K) -> V | None:
+        """Remove ``key`` and return its value, or None when absent."""
         if key not in self._entries:
-            return default
+            return None
         value = self._entries.pop(key)
         self.weight -= self._weigh(value)
         return value

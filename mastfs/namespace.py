@@ -18,9 +18,10 @@ from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol, overload
+from typing import Any, Protocol
 
 from .errors import InvalidName, NameTooLong
+from .sequences import PackedSequence
 
 NAME_MAX = 255
 """Longest name (in UTF-8 bytes) of one path component, as on local filesystems."""
@@ -237,7 +238,7 @@ def safe_filename(product: ProductLike) -> str | None:
     return None
 
 
-class NameList(Sequence[str]):
+class NameList(PackedSequence[str]):
     """The sorted file names of one group directory, packed in one string (a directory may hold 300,000:
     one str object each would cost 100 bytes and fragment the heap), with the index of each name's
     product (``indices[slot]``). Names never contain a newline (:func:`check_component`)."""
@@ -255,18 +256,7 @@ class NameList(Sequence[str]):
     def __len__(self) -> int:
         return len(self.indices)
 
-    @overload
-    def __getitem__(self, slot: int) -> str: ...
-    @overload
-    def __getitem__(self, slot: slice) -> list[str]: ...
-
-    def __getitem__(self, slot: int | slice) -> str | list[str]:
-        if isinstance(slot, slice):
-            return [self[i] for i in range(*slot.indices(len(self)))]
-        if slot < 0:
-            slot += len(self)
-        if not 0 <= slot < len(self):
-            raise IndexError(slot)
+    def _item(self, slot: int) -> str:
         return self._text[self._starts[slot]:self._starts[slot + 1] - 1]
 
     def find(self, name: str) -> int | None:

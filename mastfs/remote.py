@@ -1,7 +1,7 @@
 """``mast://``: the mount's view of the archive as an fsspec filesystem, for processes without FUSE.
 
 ``fsspec.filesystem("mast", mast_url=..., cache_dir=...)`` or ``fsspec.open("mast://program/2733/...")``:
-the same tree (:mod:`mastfs.tree`, :mod:`mastfs.namespace`), the same services (``daemon.open_services``:
+the same tree (:mod:`mastfs.tree`, :mod:`mastfs.namespace`), the same services (``services.open_services``:
 archive with its metadata cache, block cache, reader, fetchers) and the same settings as ``mastfs mount``
 (storage options named like the keys of ``config.OPTIONS``, then ``MASTFS_*`` variables, the config
 file, the defaults; the token from the same sources).
@@ -129,7 +129,7 @@ class _Core:
 
     async def _hold(self, settings: Settings, token: str | None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from .daemon import open_services
+        from .services import open_services
 
         async with open_services(settings, token) as services:
             task_status.started(services)

@@ -1,6 +1,6 @@
 """The virtual tree: inodes, names, attributes, xattrs and sidecar files over the Archive and the reader.
 
-Knows nothing of FUSE: :mod:`mastfs.fuse_ops` adapts these calls to pyfuse3. The grammar of names is in
+Knows nothing of FUSE: :mod:`mastfs.fuse_adapter` adapts these calls to pyfuse3. The grammar of names is in
 :mod:`mastfs.namespace`; metadata comes from the Archive (which owns the persistent cache and its TTLs);
 bytes come from the ByteReader.
 
@@ -775,6 +775,18 @@ def observation_mtime(observation: Observation, fallback: float) -> float:
 # ------------------------------------------------------------------------------------------------- tree
 
 
+@dataclass(frozen=True)
+class PrefetchCandidate:
+    """A product file a prefetch would warm (:meth:`Tree.prefetch_candidates`): its ``path`` inside the
+    mount, ``size`` in bytes, the ``file`` to hand to :meth:`Tree.product_ref`, and ``refusal``: why its
+    bytes cannot be fetched (exclusive-access data without a token), else None."""
+
+    path: str
+    size: int
+    file: ProductFile
+    refusal: str | None
+
+
 class Tree:
     """The filesystem model. Build once per mount; see the module docstring for the contract.
 
@@ -867,7 +879,7 @@ class Tree:
     def _hand_out(self, node: Node) -> None:
         """Register ``node`` under its number: the kernel is about to know it."""
         self._nodes[node.ino] = node
-        self._forgotten.pop(node.ino, None)
+        self._forgotten.pop(node.ino)
 
     def remember(self, ino: int) -> None:
         """The kernel took one more reference to ``ino`` (a readdirplus entry of :meth:`listdir`;
@@ -1232,8 +1244,8 @@ class Tree:
                     await self.product_ref(file, fresh=True)
                 except MastfsError as exc:
                     log.info("refresh: cannot ask for %s now (%s)", file.product.data_uri, exc)
-                    self.refs.pop(file.product.data_uri, None)
-                    self.truths.pop(file.product.data_uri, None)
+                    self.refs.pop(file.product.data_uri)
+                    self.truths.pop(file.product.data_uri)
 
         async with trio.open_nursery() as nursery:
             for file in {f.product.data_uri: f for f in files}.values():
@@ -1267,6 +1279,27 @@ class Tree:
         node = await self.resolve_path(path)
         async for item in self._walk(node, top=True):
             yield item
+
+    async def prefetch_candidates(self, path: str, *, level: int | None = None, product_type: str | None = None,
+                                  recommended: bool = False) -> list[PrefetchCandidate]:
+        """The product files at or below ``path`` (as :meth:`walk_products`) that a prefetch with these
+        filters takes: calibration ``level``, ``product_type`` (as MAST spells it, e.g. ``SCIENCE``), only
+        Minimum Recommended Products when ``recommended``. Each with its size (a null size resolved by
+        HEAD) and, for exclusive-access data without a token, why its bytes cannot be fetched. Raises like
+        :meth:`resolve_path` and the listings it walks."""
+        candidates = []
+        async for file_path, node in self.walk_products(path):
+            product = node.product
+            if level is not None and product.level != level:
+                continue
+            if recommended and not namespace.is_recommended(product):
+                continue
+            if product_type is not None and product.product_type != product_type:
+                continue
+            refusal = "exclusive-access data needs a token" if node.exclusive and not self.has_token else None
+            candidates.append((file_path, node, refusal))
+        return [PrefetchCandidate(file_path, await node.size(self), node, refusal)
+                for file_path, node, refusal in candidates]
 
     async def _walk(self, node: Node, top: bool = False) -> AsyncIterator[tuple[str, ProductFile]]:
         if isinstance(node, ProductFile):

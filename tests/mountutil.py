@@ -48,7 +48,7 @@ class Mount:
 
     def control(self, message: dict) -> list[dict]:
         """Every answer of the daemon's control socket to ``message``."""
-        from mastfs.daemon import control_request
+        from mastfs.control import control_request
 
         return list(control_request(self.path, message))
 

@@ -554,7 +554,7 @@ def test_fstab_mount_helper(twin, tmp_path):
 
 
 def test_stale_control_sockets_are_removed_and_live_ones_kept(tmp_path):
-    from mastfs.daemon import remove_stale_sockets
+    from mastfs.control import remove_stale_sockets
 
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "dead.sock"))

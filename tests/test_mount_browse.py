@@ -19,7 +19,7 @@ import pytest
 from mountutil import endpoint_requests, mounted, start_mount
 
 from mastfs import namespace
-from mastfs.daemon import control_request
+from mastfs.control import control_request
 from mastfs.twin import catalog as twin_catalog
 
 PROGRAM = twin_catalog.PROGRAM_2733
@@ -427,6 +427,7 @@ def test_daemon_memory_follows_the_kernel_and_numbers_survive_forgetting(mount, 
         assert hashlib.sha256(handle.read()).hexdigest() == clean_twin.catalog.sha256(uri)
 
 
+@pytest.mark.mount
 def test_target_accepts_masts_own_target_name_spelling(mount, twin):
     """`user.mast_target_name` says NGC-3132; SANTA (like the twin) only knows "NGC 3132"."""
     observation = mount.join("program", "2733", OBS)

@@ -1,4 +1,5 @@
-"""SingleFlight and LRU, the shared primitives of the archive, the tree and the reader."""
+"""SingleFlight, LRU and PackedSequence, the shared primitives of the archive, the tree, the reader and the
+packed sequences."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import trio.testing
 from asyncutil import trio_test
 
 from mastfs.lru import LRU
+from mastfs.namespace import NameList
+from mastfs.sequences import PackedSequence
 from mastfs.singleflight import SingleFlight
 
 
@@ -138,7 +141,7 @@ def test_lru_drops_the_least_recently_used_first():
     lru.put("c", 30)  # a put refreshes too
     lru.put("e", 5)
     assert list(lru.items()) == [("d", 4), ("c", 30), ("e", 5)]
-    assert lru.get("zz") is None and lru.get("zz", 0) == 0
+    assert lru.get("zz") is None
 
 
 def test_weighted_lru_bounds_the_total_weight():
@@ -155,3 +158,36 @@ def test_weighted_lru_bounds_the_total_weight():
     assert lru.weight == 2 and lru.pop("missing") is None
     lru.clear()
     assert len(lru) == 0 and lru.weight == 0
+
+
+def test_packed_sequence_indexes_like_a_list():
+    letters = ["a", "b", "c", "d", "e"]
+    asked: list[int] = []
+
+    class Letters(PackedSequence[str]):
+        def __len__(self) -> int:
+            return len(letters)
+
+        def _item(self, index: int) -> str:
+            asked.append(index)
+            return letters[index]
+
+    packed = Letters()
+    for index in (0, 4, -1, -5):
+        assert packed[index] == letters[index]
+    for cut in (slice(1, 3), slice(None, None, -2), slice(-2, None), slice(7, 9)):
+        assert packed[cut] == letters[cut]
+    assert list(packed) == letters and packed.index("c") == 2
+    assert all(0 <= i < len(letters) for i in asked)  # _item only ever sees indices in range
+    for outside in (5, -6):
+        with pytest.raises(IndexError):
+            packed[outside]
+
+
+def test_name_list_indexes_like_the_list_of_its_names():
+    names = ["a.fits", "b.fits", "c.jpg"]
+    packed = NameList(names, [2, 0, 1])
+    assert [packed[i] for i in range(-3, 3)] == [names[i] for i in range(-3, 3)]
+    assert packed[::-1] == names[::-1]
+    with pytest.raises(IndexError):
+        packed[3]

@@ -240,6 +240,38 @@ def test_reopened_cache_serves_without_the_network(clean_twin, big, tmp_path):
     assert wire(clean_twin) == {"http": 0, "s3": 0}
 
 
+def test_a_fits_product_read_whole_is_marked_verified_and_not_summed_again(clean_twin, big, tmp_path, monkeypatch):
+    from mastfs import reader as reader_module
+
+    assert big.uri.endswith(".fits") and big.checks()["fits"] and not big.sha256  # checked by its FITS sums only
+    expected = clean_twin.catalog.read(big.uri, 0, big.size)
+    summed: list[int] = []
+    real_add = reader_module.FitsCheck.add
+
+    def counting_add(self, start, data, more=b""):
+        summed.append(start)
+        return real_add(self, start, data, more)
+
+    monkeypatch.setattr(reader_module.FitsCheck, "add", counting_add)
+
+    async def read_twice():
+        async with open_reader(clean_twin, tmp_path) as reader:
+            assert await read_all(reader, big) == expected
+        assert summed, "the first read checks the FITS sums"
+        cache = BlockCache(str(tmp_path), 1024 * MiB, 0)
+        await cache.open()
+        assert cache.is_verified(big)  # the mark is on disk, for the next mount
+        summed.clear()
+        async with open_reader(clean_twin, tmp_path) as reader:
+            assert await read_all(reader, big) == expected
+            assert reader.stats()["cache"]["misses"] == 0
+        assert summed == []  # blocks of a verified version are not summed again
+        await cache.discard(big, 1)
+        assert not cache.is_verified(big)  # a block lost: the mark goes with it
+
+    trio.run(read_twice)
+
+
 def test_corrupt_block_on_disk_is_fetched_again(clean_twin, big, tmp_path):
     expected = clean_twin.catalog.read(big.uri, 0, big.size)
 

@@ -34,7 +34,7 @@ from reliability_util import (
     twin_requests,
 )
 
-from mastfs.daemon import FUSECTL, MAX_BACKGROUND
+from mastfs.mounts import FUSECTL, MAX_BACKGROUND
 from mastfs.twin import catalog as twin_catalog
 
 pytestmark = pytest.mark.mount

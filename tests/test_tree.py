@@ -12,7 +12,7 @@ import weakref
 import pytest
 import trio
 
-from mastfs import daemon, namespace
+from mastfs import namespace, services
 from mastfs import tree as tree_module
 from mastfs.config import Settings
 from mastfs.errors import (
@@ -38,8 +38,8 @@ def run_with_tree(twin, tmp_path, body, token=None, **changes):
                                  s3_endpoint=twin.s3_endpoint, cache_dir=str(tmp_path / "cache"), **changes)
 
     async def main():
-        async with daemon.open_services(settings, token) as services:
-            return await body(services.tree)
+        async with services.open_services(settings, token) as built:
+            return await body(built.tree)
 
     return trio.run(main)
 
@@ -255,6 +255,37 @@ def test_walk_products_lists_every_file_of_a_directory(clean_twin, tmp_path):
     async def body(tree):
         found = [path async for path, _node in tree.walk_products(f"/program/{PROGRAM}/{OBS}/level2")]
         assert len(found) == 80 and all(path.endswith(".fits") for path in found)
+
+    run_with_tree(clean_twin, tmp_path, body)
+
+
+def test_prefetch_candidates_apply_the_filters_and_say_what_cannot_be_fetched(clean_twin, tmp_path):
+    observation = f"/program/{PROGRAM}/{OBS}"
+    uri = twin_catalog.EXCLUSIVE_URI
+    exclusive_obs = f"/program/{twin_catalog.EXCLUSIVE_PROGRAM}/{uri.rsplit('/', 1)[1].rsplit('_', 1)[0]}"
+
+    async def body(tree):
+        every = await tree.prefetch_candidates(observation)
+        walked = [path async for path, _node in tree.walk_products(observation)]
+        assert [c.path for c in every] == walked and len(walked) > 80  # recommended/ not twice
+        for candidate in every:
+            assert candidate.size == await (await tree.resolve_path(candidate.path)).size(tree) > 0
+        assert all(c.refusal is None for c in every)
+        level2 = await tree.prefetch_candidates(observation, level=2)
+        assert [c.path for c in level2] == [c.path for c in every if c.file.product.level == 2]
+        assert {p for p in walked if "/level2/" in p} <= {c.path for c in level2} < set(walked)
+        science = await tree.prefetch_candidates(observation, product_type="SCIENCE")
+        assert science and all(c.file.product.product_type == "SCIENCE" for c in science)
+        assert len(science) < len(every)
+        recommended = await tree.prefetch_candidates(observation, recommended=True)
+        assert recommended and all(namespace.is_recommended(c.file.product) for c in recommended)
+        assert len(recommended) < len(every)
+        both = await tree.prefetch_candidates(observation, level=2, product_type="PREVIEW")
+        assert [c.path for c in both] == [c.path for c in every if c.file.product.level == 2
+                                          and c.file.product.product_type == "PREVIEW"]
+        assert 0 < len(both) < len(level2)
+        locked = [c for c in await tree.prefetch_candidates(exclusive_obs) if c.file.product.data_uri == uri]
+        assert len(locked) == 1 and locked[0].refusal == "exclusive-access data needs a token"
 
     run_with_tree(clean_twin, tmp_path, body)
 

@@ -90,6 +90,16 @@ def test_query_criteria_count(observations):
     assert observations.query_criteria_count(proposal_id=2733) == 12
 
 
+def test_query_criteria_by_dataproduct_type_finds_the_spectra(observations, clean_twin):
+    table = observations.query_criteria(dataproduct_type="spectrum")
+    assert list(table["obs_id"]) == [twin_catalog.SPECTRA_OBS_ID]
+    (obs,) = table
+    products = observations.get_product_list(obs)
+    x1d = observations.filter_products(products, productSubGroupDescription="X1D", calib_level=[3])
+    assert list(x1d["productFilename"]) == [f"{twin_catalog.SPECTRA_OBS_ID}_x1d.fits"]
+    assert set(products["dataproduct_type"]) >= {"spectrum"}
+
+
 def test_query_criteria_with_wildcard_and_range(observations, clean_twin):
     rows = [
         row for row in clean_twin.catalog.observation_rows() if row["proposal_id"] == "2733" and row["t_min"]

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import BadResponse
 
@@ -96,23 +96,51 @@ def _exclusive(data_rights: str | None) -> bool:
     return data_rights is not None and data_rights != _PUBLIC
 
 
+R = TypeVar("R", bound="Row")
+
+
 @dataclass(frozen=True)
-class Observation:
-    """One CAOM observation row. Build with :meth:`from_row`; ``fields`` holds every raw column."""
+class Row:
+    """A MAST row: ``fields`` holds every raw column. Subclasses name the columns a row must have
+    (``REQUIRED``) and the one that identifies it (``KEY``: rows are hashed by it)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]]
+    KEY: ClassVar[str]
 
     fields: dict[str, Any]
 
     @classmethod
-    def from_row(cls, row: Any) -> Observation:
-        """Parse a raw row. Raises BadResponse if it is not an object or lacks ``obs_id`` or ``obsid``
-        (the two identities mastfs needs: the directory name and the key of its product list)."""
+    def from_row(cls: type[R], row: Any) -> R:
+        """Parse a raw row. Raises BadResponse if it is not an object or lacks a ``REQUIRED`` column."""
         fields = normalise_row(row)
-        if _text(fields, "obs_id") is None or fields.get("obsid") is None:
-            raise BadResponse(f"observation row without obs_id/obsid: {sorted(fields)[:8]}...")
+        if any(_text(fields, name) is None for name in cls.REQUIRED):
+            raise BadResponse(f"{cls.__name__.lower()} row without {'/'.join(cls.REQUIRED)}: {sorted(fields)[:8]}...")
         return cls(fields)
 
     def __hash__(self) -> int:
-        return hash(self.fields["obsid"])
+        return hash(self.fields[self.KEY])
+
+    @property
+    def proposal_id(self) -> str | None:
+        return self.fields.get("proposal_id")
+
+    @property
+    def data_rights(self) -> str | None:
+        """``PUBLIC``, ``EXCLUSIVE_ACCESS``, ... (upper-case), or None when the column is absent."""
+        text = _text(self.fields, "dataRights")
+        return text.upper() if text else None
+
+    @property
+    def is_exclusive(self) -> bool:
+        return _exclusive(self.data_rights)
+
+
+class Observation(Row):
+    """One CAOM observation row. Build with :meth:`from_row`: it needs ``obs_id`` and ``obsid`` (the
+    directory name and the key of its product list)."""
+
+    REQUIRED = ("obs_id", "obsid")
+    KEY = "obsid"
 
     @property
     def obs_id(self) -> str:
@@ -121,10 +149,6 @@ class Observation:
     @property
     def obsid(self) -> str:
         return str(self.fields["obsid"])
-
-    @property
-    def proposal_id(self) -> str | None:
-        return self.fields.get("proposal_id")
 
     @property
     def obs_collection(self) -> str | None:
@@ -173,33 +197,13 @@ class Observation:
     def s_dec(self) -> float | None:
         return _float(self.fields, "s_dec")
 
-    @property
-    def data_rights(self) -> str | None:
-        """``PUBLIC``, ``EXCLUSIVE_ACCESS``, ... (upper-case), or None when the column is absent."""
-        text = _text(self.fields, "dataRights")
-        return text.upper() if text else None
-
-    @property
-    def is_exclusive(self) -> bool:
-        return _exclusive(self.data_rights)
 
 
-@dataclass(frozen=True)
-class Product:
-    """One ``Mast.Caom.Products`` row. Build with :meth:`from_row`; ``fields`` holds every raw column."""
+class Product(Row):
+    """One ``Mast.Caom.Products`` row. Build with :meth:`from_row`: it needs ``dataURI``."""
 
-    fields: dict[str, Any]
-
-    @classmethod
-    def from_row(cls, row: Any) -> Product:
-        """Parse a raw row. Raises BadResponse if it is not an object or lacks ``dataURI``."""
-        fields = normalise_row(row)
-        if _text(fields, "dataURI") is None:
-            raise BadResponse(f"product row without dataURI: {sorted(fields)[:8]}...")
-        return cls(fields)
-
-    def __hash__(self) -> int:
-        return hash(self.fields["dataURI"])
+    REQUIRED = ("dataURI",)
+    KEY = "dataURI"
 
     @property
     def data_uri(self) -> str:
@@ -240,15 +244,6 @@ class Product:
         return level if level is not None else level_from_filename(self.filename)
 
     @property
-    def data_rights(self) -> str | None:
-        text = _text(self.fields, "dataRights")
-        return text.upper() if text else None
-
-    @property
-    def is_exclusive(self) -> bool:
-        return _exclusive(self.data_rights)
-
-    @property
     def obsid(self) -> str | None:
         """The ``obsID`` of the observation this row was listed under."""
         return self.fields.get("obsID")
@@ -260,10 +255,6 @@ class Product:
     @property
     def obs_id(self) -> str | None:
         return _text(self.fields, "obs_id")
-
-    @property
-    def proposal_id(self) -> str | None:
-        return self.fields.get("proposal_id")
 
 
 def level_from_filename(filename: str) -> int | None:

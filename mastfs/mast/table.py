@@ -20,9 +20,10 @@ import logging
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import Any
 
 from ..errors import BadResponse
+from ..sequences import PackedSequence
 from .models import ID_COLUMNS, MAX_SIZE, Product, normalise_id
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _unpack(blob: bytes) -> list[Any]:
     return values
 
 
-class ProductTable(Sequence[Product]):
+class ProductTable(PackedSequence[Product]):
     """An immutable, compact sequence of products, unique by dataURI (see the module docstring).
 
     ``table[i]`` is a Product with every column of the table (null where its row had none);
@@ -74,18 +75,7 @@ class ProductTable(Sequence[Product]):
 
     __hash__ = None  # type: ignore[assignment]
 
-    @overload
-    def __getitem__(self, index: int) -> Product: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Product]: ...
-
-    def __getitem__(self, index: int | slice) -> Product | list[Product]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _item(self, index: int) -> Product:
         number, offset = divmod(index, CHUNK_ROWS)
         return self.chunk(number)[offset]
 

@@ -7,9 +7,9 @@ memory without materialising the file, so multi-GiB mosaics cost nothing until r
 costs about two memcpys (the data pattern is sliced through memoryviews, then joined once).
 
 Builders:
-- `build_fits(spec, size, shift)`: a valid FITS file (primary header, image extensions, and one trailing
-  BINTABLE "filler" extension, like JWST's ASDF extension, that absorbs whatever the images leave of the
-  declared size). Image shapes shrink, keeping their aspect ratio, when the declared size is smaller than
+- `build_fits(spec, size, shift)`: a valid FITS file (primary header, image extensions, binary tables
+  such as a spectrum's EXTRACT1D, and one trailing BINTABLE "filler" extension, like JWST's ASDF
+  extension, that absorbs whatever the images and tables leave of the declared size). Image shapes shrink, keeping their aspect ratio, when the declared size is smaller than
   the spec's full-size shape; `fits_min_size` / `fits_natural_size` tell the catalog which sizes are
   possible and what the real-world size is.
 - `build_jpeg(size, shift, comment)`: a valid JPEG (a small real image padded with COM segments).
@@ -67,6 +67,53 @@ class ImageExt:
         return abs(self.bitpix) // 8 * math.prod(self.leading)
 
 
+_TFORM_BYTES = {"B": 1, "I": 2, "J": 4, "K": 8, "E": 4, "D": 8}
+
+
+@dataclass(frozen=True)
+class TableExt:
+    """One BINTABLE extension of scalar columns (TTYPE, TFORM letter, TUNIT or None) holding `records`:
+    its rows, big-endian, row after row; `cards` are extra header cards."""
+
+    extname: str
+    columns: tuple[tuple[str, str, str | None], ...]
+    records: bytes
+    cards: tuple[tuple[str, object, str], ...] = ()
+
+    @property
+    def header(self) -> tuple[tuple[str, object, str], ...]:
+        return table_cards(self.extname, self.columns, len(self.records) // row_width(self.columns), self.cards)
+
+
+def row_width(columns: Sequence[tuple[str, str, str | None]]) -> int:
+    """Bytes per row of a table of these scalar columns."""
+    return sum(_TFORM_BYTES[tform] for _, tform, _ in columns)
+
+
+def table_cards(extname: str, columns: Sequence[tuple[str, str, str | None]], rows: int,
+                cards: Sequence[tuple[str, object, str]] = ()) -> tuple[tuple[str, object, str], ...]:
+    """Header cards (without CHECKSUM/DATASUM) of a BINTABLE of `rows` rows of these scalar columns."""
+    described: list[tuple[str, object, str]] = [
+        ("XTENSION", "BINTABLE", "binary table extension"),
+        ("BITPIX", 8, "array data type"),
+        ("NAXIS", 2, "number of array dimensions"),
+        ("NAXIS1", row_width(columns), "length of dimension 1"),
+        ("NAXIS2", rows, "length of dimension 2"),
+        ("PCOUNT", 0, "number of group parameters"),
+        ("GCOUNT", 1, "number of groups"),
+        ("TFIELDS", len(columns), "number of table fields"),
+    ]
+    for number, (name, tform, unit) in enumerate(columns, start=1):
+        described += [(f"TTYPE{number}", name, ""), (f"TFORM{number}", tform, ""), (f"TUNIT{number}", unit, "")]
+    return (*described, ("EXTNAME", extname, "extension name"), ("EXTVER", 1, "extension value"), *cards)
+
+
+def table_size(columns: Sequence[tuple[str, str, str | None]], rows: int,
+               cards: Sequence[tuple[str, object, str]] = ()) -> int:
+    """Bytes of a BINTABLE extension (header with its sums, padded data) of `rows` rows."""
+    return HduHeader(table_cards("", columns, rows, cards), 0, 0).size + pad_to_block(rows * row_width(columns))
+
+
 @dataclass(frozen=True)
 class FitsSpec:
     """Everything that determines a generated FITS file except its size and data shift."""
@@ -74,6 +121,7 @@ class FitsSpec:
     primary_cards: tuple[tuple[str, object, str], ...]  # (keyword, value, comment); None values skipped
     images: tuple[ImageExt, ...]
     base_shape: tuple[int, int]  # (ny, nx) of every image at full (real-world) size
+    tables: tuple[TableExt, ...] = ()  # after the images, before the filler
     filler_extname: str = "ASDF"
     filler_column: str = "ASDF_METADATA"
     wcs: tuple[float, float, float] | None = None  # (ra, dec, pixel scale in deg at base_shape) for SCI headers
@@ -87,16 +135,19 @@ def _images_size(images: tuple[ImageExt, ...], base_shape: tuple[int, int]) -> i
     return sum(BLOCK + pad_to_block(ny * nx * image.bytes_per_pixel) for image in images)
 
 
-def fits_min_size(images: Sequence[ImageExt]) -> int:
+def fits_min_size(images: Sequence[ImageExt], tables_bytes: int = 0) -> int:
     """A size `build_fits` always accepts for these images (1-pixel planes, one filler block, a primary
-    header of up to two blocks); smaller sizes may be refused."""
-    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + _images_size(tuple(images), (1, 1)) + 2 * BLOCK
+    header of up to two blocks) and tables of `tables_bytes` (see `table_size`); smaller sizes may be
+    refused."""
+    return _PRIMARY_HEADER_MAX_BLOCKS * BLOCK + _images_size(tuple(images), (1, 1)) + tables_bytes + 2 * BLOCK
 
 
-def fits_natural_size(images: Sequence[ImageExt], base_shape: tuple[int, int], filler_bytes: int) -> int:
-    """Size of the file at full shape with `filler_bytes` (rounded up to blocks) of filler data."""
-    return (_PRIMARY_HEADER_MAX_BLOCKS * BLOCK + _images_size(tuple(images), tuple(base_shape)) + BLOCK
-            + pad_to_block(max(filler_bytes, 1)))
+def fits_natural_size(images: Sequence[ImageExt], base_shape: tuple[int, int], filler_bytes: int,
+                      tables_bytes: int = 0) -> int:
+    """Size of the file at full shape with tables of `tables_bytes` (see `table_size`) and
+    `filler_bytes` (rounded up to blocks) of filler data."""
+    return (_PRIMARY_HEADER_MAX_BLOCKS * BLOCK + _images_size(tuple(images), tuple(base_shape)) + tables_bytes
+            + BLOCK + pad_to_block(max(filler_bytes, 1)))
 
 
 class DataSource(Protocol):
@@ -403,7 +454,8 @@ def _layout(spec: FitsSpec, size: int) -> tuple[HduHeader, tuple[int, int]]:
     primary = HduHeader(primary_cards, 0, 0)
     if primary.size > _PRIMARY_HEADER_MAX_BLOCKS * BLOCK:
         raise ValueError("primary header longer than two blocks")
-    budget = size - primary.size - BLOCK * (len(spec.images) + 1) - BLOCK  # >= 1 block of filler data
+    tables = sum(HduHeader(table.header, 0, 0).size + pad_to_block(len(table.records)) for table in spec.tables)
+    budget = size - primary.size - tables - BLOCK * (len(spec.images) + 1) - BLOCK  # >= 1 block of filler data
     if budget < 0:
         raise ValueError(f"size {size} too small")
     return primary, _fit_shape(spec.images, spec.base_shape, budget)
@@ -412,26 +464,32 @@ def _layout(spec: FitsSpec, size: int) -> tuple[HduHeader, tuple[int, int]]:
 def build_fits(spec: FitsSpec, size: int, shift: int, memo: ChecksumMemo | None = None) -> GeneratedFile:
     """A valid FITS file of exactly `size` bytes (a multiple of 2880, >= fits_min_size(spec.images)).
 
-    Image data show `spec.sky` (else they are pattern bytes); filler data come from the data pattern
-    (offset by `shift`); data padding is zeros. Shrunk images keep the sky `spec.wcs` covers.
+    Image data show `spec.sky` (else they are pattern bytes), under a TAN WCS in the SCI header when the
+    sky is celestial; tables hold their records; filler data come from the data pattern (offset by
+    `shift`); data padding is zeros. Shrunk images keep the sky `spec.wcs` covers.
     Every HDU carries CHECKSUM and DATASUM, computed when its header is first read (sums kept in `memo`).
     Raises ValueError if the size is impossible or the primary header exceeds two blocks.
     """
     primary, (ny, nx) = _layout(spec, size)
-    headers_size = primary.size + BLOCK * (len(spec.images) + 1)
     wcs = fitted_wcs(spec.wcs, spec.base_shape, (ny, nx)) if spec.wcs else None
+    header_wcs = wcs if spec.sky is None or spec.sky.celestial else None
     segments: list[bytes | int | DataSource | HduHeader] = [primary]
     position = primary.size
     for image in spec.images:
         nbytes = ny * nx * image.bytes_per_pixel
-        cards = tuple(_image_cards(image, (ny, nx), wcs))
+        cards = tuple(_image_cards(image, (ny, nx), header_wcs))
         header = HduHeader(cards, position + HduHeader(cards, 0, 0).size, pad_to_block(nbytes))
-        data: int | DataSource = nbytes
+        data: int | bytes | DataSource = nbytes
         if spec.sky is not None and wcs is not None:
             data = spec.sky.plane(image.extname, image.bitpix, image.bunit, image.leading, Wcs(*wcs, (ny, nx)))
         segments += [header, data, bytes(pad_to_block(nbytes) - nbytes)]
         position += header.size + pad_to_block(nbytes)
-    filler = size - headers_size - _image_data_bytes(spec.images, ny, nx)
+    for table in spec.tables:
+        nbytes = len(table.records)
+        header = HduHeader(table.header, position + HduHeader(table.header, 0, 0).size, pad_to_block(nbytes))
+        segments += [header, table.records, bytes(pad_to_block(nbytes) - nbytes)]
+        position += header.size + pad_to_block(nbytes)
+    filler = size - position - BLOCK
     cards = tuple(_filler_cards(spec.filler_extname, spec.filler_column, filler))
     filler_header = HduHeader(cards, position + HduHeader(cards, 0, 0).size, filler)
     segments += [filler_header, filler]

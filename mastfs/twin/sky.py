@@ -6,7 +6,8 @@ ring-shaped planetary nebula, all deterministic and rendered per byte range in O
 - `Band(background, fwhm_arcsec)`: how one filter sees the field (surface brightness in MJy/sr).
 - `Sky(field, band)`: a field seen in a band; `Sky.plane(...)` is the `DataSource` of one FITS image
   extension under a TAN WCS (values by EXTNAME: SCI, ERR, DQ, VAR_*, WHT, CON, AREA, segmentation labels,
-  raw ramps), and `Sky.render(...)` the noise-free model for previews.
+  raw ramps; WAVELENGTH for spectra, see `mastfs.twin.spectra`), and `Sky.render(...)` the noise-free
+  model for previews.
 - `Wcs`: the TAN projection the FITS headers state (CRPIX at the image centre, north up, east left).
 
 Consistency: SCI = model + noise * ERR; ERR**2 = VAR_POISSON + VAR_RNOISE + VAR_FLAT; DQ flags
@@ -120,6 +121,9 @@ class Wcs:
 class Sky:
     """A field seen in a band (see the module docstring). Thread-safe: only caches are mutated."""
 
+    celestial = True
+    """Whether images of it are maps of the sky (a TAN WCS in their SCI headers); spectra are not."""
+
     def __init__(self, field: Field, band: Band) -> None:
         self.field = field
         self.band = band
@@ -142,6 +146,15 @@ class Sky:
         inside = (x > -margin) & (x < nx + margin) & (y > -margin) & (y < ny + margin)
         rank = np.arange(1, len(ra) + 1)
         return x[inside], y[inside], peak[inside], sigma[inside], rank[inside]
+
+    @property
+    def noise_seed(self) -> int:
+        """Where this scene's images start in the noise sequence."""
+        return self.field.seed
+
+    def wavelengths(self, wcs: Wcs, y0: int, y1: int) -> np.ndarray:
+        """The WAVELENGTH extension's rows [y0, y1) (um); a sky image has no dispersion. Raises ValueError."""
+        raise ValueError("a sky image has no WAVELENGTH extension")
 
     def catalog_sources(self, wcs: Wcs) -> list[tuple[int, float, float, float, float, float, bool]]:
         """Sources whose centre falls in the image, brightest first: (label = field rank, as in
@@ -278,7 +291,7 @@ class SkyPlane:
             plane, within = divmod(pixel, plane_pixels)
             stop = min(last, (plane + 1) * plane_pixels)
             y0, y1 = within // nx, -(-(stop - plane * plane_pixels) // nx)
-            rows = self._values(plane, y0, y1).ravel()
+            rows = self.values(plane, y0, y1).ravel()
             parts.append(rows[within - y0 * nx:stop - plane * plane_pixels - y0 * nx])
             pixel = stop
         data = np.concatenate(parts).astype(self.dtype).tobytes()
@@ -287,14 +300,16 @@ class SkyPlane:
 
     def _noise(self, plane: int, y0: int, y1: int) -> np.ndarray:
         nx = self.wcs.shape[1]
-        start = self.sky.field.seed + plane * 7919 + y0 * nx
+        start = self.sky.noise_seed + plane * 7919 + y0 * nx
         return _noise_values(start, (y1 - y0) * nx).reshape(y1 - y0, nx)
 
-    def _values(self, plane: int, y0: int, y1: int) -> np.ndarray:
+    def values(self, plane: int, y0: int, y1: int) -> np.ndarray:
         """Rows [y0, y1) of leading plane `plane`, in the extension's physical unit."""
         sky, band = self.sky, self.sky.band
         nx = self.wcs.shape[1]
         name = self.extname
+        if name == "WAVELENGTH":
+            return np.broadcast_to(sky.wavelengths(self.wcs, y0, y1)[:, None], (y1 - y0, nx))
         if name == "SCI" and self.dtype.kind == "i" and self.dtype.itemsize == 4:
             return sky.labels(self.wcs, y0, y1)
         rows = y1 - y0

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import pyfuse3
@@ -84,6 +84,17 @@ def boundary(handler: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+
+
+def _refusal(name: str, error: type[MastfsError], message: str) -> Callable[..., Coroutine[Any, Any, NoReturn]]:
+    """A handler named ``name`` that refuses every request with ``error(message)`` (through
+    :func:`boundary`, so it is logged like any other refusal)."""
+
+    async def refuse(self: Operations, *args: Any) -> NoReturn:
+        raise error(message)
+
+    refuse.__name__ = refuse.__qualname__ = name
+    return boundary(refuse)
 
 
 def _pid(ctx: Any) -> int:
@@ -272,13 +283,8 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return [name.encode("utf-8") for name in await self.tree.listxattr(inode)]
 
-    @boundary
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise NotPermitted("extended attributes are read-only")
-
-    @boundary
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise NotPermitted("extended attributes are read-only")
+    setxattr = _refusal("setxattr", NotPermitted, "extended attributes are read-only")
+    removexattr = _refusal("removexattr", NotPermitted, "extended attributes are read-only")
 
     # -------------------------------------------------------------------------------- filesystem
 
@@ -299,46 +305,16 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------------- writes: all EROFS
 
-    @boundary
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> NoReturn:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> NoReturn:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> NoReturn:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> NoReturn:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-                     flags: int, ctx: Any) -> None:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> NoReturn:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> NoReturn:
-        raise ReadOnly("mastfs is read-only")
-
-    @boundary
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise ReadOnly("mastfs is read-only")
+    setattr = _refusal("setattr", ReadOnly, "mastfs is read-only")
+    mknod = _refusal("mknod", ReadOnly, "mastfs is read-only")
+    mkdir = _refusal("mkdir", ReadOnly, "mastfs is read-only")
+    unlink = _refusal("unlink", ReadOnly, "mastfs is read-only")
+    rmdir = _refusal("rmdir", ReadOnly, "mastfs is read-only")
+    symlink = _refusal("symlink", ReadOnly, "mastfs is read-only")
+    rename = _refusal("rename", ReadOnly, "mastfs is read-only")
+    link = _refusal("link", ReadOnly, "mastfs is read-only")
+    create = _refusal("create", ReadOnly, "mastfs is read-only")
+    write = _refusal("write", ReadOnly, "mastfs is read-only")
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

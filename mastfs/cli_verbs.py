@@ -1,5 +1,5 @@
 """Operational verbs of the CLI: status, prefetch, refresh, cache. They talk to a running daemon over its
-control channel (:func:`mastfs.daemon.control_request`) or, for ``cache``, to the cache directory.
+control channel (:func:`mastfs.control.control_request`) or, for ``cache``, to the cache directory.
 
 Output goes to stdout (results) and stderr (progress); every function returns the process exit code.
 """
@@ -18,28 +18,7 @@ from typing import Any, TextIO
 
 from .config import Settings
 from .errors import MastfsError
-
-MOUNT_FSTYPE = "fuse.mastfs"
-
-
-def mastfs_mounts() -> list[str]:
-    """Mountpoints of every mastfs mount on this machine (from /proc/self/mounts; no stat of the mounts)."""
-    mounts = []
-    with open("/proc/self/mounts") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == MOUNT_FSTYPE:
-                mounts.append(fields[1].replace("\\040", " "))
-    return mounts
-
-
-def mount_of(path: str) -> tuple[str, str]:
-    """``(mountpoint, inner_path)`` of the mastfs mount holding ``path``; raises MastfsError if none does."""
-    full = os.path.abspath(path)
-    for mountpoint in sorted(mastfs_mounts(), key=len, reverse=True):
-        if full == mountpoint or full.startswith(mountpoint.rstrip("/") + "/"):
-            return mountpoint, "/" + full[len(mountpoint):].strip("/")
-    raise MastfsError(f"{path} is not inside a mastfs mount (mounted: {', '.join(mastfs_mounts()) or 'none'})")
+from .mounts import mastfs_mounts, mount_of
 
 
 def human_bytes(count: float) -> str:
@@ -57,7 +36,7 @@ def _duration(seconds: float) -> str:
 
 
 def _request(mountpoint: str, message: dict[str, Any], timeout: float | None = 30.0) -> Iterable[dict[str, Any]]:
-    from .daemon import control_request
+    from .control import control_request
 
     return control_request(mountpoint, message, timeout=timeout)
 
@@ -84,7 +63,7 @@ def status_command(mountpoint: str | None, as_json: bool, out: TextIO = sys.stdo
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The human-readable form of a daemon's status answer (see :mod:`mastfs.daemon`)."""
+    """The human-readable form of a daemon's status answer (see :mod:`mastfs.control`)."""
     reader = status.get("reader", {})
     cache = status.get("cache", {})
     counters = reader.get("cache", {})
