@@ -225,8 +225,12 @@ class Node:
     their path (:class:`PathNode`) or make it when asked (:class:`ProductFile`). Nodes use slots: a
     listing of 300,000 files holds 300,000 of them."""
 
-    __slots__ = ("ino",)
+    __slots__ = ("ino", "kernel_refs", "listings")
     ino: int
+    kernel_refs: int
+    """References the kernel holds (lookups and readdirplus entries not yet forgotten)."""
+    listings: int
+    """Open listings (:meth:`Tree.listdir` until :meth:`Tree.release_listing`) holding this node."""
     is_dir = False
 
     @property
@@ -269,6 +273,7 @@ class PathNode(Node):
 
     def __init__(self, ino: int, path: tuple[str, ...]) -> None:
         self.ino = ino
+        self.kernel_refs = self.listings = 0
         self._path = path
 
     @property
@@ -657,12 +662,13 @@ class ProductFile(Node):
     """One product: name ``slot`` of its group's NameList, row ``index`` of its observation's
     ProductTable, decoded only when its fields are needed (size and rights come packed). Holds nothing
     but its number, its slot and what its group's files share: name, path and row are made when asked
-    for (a listing may hold 300,000 of these; each costs about 130 bytes with its two numbers)."""
+    for (a listing may hold 300,000 of these; each costs about 150 bytes with its two numbers)."""
 
     __slots__ = ("files", "slot")
 
     def __init__(self, ino: int, path: tuple[str, ...], files: GroupFiles, slot: int) -> None:
         self.ino = ino
+        self.kernel_refs = self.listings = 0
         self.files = files
         self.slot = slot
 
@@ -827,8 +833,8 @@ class Tree:
         self._cache_usage = cache_usage
         self.cached_bytes = cached_bytes
         self._nodes: dict[int, Node] = {ROOT_INODE: RootDir(ROOT_INODE, ())}
-        self._lookups: dict[int, int] = {}
-        self._listed: dict[int, int] = {}
+        self._kernel_held = 0  # nodes with kernel_refs
+        self._listed = 0  # nodes with listings
         self._forgotten: LRU[int, Node] = LRU(FORGOTTEN_KEPT)
         self._memos: dict[tuple[str, ...], _Memo] = {}
         self._memos_added = 0
@@ -877,54 +883,63 @@ class Tree:
         return node
 
     def _hand_out(self, node: Node) -> None:
-        """Register ``node`` under its number: the kernel is about to know it."""
+        """Register ``node`` under its number: the kernel is about to know it. A fresh node for a path
+        whose number is registered takes over the holds on that number."""
+        held = self._nodes.get(node.ino)
+        if held is not None and held is not node:
+            node.kernel_refs, node.listings = held.kernel_refs, held.listings
         self._nodes[node.ino] = node
         self._forgotten.pop(node.ino)
 
     def remember(self, ino: int) -> None:
         """The kernel took one more reference to ``ino`` (a readdirplus entry of :meth:`listdir`;
         :meth:`lookup` counts itself): its node stays until as many are forgotten."""
-        if ino != ROOT_INODE:
-            self._lookups[ino] = self._lookups.get(ino, 0) + 1
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT_INODE:
+            return
+        if not node.kernel_refs:
+            self._kernel_held += 1
+        node.kernel_refs += 1
 
     def release_listing(self, inos: list[int]) -> None:
         """A listing of :meth:`listdir` is done (closed): its entries the kernel holds no reference to,
         and no other open listing holds, leave memory."""
         for ino in inos:
-            self._let_go(self._listed, ino, 1)
+            node = self._nodes.get(ino)
+            if node is not None and node.listings:
+                node.listings -= 1
+                if not node.listings:
+                    self._listed -= 1
+                    self._let_go(node)
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references to ``ino``; at none left (and in no open listing),
         its node goes."""
-        self._let_go(self._lookups, ino, count)
+        node = self._nodes.get(ino)
+        if node is not None and node.kernel_refs:
+            node.kernel_refs = max(0, node.kernel_refs - count)
+            if not node.kernel_refs:
+                self._kernel_held -= 1
+                self._let_go(node)
 
-    def _let_go(self, holds: dict[int, int], ino: int, count: int) -> None:
-        """Take ``count`` holds of one kind off ``ino``; with no hold of any kind left, its node goes (the
-        last FORGOTTEN_KEPT gone stay findable)."""
-        left = holds.get(ino, 0) - count
-        if left > 0:
-            holds[ino] = left
-            return
-        holds.pop(ino, None)
-        if ino == ROOT_INODE or ino in self._lookups or ino in self._listed:
-            return
-        node = self._nodes.pop(ino, None)
-        if node is not None:
-            self._forgotten.put(ino, node)
+    def _let_go(self, node: Node) -> None:
+        """With no hold of any kind left, ``node`` leaves the inode table (the last FORGOTTEN_KEPT gone
+        stay findable)."""
+        if node.ino != ROOT_INODE and not node.kernel_refs and not node.listings:
+            del self._nodes[node.ino]
+            self._forgotten.put(node.ino, node)
 
     def compact(self) -> None:
-        """Re-make the inode tables at their present size: a dict keeps the table of its largest size,
-        so 300,000 inodes the kernel forgot would go on costing some 10 MB in each."""
+        """Re-make the inode table at its present size: a dict keeps the table of its largest size, so
+        300,000 inodes the kernel forgot would go on costing some 10 MB."""
         self._nodes = dict(self._nodes)
-        self._lookups = dict(self._lookups)
-        self._listed = dict(self._listed)
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the tree holds in memory: live nodes, nodes the kernel references, memos and the
         product rows of the observations they hold (what a big listing's layout weighs)."""
         memo_rows = sum(len(memo.value.products) for memo in self._memos.values()
                         if isinstance(memo.value, _ObservationContents))
-        return {"nodes": len(self._nodes), "kernel_inodes": len(self._lookups), "listed": len(self._listed),
+        return {"nodes": len(self._nodes), "kernel_inodes": self._kernel_held, "listed": self._listed,
                 "memos": len(self._memos), "memo_rows": memo_rows, "forgotten_kept": len(self._forgotten)}
 
     async def memoised(self, key: tuple[str, ...], load: Callable[[], Awaitable[T]]) -> T:
@@ -1018,7 +1033,9 @@ class Tree:
         children = await self.children_of(self.node(ino))
         for child in children:  # held until release_listing; counted as readdir hands each out
             self._hand_out(child)
-            self._listed[child.ino] = self._listed.get(child.ino, 0) + 1
+            if not child.listings:
+                self._listed += 1
+            child.listings += 1
         return children
 
     async def children_of(self, node: Node) -> list[Node]:
