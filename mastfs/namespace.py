@@ -315,12 +315,16 @@ def place_products(products: Iterable[ProductLike]) -> Placement:
     slot_of = array("q", bytes(8 * count))
     groups: dict[str, NameList] = {}
     for position, group in enumerate(order, start=1):
-        ordered = sorted(by_group.pop(group).items())
-        groups[group] = NameList([name for name, _ in ordered], (index for _, index in ordered))
-        for slot, (_, index) in enumerate(ordered):
+        # No (name, index) pair per file: a 290,000-file group would cost some 20 MB more at its peak.
+        files = by_group.pop(group)
+        names = sorted(files)
+        indices = array("q", map(files.__getitem__, names))
+        del files
+        groups[group] = NameList(names, indices)
+        del names
+        for slot, index in enumerate(indices):
             group_of[index] = position
             slot_of[index] = slot
-        del ordered
     return Placement(groups, group_of, slot_of, tuple(order), dict(sorted(recommended.items())))
 
 
