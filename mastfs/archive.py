@@ -26,6 +26,7 @@ import logging
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -51,7 +52,7 @@ RELEASED_AGE_DAYS = 365.0
 STALE_RETRY_INTERVAL = 60.0
 #: Entries kept decoded in memory in front of the disk cache, a listing counting once per
 #: MEMORY_ROWS_PER_ENTRY rows it holds (so at most about 65,000 product rows: a 300,000-product table
-#: is not kept here; the tree holds it while it is listed, and a later call loads it from disk).
+#: is only referenced weakly, see :class:`_DecodedEntries`).
 MEMORY_ENTRIES = 4096
 MEMORY_ROWS_PER_ENTRY = 16
 #: Kinds accepted by :meth:`Archive.forget`.
@@ -80,6 +81,43 @@ class _Entry:
     value: Any
     expires: float
     missing: bool = False
+
+
+class _DecodedEntries:
+    """The answers kept decoded in front of the disk cache: an LRU of MEMORY_ENTRIES, each answer weighing
+    by its rows (:func:`_memory_weight`). A product table too heavy for it is remembered by a weak
+    reference only: while the tree holds it (a listing the kernel knows) asking again costs no decoding
+    (nor a second copy); once nothing does, it is loaded from disk."""
+
+    def __init__(self) -> None:
+        self._lru: LRU[str, _Entry] = LRU(MEMORY_ENTRIES, weigh=_memory_weight)
+        self._heavy: dict[str, tuple[weakref.ref[ProductTable], float]] = {}
+
+    def get(self, key: str) -> _Entry | None:
+        entry = self._lru.get(key)
+        if entry is None and key in self._heavy:
+            table, expires = self._heavy[key]
+            value = table()
+            if value is None:
+                del self._heavy[key]
+            else:
+                entry = _Entry(value, expires)
+        return entry
+
+    def put(self, key: str, entry: _Entry) -> None:
+        self._heavy.pop(key, None)
+        self._lru.put(key, entry)
+        if key not in self._lru and isinstance(entry.value, ProductTable):
+            self._heavy = {other: held for other, held in self._heavy.items() if held[0]() is not None}
+            self._heavy[key] = (weakref.ref(entry.value), entry.expires)
+
+    def pop(self, key: str) -> None:
+        self._heavy.pop(key, None)
+        self._lru.pop(key)
+
+    def clear(self) -> None:
+        self._heavy.clear()
+        self._lru.clear()
 
 
 @dataclass
@@ -119,7 +157,7 @@ class Archive:
         self._cache: diskcache.Cache | None = None
         self._open_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(4)
-        self._memory: LRU[str, _Entry] = LRU(MEMORY_ENTRIES, weigh=_memory_weight)
+        self._memory = _DecodedEntries()
         self._flights: SingleFlight[str, Any] = SingleFlight()
         self._outage = False
         # Keys are scoped by MAST host and collections: a twin and the real archive may share a cache dir.

@@ -3,10 +3,12 @@ single flight, persistence across instances. Time is a fake wall clock."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 import time
+import weakref
 from contextlib import asynccontextmanager
 
 import pytest
@@ -100,16 +102,21 @@ async def test_products_economy(clean_twin, tmp_path):
 @trio_test
 async def test_memory_keeps_small_answers_decoded_and_big_listings_on_disk(clean_twin, tmp_path, monkeypatch):
     """The decoded entries in front of the disk cache weigh by the rows they hold: a product table
-    beyond the memory's share is loaded from disk again (equal, not the same object; no request), a
-    program's listing stays decoded."""
+    beyond the memory's share is the same object while its caller holds it, and is not kept once
+    nobody does (then loaded from disk: equal, no request); a program's listing stays decoded."""
     monkeypatch.setattr(archive_module, "MEMORY_ROWS_PER_ENTRY", 1)  # the 3,000-row table outweighs ...
     monkeypatch.setattr(archive_module, "MEMORY_ENTRIES", 1000)  # ... the whole memory
     async with open_archive(clean_twin, tmp_path) as archive:
         program = await archive.program(twin_catalog.PROGRAM_2733)
         obs = await archive.observation(twin_catalog.OBS_2733_MIRI_F1130W)
         products = await archive.products(obs)
-        again = await archive.products(obs)
-        assert again == products and again is not products and len(products) >= 3000
+        assert await archive.products(obs) is products and len(products) >= 3000
+        packed = products.to_json()
+        held = weakref.ref(products)
+        del products
+        gc.collect()
+        assert held() is None
+        assert (await archive.products(obs)).to_json() == packed
         assert await archive.program(twin_catalog.PROGRAM_2733) is program
     assert requests(clean_twin, "invoke:Mast.Caom.Products") == 1
 
