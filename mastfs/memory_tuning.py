@@ -27,10 +27,10 @@ slower)."""
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
 
 METADATA_SWING = 10_000
-"""Inodes in memory gained or lost, product rows of expired listings let go, or MAST query pages received
-(a thousandth), after which freed heap memory is handed back to the kernel (malloc_trim): a 300,000-product
-listing leaves its pages' garbage behind, the kernel forgetting its inodes frees their nodes, and its
-layout goes when its memo expires."""
+"""Inodes in memory gained or lost, product rows of memoised listings gained or lost, or MAST query pages
+received (a thousandth), after which freed heap memory is handed back to the kernel (malloc_trim): a
+300,000-product listing leaves its pages' and its layout's garbage behind, the kernel forgetting its
+inodes frees their nodes, and its layout goes when its memo expires."""
 TRIM_CHECK_INTERVAL = 2.0
 
 
@@ -73,7 +73,7 @@ async def hand_back_memory(services: Services, interval: float = TRIM_CHECK_INTE
         held = services.tree.stats()
         nodes, rows = held["nodes"], held["memo_rows"]
         pages = services.client.stats()["requests"].get("invoke", 0)
-        if (abs(nodes - last_nodes) >= METADATA_SWING or last_rows - rows >= METADATA_SWING
+        if (abs(nodes - last_nodes) >= METADATA_SWING or abs(rows - last_rows) >= METADATA_SWING
                 or pages - last_pages >= METADATA_SWING // 1000):
             services.tree.compact()
             gc.collect()
