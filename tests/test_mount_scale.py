@@ -22,9 +22,9 @@ pytestmark = pytest.mark.mount
 
 RSS_LIMIT_MB = 250
 """Issue 10's bound on the daemon's peak RSS (VmHWM: the kernel's high-water mark, so no peak escapes
-sampling) while listing and stat-ing every file of the 300,000-product observation. Measured: about
-220 MB on the 2-core test machine (idle about 95 MB); 310-340 MB before file nodes shed their
-per-node fields and a reloaded listing kept its layout."""
+sampling) while listing and stat-ing every file of the 300,000-product observation. Measured: 204-210 MB
+on the 2-core test machine (idle 80-90 MB); 310-340 MB before file nodes shed their per-node fields and
+inode-keyed tables, and a reloaded listing kept its layout."""
 FALLBACK_MB = 60
 """How far above its idle RSS the daemon may stay once the kernel forgot the inodes and the listing's
 memo expired. Measured: about 35 MB (heap the allocator cannot hand back); 150 MB before (the layout
