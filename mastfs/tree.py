@@ -317,11 +317,24 @@ class RootDir(DirNode):
         return entries
 
 
-class ReadmeFile(PathNode):
+class GeneratedFile(PathNode):
+    """A file whose bytes mastfs makes itself (README, sidecars, planned.csv), not a product:
+    :meth:`content` is its bytes, its size their length."""
+
     __slots__ = ()
 
+    async def content(self, tree: Tree) -> Content:
+        raise NotImplementedError
+
     async def size(self, tree: Tree) -> int:
-        return len(tree.readme)
+        return (await self.content(tree)).size
+
+
+class ReadmeFile(GeneratedFile):
+    __slots__ = ()
+
+    async def content(self, tree: Tree) -> Content:
+        return Content(tree.readme)
 
 
 class TopDir(DirNode):
@@ -617,7 +630,7 @@ class RecommendedDir(ObservationSubdir):
         return entries
 
 
-class SidecarFile(PathNode):
+class SidecarFile(GeneratedFile):
     __slots__ = ("observation_dir",)
 
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
@@ -635,11 +648,8 @@ class SidecarFile(PathNode):
             return Content(namespace.observation_json(self.observation_dir.observation))
         return (await self.observation_dir.contents(tree)).products_csv
 
-    async def size(self, tree: Tree) -> int:
-        return (await self.content(tree)).size
 
-
-class PlannedFile(PathNode):
+class PlannedFile(GeneratedFile):
     """``planned.csv`` of a program, target or cone directory: the planned observations left out."""
 
     __slots__ = ("text",)
@@ -653,9 +663,6 @@ class PlannedFile(PathNode):
 
     async def content(self, tree: Tree) -> Content:
         return Content(self.text)
-
-    async def size(self, tree: Tree) -> int:
-        return len(self.text)
 
 
 class ProductFile(Node):
@@ -1092,9 +1099,7 @@ class Tree:
         directory, Unauthorized like :meth:`open`."""
         if isinstance(node, DirNode):
             raise NotPermitted(f"{node.path_text} is a directory")
-        if isinstance(node, ReadmeFile):
-            return OpenFile(node, content=Content(self.readme))
-        if isinstance(node, SidecarFile | PlannedFile):
+        if isinstance(node, GeneratedFile):
             return OpenFile(node, content=await node.content(self))
         assert isinstance(node, ProductFile)
         if node.exclusive and not self.has_token:
