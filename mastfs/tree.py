@@ -537,21 +537,29 @@ class ObservationDir(DirNode):
         return await super().child(tree, name)
 
 
-class ObservationSubdir(DirNode):
-    """A directory inside an observation directory (a group, ``recommended/``): it has the
-    observation's time and stays the same node while the observation directory does."""
+class InObservation(Node):
+    """Mixin of the nodes inside an observation directory (its subdirectories and sidecars): they have
+    the observation's time and stay the same nodes while the observation directory does."""
+
+    __slots__ = ()
+    observation_dir: ObservationDir
+
+    def same_as(self, other: Node) -> bool:
+        return (isinstance(other, InObservation) and type(other) is type(self)
+                and other.observation_dir is self.observation_dir)
+
+    def mtime(self, tree: Tree) -> float:
+        return self.observation_dir.mtime(tree)
+
+
+class ObservationSubdir(InObservation, DirNode):
+    """A directory inside an observation directory (a group, ``recommended/``)."""
 
     __slots__ = ("observation_dir",)
 
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
         super().__init__(ino, path)
         self.observation_dir = observation_dir
-
-    def same_as(self, other: Node) -> bool:
-        return type(other) is type(self) and other.observation_dir is self.observation_dir
-
-    def mtime(self, tree: Tree) -> float:
-        return self.observation_dir.mtime(tree)
 
     def nlink(self) -> int:
         return 2
@@ -630,18 +638,14 @@ class RecommendedDir(ObservationSubdir):
         return entries
 
 
-class SidecarFile(GeneratedFile):
+class SidecarFile(InObservation, GeneratedFile):
+    """``observation.json`` or ``products.csv`` of an observation directory."""
+
     __slots__ = ("observation_dir",)
 
     def __init__(self, ino: int, path: tuple[str, ...], observation_dir: ObservationDir) -> None:
         super().__init__(ino, path)
         self.observation_dir = observation_dir
-
-    def same_as(self, other: Node) -> bool:
-        return isinstance(other, SidecarFile) and other.observation_dir is self.observation_dir
-
-    def mtime(self, tree: Tree) -> float:
-        return self.observation_dir.mtime(tree)
 
     async def content(self, tree: Tree) -> Content:
         if self.name == namespace.OBSERVATION_SIDECAR:
