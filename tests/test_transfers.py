@@ -127,6 +127,28 @@ def test_a_drip_burst_gives_back_slots_and_threads(clean_twin, tmp_path):
               f"{threads} {time.monotonic() - started:.1f}s later; slots busy {status['slots']['busy']}")
 
 
+def test_an_open_does_not_queue_behind_busy_transfers(clean_twin, tmp_path):
+    """Opening pins the product's version (a HeadObject); with every transfer slot held by a dripping
+    body, the open still ends while those reads wait, not after their deadline."""
+    drip, other = s3_files(clean_twin, 2, skip=11), s3_files(clean_twin, 1, skip=13)
+    with mounted(clean_twin, tmp_path, source="s3", deadline=f"{DEADLINE:g}s", retries=2, transfers=2) as mount:
+        for _uri, _key, path in drip + other:
+            os.stat(mount.join(path))
+        for _uri, key, _path in drip:
+            clean_twin.faults.add("s3", "drip", match=key, bytes_per_second=1024)
+        with concurrent.futures.ThreadPoolExecutor(len(drip)) as pool:
+            reads = [pool.submit(bounded_now, mount.join(path)) for _uri, _key, path in drip]
+            waited = time.monotonic()
+            while status_of(mount)["reader"]["slots"]["busy"] < 2 and time.monotonic() - waited < DEADLINE:
+                time.sleep(0.02)
+            assert status_of(mount)["reader"]["slots"]["busy"] == 2, "the dripping reads never held both slots"
+            with open(mount.join(other[0][2]), "rb"):
+                opened_while_busy = not any(read.done() for read in reads)
+            outcomes = [read.result() for read in reads]
+        assert all(outcome.errno == errno.EIO for outcome in outcomes), [o.describe() for o in outcomes]
+        assert opened_while_busy, "the open waited for the transfers' deadline"
+
+
 # ------------------------------------------------------------------------------ 2. one deadline per request
 
 

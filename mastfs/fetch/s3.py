@@ -1,7 +1,9 @@
 """S3Fetcher: verified byte ranges of MAST's cloud copies (bucket ``stpubdata``), anonymous boto3 reads.
 
 boto3 blocks, so each block is one worker-thread hop (``get_object`` plus reading the block's bytes)
-under the fetcher's own CapacityLimiter of ``settings.transfers`` threads. botocore does not retry
+under the fetcher's own CapacityLimiter of ``settings.transfers`` threads. HeadObject (the version an
+``open`` pins) has a limiter of its own (:data:`HEAD_THREADS`), so opens never queue behind bulk
+transfers, even a dripping server's. botocore does not retry
 (``total_max_attempts=1``): the one :class:`~mastfs.retry.RetryPolicy` does. botocore and urllib3
 exceptions are translated into mastfs errors inside the thread.
 
@@ -45,6 +47,8 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT_MAX = 5.0
 """botocore's read timeout is half the deadline, but never more than this: it bounds how long a hop
 abandoned before its response headers arrived can keep its thread."""
+HEAD_THREADS = 4
+"""Worker threads (and pooled connections) for HeadObject, apart from the ``transfers`` of bodies."""
 
 
 class S3Fetcher:
@@ -61,6 +65,7 @@ class S3Fetcher:
         self._transfers = max(1, settings.transfers)
         self._policy = policy or RetryPolicy.from_settings(settings)
         self._limiter = trio.CapacityLimiter(self._transfers)
+        self._head_limiter = trio.CapacityLimiter(HEAD_THREADS)
         self._client: Any = None
         self._client_lock = trio.Lock()
 
@@ -83,7 +88,7 @@ class S3Fetcher:
                 raise Retryable(f"{where}: {type(exc).__name__}: {exc}") from exc
 
         async def once() -> ObjectVersion:
-            return await trio.to_thread.run_sync(head, limiter=self._limiter, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(head, limiter=self._head_limiter, abandon_on_cancel=True)
 
         return await self._policy.run(once, what=f"version of {where}")
 
@@ -149,7 +154,7 @@ class S3Fetcher:
     async def _get_client(self) -> Any:
         async with self._client_lock:
             if self._client is None:
-                self._client = await trio.to_thread.run_sync(self._build_client, limiter=self._limiter)
+                self._client = await trio.to_thread.run_sync(self._build_client, limiter=self._head_limiter)
         return self._client
 
     def _build_client(self) -> Any:
@@ -159,7 +164,7 @@ class S3Fetcher:
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=min(CONNECT_TIMEOUT, read_timeout),
             read_timeout=read_timeout,
-            max_pool_connections=max(10, self._transfers),
+            max_pool_connections=self._transfers + HEAD_THREADS,
         )
         session = boto3.session.Session()
         return session.client("s3", region_name=self._region, endpoint_url=self._endpoint, config=config)

@@ -73,6 +73,8 @@ FIRST_ERROR_DELAY = 0.5
 MAX_ERROR_DELAY = 15.0
 #: Seconds to set up a connection: a MAST that takes longer is unreachable, however slow its queries.
 CONNECT_TIMEOUT = 5.0
+#: Pooled connections beyond ``transfers``: for queries, HEADs and token checks while every transfer runs.
+METADATA_CONNECTIONS = 8
 #: Words of an ERROR message that mean "ask again later" (MAST reports its own timeouts as ERROR).
 _TRANSIENT_ERROR_WORDS = ("timed out", "timeout", "time out", "try again", "temporar", "unavailable",
                           "busy", "overload", "too many", "internal server error", "gateway", "502",
@@ -130,7 +132,8 @@ def _describe(service: str, params: dict[str, Any]) -> str:
 
 
 def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The httpx client mastfs talks to MAST with: HTTP/1.1, about 16 pooled connections, connect
+    """The httpx client mastfs talks to MAST with: HTTP/1.1, ``transfers`` pooled connections for bodies
+    plus :data:`METADATA_CONNECTIONS` (so queries and HEADs never wait behind bulk transfers), connect
     timeout 5 s, read timeout half the deadline (so one stalled try leaves time for another; metadata
     queries set their own, up to the query timeout), and a ``mastfs/<version>`` User-Agent. The caller closes it (``async with`` or ``aclose()``)."""
     read_timeout = max(0.5, settings.deadline / 2)
@@ -139,7 +142,8 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         http2=False,
         timeout=httpx.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout, write=read_timeout,
                               pool=read_timeout),
-        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        limits=httpx.Limits(max_connections=settings.transfers + METADATA_CONNECTIONS,
+                            max_keepalive_connections=settings.transfers + METADATA_CONNECTIONS),
         headers={"User-Agent": f"mastfs/{__version__}"},
         follow_redirects=True,
     )
