@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 
 from mastfs.blockcache import BLOCK_SIZE
-from mastfs.reader import MAX_RUN_BLOCKS, LinkEstimate, grown_window, readahead_span
+from mastfs.reader import (
+    MAX_READAHEAD_BLOCKS,
+    MAX_RUN_BLOCKS,
+    MEMORY_LIMIT,
+    LinkEstimate,
+    grown_window,
+    readahead_limit,
+    readahead_span,
+)
 
 
 def estimate(first_byte: float, throughput: float, blocks: int = 2) -> LinkEstimate:
@@ -62,6 +70,17 @@ def test_the_window_holds_one_run_per_transfer_slot_within_the_budget():
     assert s3_like.window_cap(2, transfers=8, budget=14) == 14
     assert estimate(0.0, 2e9).window_cap(2, transfers=4, budget=24) == 8
     assert LinkEstimate().window_cap(2, transfers=8, budget=0) == 0
+
+
+def test_the_window_never_outgrows_what_memory_holds():
+    """The memory LRU's blocks plus the block each transfer is assembling: by default 8 + 8 = 16 blocks
+    (a window of 24 overflowed the LRU over a far link and peaked at 221 MB)."""
+    assert readahead_limit(MAX_READAHEAD_BLOCKS, MEMORY_LIMIT, transfers=8) == 16
+    assert readahead_limit(MAX_READAHEAD_BLOCKS, 2 * BLOCK_SIZE, transfers=2) == 4
+    assert readahead_limit(4, MEMORY_LIMIT, transfers=8) == 4  # a smaller configured window stands
+    assert readahead_limit(0, MEMORY_LIMIT, transfers=8) == 0
+    far = estimate(0.120, 25e6)  # the far link's runs of 3 then fit 5 slots, or 8 runs of 2
+    assert far.window_cap(2, transfers=8, budget=readahead_limit(MAX_READAHEAD_BLOCKS, MEMORY_LIMIT, 8)) == 16
 
 
 def test_a_window_is_topped_up_one_run_at_a_time():
