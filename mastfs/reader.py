@@ -17,8 +17,8 @@ window is capped by what the link calls for (:class:`LinkEstimate`, measured fro
 runs long enough to amortise the time to first byte (four bandwidth-delay products of one connection,
 from ``run_blocks`` to ``MAX_RUN_BLOCKS`` blocks) and one run per transfer slot, within ``max_readahead``
 blocks and :func:`readahead_limit` (what memory holds). It is topped up one run at a time, as soon as a
-run's worth of it is free, so the transfer slots stay busy (the old half-window refill kept about 3 of them busy). A read that jumps (astropy ``.section``,
-memmap) resets the window to nothing: random access reads only what it asks for. A stream's first read
+run's worth of it is free, so the transfer slots stay busy (the old half-window refill kept about 3 of
+them busy). A read that jumps (astropy ``.section``, memmap) resets the window to nothing: random access reads only what it asks for. A stream's first read
 and reads inside block 0 never trigger readahead, so a FITS header read costs one 64 KiB block on the
 wire. Readahead shares the ``transfers`` limit (one slot per run) with foreground reads, and its failures
 reach no reader that did not ask for the block. A sequential stream drops the blocks it has left behind

@@ -3,8 +3,8 @@
 boto3 blocks, so each block is one worker-thread hop (``get_object`` plus reading the block's bytes)
 under the fetcher's own CapacityLimiter of ``settings.transfers`` threads. HeadObject (the version an
 ``open`` pins) has a limiter of its own (:data:`HEAD_THREADS`), so opens never queue behind bulk
-transfers, even a dripping server's. botocore does not retry
-(``total_max_attempts=1``): the one :class:`~mastfs.retry.RetryPolicy` does. botocore and urllib3
+transfers, even a dripping server's. botocore does not retry (``total_max_attempts=1``): the one
+:class:`~mastfs.retry.RetryPolicy` does. botocore and urllib3
 exceptions are translated into mastfs errors inside the thread.
 
 An abandoned hop (its caller cancelled, e.g. at the deadline) ends at once: the trio side shuts the

@@ -137,13 +137,13 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
     timeout 5 s, read timeout half the deadline (so one stalled try leaves time for another; metadata
     queries set their own, up to the query timeout), and a ``mastfs/<version>`` User-Agent. The caller closes it (``async with`` or ``aclose()``)."""
     read_timeout = max(0.5, settings.deadline / 2)
+    connections = settings.transfers + METADATA_CONNECTIONS
     return httpx.AsyncClient(
         http1=True,
         http2=False,
         timeout=httpx.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout, write=read_timeout,
                               pool=read_timeout),
-        limits=httpx.Limits(max_connections=settings.transfers + METADATA_CONNECTIONS,
-                            max_keepalive_connections=settings.transfers + METADATA_CONNECTIONS),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         headers={"User-Agent": f"mastfs/{__version__}"},
         follow_redirects=True,
     )
