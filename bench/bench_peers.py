@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from common import (
     drop_page_cache,
     median,
     mount_entry,
+    prime_etags,
     read_sequential,
     remove_tree,
     spread,
@@ -254,15 +254,12 @@ def listings(ctx: PeerContext, directories: dict[str, str], configs: list[str]) 
 
 
 def prime_twin_etags(ctx: PeerContext, prefix: str) -> None:
-    """HEAD every object under ``prefix`` once, unmeasured. The twin computes a small object's content-MD5
-    ETag (by generating its bytes) on the first HEAD or GET of it, some 30 ms each, where real S3 has it
-    stored; without this, whichever configuration HEADs the ~3,000 files first (s3fs and rclone do; mastfs
-    lists without HEADs) would pay about 100 s of the twin's one-time work."""
+    """:func:`prime_etags` of every object under ``prefix``: whichever configuration HEADs the ~3,000 files
+    first (s3fs and rclone do; mastfs lists without HEADs) would otherwise pay about 100 s of the twin's
+    one-time work."""
     bucket = ctx.twin.info["bucket"]
-    keys = [item["Key"] for page in ctx.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for item in page.get("Contents", [])]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(lambda key: ctx.s3.head_object(Bucket=bucket, Key=key), keys))
+    prime_etags(ctx.s3, bucket, [item["Key"] for page in ctx.s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix + "/") for item in page.get("Contents", [])])
 
 
 def _ls(path: str) -> float:

@@ -43,6 +43,7 @@ from common import (
     drop_page_cache,
     httpx_stream,
     median,
+    prime_etags,
     read_sequential,
     remove_tree,
     s3_client,
@@ -154,7 +155,10 @@ def locate(mount: Mount, product: TwinProduct) -> str:
 def warm_up(ctx: Context) -> None:
     """One throwaway mount that looks up and reads the first bytes of every >= 1 GiB product, and direct
     ranged GETs of each: pays the one-time costs outside every measurement (the twin's lazy S3 key
-    registration and file layouts, Python imports and the page cache of the code)."""
+    registration and file layouts, Python imports and the page cache of the code), after priming the
+    twin's ETags of every big and mid-size product (:func:`prime_etags`)."""
+    prime_etags(ctx.s3, ctx.bucket, [product.s3_key for product in [*ctx.big_products(), *ctx.mid_products()]
+                                     if product.s3_key])
     cache = ctx.cache_dir("warm-up")
     try:
         with ctx.mount(cache) as mount:

@@ -26,6 +26,7 @@ from common import (
     TwinProcess,
     boto3_stream,
     median,
+    prime_etags,
     remove_tree,
     s3_client,
     scratch_dir,
@@ -90,6 +91,7 @@ def bench_remote(twin: TwinProcess, workdir: Path, runs: int) -> Section:
     path = _product_path(probe, uri)
     size = probe.info(path)["size"]
     s3_key = probe.open_product(path).ref.s3_key
+    prime_etags(s3, twin.info["bucket"], [s3_key])  # a standalone run has no warm-up
     for label, link, goal in LINKS:
         twin.set_link(link)
         ratios, direct_rates, remote_rates, wire = [], [], [], []

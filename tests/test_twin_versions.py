@@ -55,6 +55,33 @@ def test_multipart_etag_is_the_md5_of_part_md5s():
     assert twin_catalog.s3_etag(parts[:1], part) == '"' + parts[0].hex() + '"'
 
 
+def test_a_large_object_has_the_multipart_etag_of_its_bytes_on_both_copies(own_twin, s3, http):
+    uri = "mast:JWST/product/jw02733002001_02101_00004_mirimage_cal.fits"
+    part = twin_catalog.MULTIPART_PART_SIZE
+    resize = -(-2 * part // 2880) * 2880  # a valid FITS size of three parts
+    answer = http.post("/__twin__/reprocess", json={"uri": uri, "resize": resize}).json()
+    key = own_twin.catalog.product(uri).s3_key
+    body = s3.get_object(Bucket="stpubdata", Key=key)
+    data = body["Body"].read()
+    assert len(data) == answer["s3"]["size"] > 2 * part
+    parts = [hashlib.md5(data[i:i + part]).digest() for i in range(0, len(data), part)]
+    expected = f'"{hashlib.md5(b"".join(parts)).hexdigest()}-3"'
+    assert body["ETag"] == s3.head_object(Bucket="stpubdata", Key=key)["ETag"] == answer["s3"]["etag"] == expected
+    got = download(http, uri)
+    assert got.content == data and got.headers["ETag"] == expected
+    listed = s3.list_objects_v2(Bucket="stpubdata", Prefix=key)["Contents"]
+    assert [item["ETag"] for item in listed] == [expected]
+
+
+def test_a_listing_states_the_etag_a_request_computed_and_a_multipart_form_before(own_twin, s3):
+    key = own_twin.catalog.product("mast:JWST/product/jw02733002001_02101_00005_mirimage_cal.fits").s3_key
+    before = s3.list_objects_v2(Bucket="stpubdata", Prefix=key)["Contents"][0]["ETag"]
+    assert before.endswith('-1"')  # what S3 states for an object uploaded as one multipart part
+    head = s3.head_object(Bucket="stpubdata", Key=key)["ETag"]
+    assert "-" not in head and head != before
+    assert s3.list_objects_v2(Bucket="stpubdata", Prefix=key)["Contents"][0]["ETag"] == head
+
+
 def test_reprocessing_both_copies_changes_bytes_etag_and_date(own_twin, s3, http):
     uri = "mast:JWST/product/jw02733002001_02101_00002_mirimage_cal.fits"
     before = own_twin.catalog.describe(uri)

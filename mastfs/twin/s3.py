@@ -124,8 +124,8 @@ class LazyCatalogKey(FakeKey):
     @property
     def etag(self) -> str:
         """The S3 copy's real S3 ETag (content md5, or the multipart form), computed once per revision.
-        In a listing, a content md5 not computed yet is not computed there (that generates the object:
-        a listing of thousands took minutes): see :meth:`Catalog.listed_etag`."""
+        In a listing, an ETag not computed yet is not computed there (that generates the objects: a
+        listing of thousands took minutes): see :meth:`Catalog.listed_etag`."""
         if _LISTING.get():
             return self.catalog.listed_etag(self.uri, "s3")
         return self.catalog.etag(self.uri, "s3")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -264,6 +265,7 @@ class SkyPlane:
         self.groups = leading[-1] if len(leading) == 2 else 1  # uncal: (nints, ngroups)
         self.size = self.planes * wcs.shape[0] * wcs.shape[1] * self.dtype.itemsize
         self._models: dict[tuple[int, int], np.ndarray] = {}
+        self._models_lock = threading.Lock()
 
     def _model(self, y0: int, y1: int) -> np.ndarray:
         """The noiseless scene of rows [y0, y1), read-only: the same in every leading plane, so a cube of
@@ -274,9 +276,10 @@ class SkyPlane:
         if model is None:
             model = self.sky.model(self.wcs, y0, y1)
             model.setflags(write=False)
-            if len(self._models) >= _MODEL_SPANS:
-                self._models.pop(next(iter(self._models)))
-            self._models[key] = model
+            with self._models_lock:  # reads of one plane run on several threads (GETs, ETag parts)
+                if len(self._models) >= _MODEL_SPANS:
+                    self._models.pop(next(iter(self._models)))
+                self._models[key] = model
         return model
 
     def read(self, offset: int, length: int) -> bytes:
