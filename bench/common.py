@@ -460,6 +460,21 @@ def boto3_stream(s3, bucket: str, key: str) -> ReadResult:
     return ReadResult(total, time.perf_counter() - began)
 
 
+def boto3_ranges(s3, bucket: str, key: str, size: int, part: int, threads: int) -> ReadResult:
+    """Time reading a whole object as ``part``-byte ranged ``get_object`` calls on ``threads`` threads
+    into memory: the request pattern of mastfs's readahead (runs of 8 MiB, one per transfer slot) from a
+    client that does nothing else with the bytes."""
+
+    def get(offset: int) -> int:
+        last = min(offset + part, size) - 1
+        return len(s3.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{last}")["Body"].read())
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        total = sum(pool.map(get, range(0, size, part)))
+    return ReadResult(total, time.perf_counter() - began)
+
+
 def boto3_download(s3, bucket: str, key: str, destination: Path) -> ReadResult:
     """Time one whole-object ``get_object`` streamed in 1 MiB chunks into a local file (a download:
     buffered writes, no fsync, as ``aws s3 cp`` does); the file is deleted afterwards."""
