@@ -292,8 +292,8 @@ class ByteReader:
                     max_readahead: int | None = None) -> ReadStream:
         """A fresh read stream (one per open file handle) for ``ref`` (a pinned ref: see :meth:`pin`). A
         read starting at most ``slack`` bytes from where the previous one ended counts as sequential (0 for
-        callers whose reads arrive in order, unlike the kernel's); ``max_readahead`` (blocks) overrides the
-        reader's window for it."""
+        callers whose reads arrive in order, unlike the kernel's); ``max_readahead`` (blocks) replaces the
+        reader's largest window for it, within :func:`readahead_limit` (what memory holds)."""
         return ReadStream(ref, slack, max_readahead)
 
     async def pin(self, ref: ProductRef) -> ProductRef:
@@ -802,9 +802,18 @@ class ByteReader:
             del self._active[ref.version_key]
 
     def _remember(self, key: BlockKey, data: bytes) -> None:
-        """Keep a block in the in-memory LRU, dropping the oldest beyond the byte cap."""
-        if key not in self._memory:
-            self._memory.put(key, data)
+        """Keep a block in the in-memory LRU, dropping the oldest beyond the byte cap; but when the LRU is
+        full and its oldest block is one of the same product before this one (read ahead, not yet read),
+        leave this one out: it is on its way to disk and loads from there when reached. Otherwise a burst
+        of readahead blocks larger than the LRU evicts the blocks the reader needs next, and each of them
+        loaded back evicts the one after (on loopback 256 of the 279 blocks of a cold read came back
+        from disk)."""
+        if key in self._memory:
+            return
+        if self._memory.weight + len(data) > self._memory.capacity and evicts_nearer(next(iter(self._memory), None),
+                                                                                     key):
+            return
+        self._memory.put(key, data)
 
     def _drop_behind(self, key: BlockKey) -> None:
         """Forget a block a sequential stream has left behind (the kernel's page cache and the block cache
@@ -876,8 +885,10 @@ class ByteReader:
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
         """Update the stream's sequential state; a sequential read (not the stream's first) drops the
         block before the one it starts in from memory (see :meth:`_drop_behind`) and, past block 0, grows
-        the readahead window (see :func:`grown_window`) and tops it up (see :func:`readahead_span`). A jump
-        resets the window."""
+        the readahead window (see :func:`grown_window`) and tops it up (see :func:`readahead_span`), less
+        one block per block already in memory ahead of the reader: a reader slower than the link keeps
+        about a memory LRU of blocks waiting for it and no more in flight, a reader waiting for the link
+        keeps the whole window in flight. A jump resets the window."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > stream.slack:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
@@ -887,7 +898,8 @@ class ByteReader:
         first = block_index(offset)
         if first > 0:
             self._drop_behind((stream.ref.version_key, first - 1))
-        most = self._max_readahead if stream.max_readahead is None else stream.max_readahead
+        most = self._max_readahead if stream.max_readahead is None else min(stream.max_readahead,
+                                                                             self._max_readahead)
         if last == 0 or most == 0:
             return
         cap = self.link.window_cap(self._run_blocks, self._transfers, most)
@@ -896,7 +908,9 @@ class ByteReader:
             stream.starved = False
             stream.last_block = max(stream.last_block, last)
         run = self.link.run_blocks(self._run_blocks, self._transfers, most)
-        span = readahead_span(stream.ahead, last, stream.window, run, block_count(stream.ref.size) - 1)
+        vk = stream.ref.version_key
+        waiting = sum(1 for index in range(last + 1, stream.ahead + 1) if (vk, index) in self._memory)
+        span = readahead_span(stream.ahead, last, stream.window - waiting, run, block_count(stream.ref.size) - 1)
         if span is None:
             return
         stream.ahead = span[1]
@@ -912,6 +926,12 @@ def readahead_limit(max_readahead: int, memory_limit: int, transfers: int) -> in
     blocks against an 8-block LRU peaked at 209-222 MB at 132 MB/s; 16 blocks at 170-179 MB, 106-121
     MB/s; over the S3-like link no slower)."""
     return max(0, min(max_readahead, memory_limit // BLOCK_SIZE + transfers))
+
+
+def evicts_nearer(oldest: BlockKey | None, key: BlockKey) -> bool:
+    """Whether putting block ``key`` into a full memory LRU whose least recent entry is ``oldest`` would
+    evict a block of the same product before it: one read ahead that the reader reaches first."""
+    return oldest is not None and oldest[0] == key[0] and oldest[1] < key[1]
 
 
 def grown_window(window: int, cap: int, starved: bool) -> int:

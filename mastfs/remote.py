@@ -46,8 +46,9 @@ T = TypeVar("T")
 
 STOP_WAIT = 10.0
 """Seconds the exit handler waits for the core to let fetched blocks reach the disk."""
-DEFAULT_BLOCK_SIZE = 32 * 1024 * 1024
-"""How far an open file reads ahead of a sequential reader by default (the reader's 8-block window)."""
+DEFAULT_BLOCK_SIZE = 16 * BLOCK_SIZE
+"""How far an open file reads ahead of a sequential reader by default: 64 MiB, the mount's window (the
+reader caps every stream's at what its memory holds, :func:`mastfs.reader.readahead_limit`)."""
 DOWNLOAD_CHUNK = 8 * 1024 * 1024
 """Bytes per cross-thread read of :meth:`MastFileSystem.get_file`."""
 _FSSPEC_OPTIONS = ("use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous", "loop")

@@ -12,6 +12,7 @@ from mastfs.reader import (
     MAX_RUN_BLOCKS,
     MEMORY_LIMIT,
     LinkEstimate,
+    evicts_nearer,
     grown_window,
     readahead_limit,
     readahead_span,
@@ -109,3 +110,19 @@ def test_the_window_doubles_only_while_the_reader_waits_for_the_link():
     assert grown_window(8, cap=24, starved=False) == 8  # blocks were ready: the reader is the slower side
     assert grown_window(16, cap=6, starved=False) == 6  # a lower cap (the link estimate changed) applies
     assert grown_window(0, cap=0, starved=True) == 0  # readahead off
+
+
+def test_a_block_landing_in_a_full_memory_never_evicts_one_the_reader_reaches_first():
+    assert evicts_nearer(("v1", 10), ("v1", 12))  # block 12 waits on disk; 10 stays for the reader
+    assert not evicts_nearer(("v1", 12), ("v1", 10))  # the farther block goes, the nearer one comes in
+    assert not evicts_nearer(("v0", 3), ("v1", 12))  # another product's old block is evicted as usual
+    assert not evicts_nearer(None, ("v1", 12))
+
+
+def test_blocks_waiting_in_memory_narrow_the_window_left_for_runs_in_flight():
+    # window 16, reader at block 20, scheduled up to 28: 8 blocks free, a run of 2 starts ...
+    assert readahead_span(ahead=28, last=20, window=16, run=2, final=1000) == (29, 36)
+    # ... but only one run when 6 of the scheduled blocks already wait in memory (a reader slower than
+    # the link), and none when 7 do
+    assert readahead_span(ahead=28, last=20, window=16 - 6, run=2, final=1000) == (29, 30)
+    assert readahead_span(ahead=28, last=20, window=16 - 7, run=2, final=1000) is None
