@@ -60,14 +60,18 @@ DOWNLOAD_GOAL = 0.8
 """... and >= 0.8x boto3 ``download_file`` (issue 16, point 1)."""
 RSS_GOAL_BYTES = 200 * 1000 * 1000
 PEERS = ("s3fs", "rclone")
+S3FS_CACHED = "s3fs-cache"
+"""s3fs with ``use_cache`` (its own disk cache), measured on loopback: issue 16 asks for a loopback cold read
+at least as fast as it."""
 MASTFS = ("mastfs-s3", "mastfs-http")
 LABELS = {"mastfs-s3": "mastfs (S3)", "mastfs-http": "mastfs (HTTPS)", "s3fs": "s3fs 1.90", "rclone": "rclone 1.60",
-          "download": "boto3 `download_file`", "stream": "one boto3 stream"}
+          S3FS_CACHED: "s3fs 1.90 `use_cache`", "download": "boto3 `download_file`", "stream": "one boto3 stream"}
 
 
 class PeerMount(Mount):
-    """s3fs or rclone serving the twin's bucket at ``mountpoint``, in the foreground as our child process
-    (``daemon``); files are at their S3 keys. Unmounting: ``umount``, then SIGTERM, then the Mount abort."""
+    """s3fs (``s3fs-cache``: with ``use_cache`` in ``cache_dir``) or rclone serving the twin's bucket at
+    ``mountpoint``, in the foreground as our child process (``daemon``); files are at their S3 keys.
+    Unmounting: ``umount``, then SIGTERM, then the Mount abort."""
 
     def __init__(self, kind: str, twin: TwinProcess, mountpoint: Path, cache_dir: Path) -> None:
         super().__init__(twin, mountpoint, cache_dir)
@@ -77,8 +81,10 @@ class PeerMount(Mount):
     def command(self) -> tuple[list[str], dict[str, str]]:
         endpoint, bucket = self.twin.info["s3_endpoint"], self.twin.info["bucket"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # rclone fails on AWS_CA_BUNDLE
-        if self.kind == "s3fs":
+        if self.kind.startswith("s3fs"):
             options = f"url={endpoint},use_path_request_style,public_bucket=1,ro,endpoint=us-east-1"
+            if self.kind == S3FS_CACHED:
+                options += f",use_cache={self.cache_dir}"
             return ["s3fs", bucket, self.mountpoint, "-f", "-o", options], env
         env["RCLONE_CONFIG"] = str(self.cache_dir / "rclone.conf")
         return ["rclone", "mount", f":s3:{bucket}", self.mountpoint, "--read-only", "--s3-provider", "Other",
@@ -294,10 +300,11 @@ def bench_peers(twin: TwinProcess, workdir: Path, runs: int) -> Section:
     big = sorted((p for p in ctx.catalog.products() if p.size >= GIB and p.s3_key and not p.exclusive
                   and p.filename.endswith(".fits")), key=lambda p: p.size)
     product = ctx.catalog.product(twin_catalog.BENCH_1GIB_URI)
-    columns = [*MASTFS, *PEERS, "download", "stream"]
+    columns = [*MASTFS, *PEERS, S3FS_CACHED, "download", "stream"]
     section = Section(
         "peers", f"mastfs and its peers on the same twin ({product.size / GIB:.2f} GiB `{product.filename}`)",
-        "s3fs-fuse and rclone mount (Debian packages, default options; rclone without a VFS cache) read the "
+        "s3fs-fuse and rclone mount (Debian packages, default options; rclone without a VFS cache; s3fs also "
+        "with `use_cache` on loopback) read the "
         "twin's S3 endpoint; mastfs reads S3 or HTTPS. Each round runs every configuration once, in turn "
         f"(medians of {runs} rounds, min-max in brackets), each on a fresh mount and an empty cache dir after "
         "dropping the page cache. *boto3 `download_file`*: TransferManager defaults (10 threads, 8 MiB parts) "
@@ -315,7 +322,7 @@ def bench_peers(twin: TwinProcess, workdir: Path, runs: int) -> Section:
     link_results: dict[str, dict[str, float]] = {}
     for name, link, configs in (("S3-like link", S3_LIKE_LINK, columns),
                                 ("far link", FAR_LINK, [*MASTFS, *PEERS, "download"]),
-                                ("loopback", LOOPBACK_LINK, [*MASTFS, *PEERS, "download", "stream"])):
+                                ("loopback", LOOPBACK_LINK, [*MASTFS, *PEERS, S3FS_CACHED, "download", "stream"])):
         twin.set_link(link)
         try:
             samples = cold_reads(ctx, product, configs)
@@ -330,7 +337,7 @@ def bench_peers(twin: TwinProcess, workdir: Path, runs: int) -> Section:
         row(f"requests / wire bytes per size, {name}",
             {c: f"{median([s.wire.file_requests for s in samples[c]]):.0f} / "
                 f"{median([s.wire.file_bytes for s in samples[c]]) / product.size:.2f}" for c in configs})
-        mounted = [c for c in configs if c in MASTFS + PEERS]
+        mounted = [c for c in configs if c in (*MASTFS, *PEERS, S3FS_CACHED)]
         row(f"daemon CPU s per GiB, {name}",
             {c: spread([s.cpu / (product.size / GIB) for s in samples[c] if s.cpu is not None], "{:.2f}")
              for c in mounted})
@@ -343,6 +350,10 @@ def bench_peers(twin: TwinProcess, workdir: Path, runs: int) -> Section:
                 cpu = median([s.cpu for s in samples[config]]) / median([s.cpu for s in samples["s3fs"]])
                 section.goals.append(Goal(f"{LABELS[config]} daemon CPU per byte / s3fs's, loopback",
                                           f"{cpu:.2f}", "<= 1.0", cpu <= 1.0))
+                ratios = [m.result.mb_s / p.result.mb_s
+                          for m, p in zip(samples[config], samples[S3FS_CACHED], strict=True)]
+                section.goals.append(Goal(f"{LABELS[config]} / s3fs `use_cache`, cold read over the loopback",
+                                          f"{median(ratios):.2f}", ">= 1.0", median(ratios) >= 1.0))
                 continue
             for peer, goal, label in (("s3fs", S3FS_GOAL, "s3fs"), ("download", DOWNLOAD_GOAL, "boto3 download_file")):
                 ratios = [m.result.mb_s / p.result.mb_s for m, p in zip(samples[config], samples[peer], strict=True)]

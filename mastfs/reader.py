@@ -885,10 +885,11 @@ class ByteReader:
     def _track(self, stream: ReadStream, offset: int, end: int, last: int) -> None:
         """Update the stream's sequential state; a sequential read (not the stream's first) drops the
         block before the one it starts in from memory (see :meth:`_drop_behind`) and, past block 0, grows
-        the readahead window (see :func:`grown_window`) and tops it up (see :func:`readahead_span`), less
-        one block per block already in memory ahead of the reader: a reader slower than the link keeps
-        about a memory LRU of blocks waiting for it and no more in flight, a reader waiting for the link
-        keeps the whole window in flight. A jump resets the window."""
+        the readahead window while the reader waits for the link (see :func:`waits_for_link` and
+        :func:`grown_window`) and tops it up (see :func:`readahead_span`), less one block per block already
+        in memory ahead of the reader: a reader slower than the link keeps about a memory LRU of blocks
+        waiting for it and no more in flight, a reader waiting for the link keeps the whole window in
+        flight. A jump resets the window."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > stream.slack:
             stream.next_offset = end
             stream.last_block = stream.ahead = last
@@ -903,13 +904,14 @@ class ByteReader:
         if last == 0 or most == 0:
             return
         cap = self.link.window_cap(self._run_blocks, self._transfers, most)
+        vk = stream.ref.version_key
+        waiting = sum(1 for index in range(last + 1, stream.ahead + 1) if (vk, index) in self._memory)
         if last > stream.last_block or stream.window == 0:
-            stream.window = grown_window(stream.window, cap, stream.starved)
+            link_bound = waits_for_link(stream.starved, waiting, (vk, last) in self._memory)
+            stream.window = grown_window(stream.window, cap, link_bound)
             stream.starved = False
             stream.last_block = max(stream.last_block, last)
         run = self.link.run_blocks(self._run_blocks, self._transfers, most)
-        vk = stream.ref.version_key
-        waiting = sum(1 for index in range(last + 1, stream.ahead + 1) if (vk, index) in self._memory)
         span = readahead_span(stream.ahead, last, stream.window - waiting, run, block_count(stream.ref.size) - 1)
         if span is None:
             return
@@ -934,6 +936,14 @@ def evicts_nearer(oldest: BlockKey | None, key: BlockKey) -> bool:
     return oldest is not None and oldest[0] == key[0] and oldest[1] < key[1]
 
 
+def waits_for_link(starved: bool, waiting: int, arrived: bool) -> bool:
+    """Whether a sequential reader reaching a new block is limited by the link: a read since the window
+    last grew had to wait (``starved``), the new block has not ``arrived``, or no block ahead of it is
+    waiting in memory (the reader has consumed everything the link delivered). A reader slower than the
+    link always finds blocks waiting, so its window stops growing."""
+    return starved or not arrived or waiting == 0
+
+
 def grown_window(window: int, cap: int, starved: bool) -> int:
     """A stream's readahead window (blocks) at a new block: one block to begin with; then doubled when a
     read since the last growth found its block not yet in memory (the reader outruns the link), else kept
@@ -947,11 +957,15 @@ def readahead_span(ahead: int, last: int, window: int, run: int, final: int) -> 
     """The blocks to schedule for a stream that has read up to block ``last`` and scheduled up to block
     ``ahead``, with a ``window`` of blocks and runs of ``run`` blocks, in a file whose last block is
     ``final``: None while less than a run (or, for a window smaller than a run, half the window) of it is
-    free, else ``(first, last)`` up to ``last + window``."""
+    free, else ``(first, last)``: whole runs up to ``last + window``, or to the end of the file (a
+    remainder shorter than a run waits: a short run pays a whole first-byte latency for less data)."""
     target = min(last + window, final)
     first = max(ahead, last) + 1
-    if first > target or target - first + 1 < min(run, max(1, window // 2)) and target < final:
+    step = min(run, max(1, window // 2))
+    if first > target or target - first + 1 < step and target < final:
         return None
+    if target < final:
+        target = first + (target - first + 1) // step * step - 1
     return first, target
 
 

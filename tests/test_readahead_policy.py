@@ -16,6 +16,7 @@ from mastfs.reader import (
     grown_window,
     readahead_limit,
     readahead_span,
+    waits_for_link,
 )
 
 
@@ -85,8 +86,11 @@ def test_the_window_never_outgrows_what_memory_holds():
 
 
 def test_a_window_is_topped_up_one_run_at_a_time():
-    # read up to block 10, scheduled up to 30, window 24, runs of 3: 4 blocks free -> schedule 31..34
-    assert readahead_span(ahead=30, last=10, window=24, run=3, final=1000) == (31, 34)
+    # read up to block 10, scheduled up to 30, window 24, runs of 3: 4 blocks free -> one run, 31..33;
+    # the fourth block waits for the next run (a run of one block would pay a whole first-byte latency)
+    assert readahead_span(ahead=30, last=10, window=24, run=3, final=1000) == (31, 33)
+    # 7 free with runs of 2: three whole runs, 31..36
+    assert readahead_span(ahead=30, last=20, window=17, run=2, final=1000) == (31, 36)
     # only 2 blocks free: wait for a whole run
     assert readahead_span(ahead=32, last=10, window=24, run=3, final=1000) is None
 
@@ -126,3 +130,13 @@ def test_blocks_waiting_in_memory_narrow_the_window_left_for_runs_in_flight():
     # the link), and none when 7 do
     assert readahead_span(ahead=28, last=20, window=16 - 6, run=2, final=1000) == (29, 30)
     assert readahead_span(ahead=28, last=20, window=16 - 7, run=2, final=1000) is None
+
+
+def test_a_reader_that_consumed_all_that_arrived_is_limited_by_the_link():
+    # the reader had to wait since the last growth, or waits for this block: the link is the limit
+    assert waits_for_link(starved=True, waiting=3, arrived=True)
+    assert waits_for_link(starved=False, waiting=3, arrived=False)
+    # its block had arrived, but nothing else did: the window is too small to keep the link busy
+    assert waits_for_link(starved=False, waiting=0, arrived=True)
+    # blocks arrived before the reader got to them: the reader is the slower side
+    assert not waits_for_link(starved=False, waiting=1, arrived=True)
