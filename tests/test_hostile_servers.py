@@ -258,15 +258,20 @@ def test_mount_endless_paging_is_eio_at_once_with_bounded_memory(hostile_mount, 
     daemon_alive_and_good(hostile_mount, clean_twin, fresh_observations)
 
 
-def walk_everything(root: str) -> dict[str, str]:
-    """Every entry below ``root``, listed and stat-ed through the kernel: 'ok' or the errno's name (a
-    directory that cannot be listed is recorded under its own path)."""
+def walk_everything(root: str, depth: int | None = None) -> dict[str, str]:
+    """Every entry below ``root`` (down to ``depth`` levels of directories: 1 is ``root``'s own entries),
+    listed and stat-ed through the kernel: 'ok' or the errno's name (a directory that cannot be listed is
+    recorded under its own path)."""
     seen: dict[str, str] = {}
     def failed(exc: OSError) -> None:
         seen[exc.filename] = errno.errorcode[exc.errno]
 
     for directory, dirs, files in os.walk(root, onerror=failed):
-        for name in dirs + files:
+        names = dirs + files
+        level = 0 if directory == root else os.path.relpath(directory, root).count(os.sep) + 1
+        if depth is not None and level + 1 >= depth:
+            dirs.clear()  # stat these, but list no deeper
+        for name in names:
             try:
                 os.stat(os.path.join(directory, name))
                 seen[os.path.join(directory, name)] = "ok"
@@ -281,14 +286,20 @@ def test_mount_rows_of_wrong_types_list_and_stat_without_a_crash(clean_twin, tmp
     with mounted(clean_twin, tmp_path, **FAULT_MOUNT) as mount:  # its own: its log must stay clean
         clean_twin.faults.add("invoke", "mutate_rows", mode="mixed")
         outcomes = [bounded(lambda o=o: walk_everything(mount.join("obs", o))) for o in program_ids]
-        # Walking the whole program is some 30,000 kernel operations (ten observations of ~3,000 files,
-        # each group and recommended/ listed and stat-ed): bounded as a whole, not as one operation.
-        outcomes.append(bounded(lambda: walk_everything(mount.join("program", twin_catalog.PROGRAM_2733)),
+        # The program: every observation row (mutated too) listed, and each observation's directories
+        # listed and stat-ed (the files of three observations were walked above; all of the program's
+        # would be some 30,000 kernel operations for no other row).
+        outcomes.append(bounded(lambda: walk_everything(mount.join("program", twin_catalog.PROGRAM_2733), depth=2),
                                 limit=120.0))
         for outcome in outcomes:
             assert outcome.ok or outcome.errno in (errno.EIO, errno.ENOENT), outcome.describe()
             if outcome.ok:
                 assert set(outcome.value.values()) <= {"ok", "EIO", "ENOENT"}, outcome.value
+        program_walk = outcomes[-1]
+        assert program_walk.ok, program_walk.describe()
+        listed_observations = {path.split(os.sep)[-2] for path, state in program_walk.value.items()
+                               if state == "ok" and path.count(os.sep) - mount.join("program").count(os.sep) == 3}
+        assert len(listed_observations) >= 5, program_walk.value  # observations listed, their entries stat-ed
         # every observation of the program with a usable identity is listed, whatever else its row says
         listing = bounded(lambda: os.listdir(mount.join("program", twin_catalog.PROGRAM_2733)))
         assert listing.ok, f"one odd row hid the whole listing: {listing.describe()}"
