@@ -15,7 +15,7 @@ from asyncutil import trio_test
 from mastfs import auth
 from mastfs.config import Settings
 from mastfs.errors import BadResponse, NotFound, Unauthorized, Unavailable
-from mastfs.mast.client import PATH_LOOKUP_BATCH, MastClient, make_http_client
+from mastfs.mast.client import PATH_LOOKUP_BATCH, PATH_LOOKUP_PARALLEL, MastClient, make_http_client
 from mastfs.twin import catalog as twin_catalog
 
 PROGRAM_2733_OBS = {
@@ -486,8 +486,46 @@ async def test_path_lookup_sends_at_most_40_uris_and_use_cloud_path(clean_twin):
     async with make_http_client(settings) as http:
         http.event_hooks["request"].append(lambda request: _record(sent, request))
         await MastClient(http, settings).path_lookup(uris)
-    assert [len(params.get_list("uri")) for params in sent] == [40, 40, 10]
+    assert sorted(len(params.get_list("uri")) for params in sent) == [10, 40, 40]
     assert all(params.get("use_cloud_path") == "True" for params in sent)
+
+
+@trio_test
+async def test_path_lookup_keeps_its_batches_in_flight_together(clean_twin):
+    """The 5 batches of 200 uris (what opening a file looks up) are in flight together, at most
+    PATH_LOOKUP_PARALLEL at once: one round trip to MAST instead of five."""
+    uris = [product.uri for product in clean_twin.catalog.products()][:200]
+    clean_twin.faults.add("path_lookup", "latency", seconds=0.3)
+    in_flight, peak = 0, 0
+
+    async def sent(request):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+
+    async def answered(response):
+        nonlocal in_flight
+        in_flight -= 1
+
+    settings = twin_settings(clean_twin)
+    async with make_http_client(settings) as http:
+        http.event_hooks["request"].append(sent)
+        http.event_hooks["response"].append(answered)
+        keys = await MastClient(http, settings).path_lookup(uris)
+    assert keys == {uri: clean_twin.catalog.product(uri).s3_key for uri in uris}
+    assert requests(clean_twin, "path_lookup") == 5
+    assert peak == PATH_LOOKUP_PARALLEL
+
+
+@trio_test
+async def test_a_failed_path_lookup_batch_fails_the_lookup(clean_twin):
+    """One of three batches failing (here with an HTTP 404, which is not retried) fails the whole look-up
+    with that error, raised as itself (not in an exception group)."""
+    uris = [product.uri for product in clean_twin.catalog.products()][:120]
+    clean_twin.faults.add("path_lookup", "status", count=1, code=404)
+    async with mast_client(clean_twin) as client:
+        with pytest.raises(NotFound):
+            await client.path_lookup(uris)
 
 
 async def _record(sent, request):

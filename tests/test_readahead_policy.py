@@ -107,9 +107,10 @@ def test_the_end_of_the_file_is_scheduled_even_when_less_than_a_run_is_left():
     assert readahead_span(ahead=99, last=95, window=24, run=3, final=99) is None
 
 
-def test_the_window_doubles_only_while_the_reader_waits_for_the_link():
+def test_the_window_grows_fourfold_only_while_the_reader_waits_for_the_link():
     assert grown_window(0, cap=24, starved=False) == 1  # a sequential stream starts with one block
-    assert grown_window(4, cap=24, starved=True) == 8
+    assert grown_window(1, cap=24, starved=True) == 4
+    assert grown_window(4, cap=24, starved=True) == 16
     assert grown_window(16, cap=24, starved=True) == 24
     assert grown_window(8, cap=24, starved=False) == 8  # blocks were ready: the reader is the slower side
     assert grown_window(16, cap=6, starved=False) == 6  # a lower cap (the link estimate changed) applies

@@ -22,6 +22,7 @@ from mastfs.blockcache import (
     ProductRef,
     block_count,
     block_span,
+    block_start,
 )
 from mastfs.config import Settings
 from mastfs.errors import IntegrityError, MastfsError, Unauthorized, Unavailable, errno_for
@@ -127,6 +128,21 @@ def test_sequential_read_fetches_each_block_once_from_the_chosen_source(clean_tw
     trio.run(main)
     other = "s3" if source == "http" else "http"
     assert wire(clean_twin) == {source: big.size, other: 0}
+
+
+@pytest.mark.parametrize(("offset", "length", "ahead"), [
+    (0, FUSE_READ, 1),  # from the start past the header block: a reader of the whole file (cp, cat)
+    (0, 4096, 0),  # within the header block (astropy reading a header)
+    (block_start(1), FUSE_READ, 0),  # a first read elsewhere (a cutout)
+])
+def test_only_a_first_read_from_the_start_past_the_header_block_reads_ahead(clean_twin, big, tmp_path, offset,
+                                                                            length, ahead):
+    async def main():
+        async with open_reader(clean_twin, tmp_path, source="http") as reader:
+            await reader.read(reader.open_stream(big), offset, length)
+            return reader.stats()["cache"]["readahead_blocks"]
+
+    assert trio.run(main) == ahead
 
 
 def test_header_read_costs_one_small_block(clean_twin, big, tmp_path):
@@ -460,11 +476,12 @@ def test_failed_readahead_does_not_fail_the_current_read(clean_twin, big, tmp_pa
 
     async def main():
         async with open_reader(clean_twin, tmp_path, source="http", policy=policy) as reader:
-            stream = reader.open_stream(big)
-            await reader.read(stream, 0, FUSE_READ)  # blocks 0 and 1, no readahead yet
+            await reader.read(reader.open_stream(big), 0, 4096)  # block 0: a read within it reads no further
+            await reader.read(reader.open_stream(big), block_start(1), 4096)  # block 1: not from the start
             clean_twin.faults.add("download", "status", code=503)
-            second = await reader.read(stream, FUSE_READ, FUSE_READ)  # starts readahead of block 2: fails
-            assert second == clean_twin.catalog.read(big.uri, FUSE_READ, FUSE_READ)
+            stream = reader.open_stream(big)
+            first = await reader.read(stream, 0, FUSE_READ)  # blocks 0 and 1; starts readahead of block 2: fails
+            assert first == clean_twin.catalog.read(big.uri, 0, FUSE_READ)
             start, _ = block_span(2, big.size)
             with pytest.raises(Unavailable):  # joins (or repeats) the failed readahead of block 2
                 await reader.read(stream, start, FUSE_READ)

@@ -57,6 +57,9 @@ PRODUCT_PAGESIZE = 10_000
 #: Most dataURIs in one path_lookup request: 50 JWST uris overflow MAST's URL limit (HTTP 414),
 #: astroquery sends 40. A 414 halves the batch.
 PATH_LOOKUP_BATCH = 40
+#: Most path_lookup requests one look-up keeps in flight: opening a file looks up its 200 neighbours (5
+#: requests), which then cost one round trip to MAST instead of five.
+PATH_LOOKUP_PARALLEL = 4
 #: Most rows one query may return: a cap against a server paging forever, far above real answers (one
 #: JWST observation lists about 300,000 products, mostly guide-star files). Product rows are packed
 #: (about 50 bytes each, see mast/table.py), so 5 million rows stay within about 250 MB; an answer
@@ -513,30 +516,47 @@ class MastClient:
     async def path_lookup(self, uris: Iterable[str]) -> dict[str, str | None]:
         """S3 key (no leading slash) of each dataURI in bucket ``settings.bucket``, None where MAST has
         no cloud copy. One ``GET /api/v0.1/path_lookup/?uri=..&use_cloud_path=True`` per
-        :data:`PATH_LOOKUP_BATCH` uris; a batch MAST refuses as too long (414) is halved and asked
-        again. A uri MAST refuses even alone is left out of the answer (its key is unknown, not None)."""
+        :data:`PATH_LOOKUP_BATCH` uris, up to :data:`PATH_LOOKUP_PARALLEL` of them at once; a batch MAST
+        refuses as too long (414) is asked again in halves. A uri MAST refuses even alone is left out of
+        the answer (its key is unknown, not None). Raises the first failure of any batch (the others are
+        cancelled)."""
         pending = list(dict.fromkeys(uris))
         keys: dict[str, str | None] = {}
-        batch_size = PATH_LOOKUP_BATCH
-        while pending:
-            batch = pending[:batch_size]
+        failure: Exception | None = None
+        limiter = trio.CapacityLimiter(PATH_LOOKUP_PARALLEL)
+
+        async def lookup(batch: list[str], nursery: trio.Nursery) -> None:
+            nonlocal failure
             try:
-                payload = await self._request_json(
-                    "GET", f"{self._mast}/api/v0.1/path_lookup/",
-                    params=[*(("uri", uri) for uri in batch), ("use_cloud_path", "True")],
-                    what=f"path_lookup of {len(batch)} uris")
-            except RequestTooLong:
-                if batch_size > 1:
-                    batch_size = max(1, batch_size // 2)
-                    log.info("path_lookup: MAST refused %d uris in one request (414); asking %d at a time",
-                             len(batch), batch_size)
-                    continue
-                log.warning("path_lookup: MAST refuses even one uri as too long (414): %s", batch[0])
-                del pending[:1]
-                continue
-            keys.update(parse_path_lookup(payload, batch))
-            del pending[:len(batch)]
+                async with limiter:
+                    keys.update(await self._path_lookup_batch(batch))
+            except Exception as exc:
+                failure = failure or exc
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for start in range(0, len(pending), PATH_LOOKUP_BATCH):
+                nursery.start_soon(lookup, pending[start:start + PATH_LOOKUP_BATCH], nursery)
+        if failure is not None:
+            raise failure
         return keys
+
+    async def _path_lookup_batch(self, batch: list[str]) -> dict[str, str | None]:
+        """Keys of one batch of uris (see :meth:`path_lookup`); halves it on a 414."""
+        try:
+            payload = await self._request_json(
+                "GET", f"{self._mast}/api/v0.1/path_lookup/",
+                params=[*(("uri", uri) for uri in batch), ("use_cloud_path", "True")],
+                what=f"path_lookup of {len(batch)} uris")
+        except RequestTooLong:
+            if len(batch) == 1:
+                log.warning("path_lookup: MAST refuses even one uri as too long (414): %s", batch[0])
+                return {}
+            half = (len(batch) + 1) // 2
+            log.info("path_lookup: MAST refused %d uris in one request (414); asking %d at a time",
+                     len(batch), half)
+            return {**await self._path_lookup_batch(batch[:half]), **await self._path_lookup_batch(batch[half:])}
+        return parse_path_lookup(payload, batch)
 
     async def head(self, uri: str) -> int | None:
         """Content-Length of ``uri`` from ``HEAD /api/v0.1/Download/file``, None when the server omits
