@@ -11,8 +11,8 @@ never leaving an unverified block behind.
 
 Each open file handle has a :class:`ReadStream`. Reads that continue where the previous one ended (within
 a small slack, as FUSE may reorder concurrent reads) grow a readahead window: one block at first, then
-doubled at a block boundary whenever a read since the last growth had to wait for its block (the reader
-outruns the link; a reader slower than the link keeps its window, so unread blocks do not pile up). The
+grown fourfold at a block boundary whenever the reader is limited by the link (:func:`waits_for_link`;
+a reader slower than the link keeps its window, so unread blocks do not pile up). The
 window is capped by what the link calls for (:class:`LinkEstimate`, measured from the runs themselves):
 runs long enough to amortise the time to first byte (four bandwidth-delay products of one connection,
 from ``run_blocks`` to ``MAX_RUN_BLOCKS`` blocks) and one run per transfer slot, within ``max_readahead``
