@@ -43,6 +43,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +60,7 @@ from .blockcache import (
     block_start,
 )
 from .errors import IntegrityError, MastfsError, NotFound, Unauthorized, Unavailable
+from .fanout import run_each
 from .fetch import ColdStartFetcher, WholeFileFetcher
 from .fitscheck import FitsCheck, HduMismatch, applies_to
 from .lru import LRU
@@ -442,36 +444,22 @@ class ByteReader:
         if progress is not None:
             progress(done)
         self._mismatched.discard(ref.version_key)
-        slots = trio.Semaphore(self._transfers)
-        failure: Exception | None = None
 
-        async def fill(group: list[int], nursery: trio.Nursery) -> None:
-            nonlocal done, failure
-            try:
-                for index, flight in zip(group, self._ensure(ref, group[0], group[-1], keep=False), strict=True):
-                    assert flight is not None  # keep=False never answers from memory
-                    await flight.stored.wait()
-                    if flight.error is not None:
-                        raise flight.error
-                    if not flight.cached:
-                        raise MastfsError(f"block cache full: cannot keep {ref.uri} (size limit or free-space "
-                                          "floor)")
-                    start, end = block_span(index, ref.size)
-                    done += end - start
-                    if progress is not None:
-                        progress(done)
-            except Exception as exc:
-                failure = failure or exc
-                nursery.cancel_scope.cancel()
-            finally:
-                slots.release()
+        async def fill(group: list[int]) -> None:
+            nonlocal done
+            for index, flight in zip(group, self._ensure(ref, group[0], group[-1], keep=False), strict=True):
+                assert flight is not None  # keep=False never answers from memory
+                await flight.stored.wait()
+                if flight.error is not None:
+                    raise flight.error
+                if not flight.cached:
+                    raise MastfsError(f"block cache full: cannot keep {ref.uri} (size limit or free-space floor)")
+                start, end = block_span(index, ref.size)
+                done += end - start
+                if progress is not None:
+                    progress(done)
 
-        async with trio.open_nursery() as nursery:
-            for group in _runs_of(missing, self._run_blocks):
-                await slots.acquire()
-                nursery.start_soon(fill, group, nursery)
-        if failure is not None:
-            raise failure
+        await run_each((partial(fill, group) for group in _runs_of(missing, self._run_blocks)), self._transfers)
         if await self._verify_product(ref) is False or ref.version_key in self._mismatched:
             raise IntegrityError(f"{ref.uri} does not match its sha256 {ref.sha256}; its blocks were dropped")
 
@@ -894,16 +882,17 @@ class ByteReader:
         :func:`grown_window`) and tops it up (see :func:`readahead_span`), less one block per block already
         in memory ahead of the reader: a reader slower than the link keeps about a memory LRU of blocks
         waiting for it and no more in flight, a reader waiting for the link keeps the whole window in
-        flight. A jump resets the window. A stream's first read counts as sequential when it starts at
-        offset 0 and reaches past block 0 (a reader of the whole file: ``cp``, ``cat``; a header read stays
-        within block 0), so readahead starts with it."""
+        flight. A jump resets the window. A read that starts a stream (its first, or one after a jump)
+        counts as sequential when it starts at offset 0 and reaches past block 0 (a reader of the whole
+        file: ``cp``, ``cat``; a header read stays within block 0), so readahead starts with it."""
         if stream.last_block < 0 or abs(offset - stream.next_offset) > stream.slack:
+            whole_file = offset == 0 and last > 0  # from the start past block 0: cp, cat
             stream.next_offset = end
-            stream.last_block = stream.ahead = last
+            stream.ahead = last
+            stream.last_block = last - 1 if whole_file else last
             stream.window = 0
-            if not (offset == 0 and last > 0):
+            if not whole_file:
                 return
-            stream.last_block = last - 1  # a first read past block 0 from the start: a reader of the whole file
         stream.next_offset = max(stream.next_offset, end)
         first = block_index(offset)
         if first > 0:

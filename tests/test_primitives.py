@@ -1,4 +1,4 @@
-"""SingleFlight, LRU and PackedSequence, the shared primitives of the archive, the tree, the reader and the
+"""SingleFlight, run_each, LRU and PackedSequence, the shared primitives of the archive, the tree, the reader and the
 packed sequences."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import trio
 import trio.testing
 from asyncutil import trio_test
 
+from mastfs.fanout import run_each
 from mastfs.lru import LRU
 from mastfs.namespace import NameList
 from mastfs.sequences import PackedSequence
@@ -191,3 +192,42 @@ def test_name_list_indexes_like_the_list_of_its_names():
     assert packed[::-1] == names[::-1]
     with pytest.raises(IndexError):
         packed[3]
+
+
+@trio_test
+async def test_run_each_keeps_at_most_limit_jobs_running_and_runs_them_all():
+    running, peak, done = 0, 0, []
+
+    async def job(number: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await trio.sleep(0.01)
+        running -= 1
+        done.append(number)
+
+    await run_each((lambda n=n: job(n) for n in range(7)), limit=3)
+    assert sorted(done) == list(range(7))
+    assert peak == 3
+
+
+@trio_test
+async def test_run_each_raises_the_first_failure_as_itself_and_cancels_the_rest():
+    finished, taken = [], []
+
+    async def fails() -> None:
+        raise KeyError("first")
+
+    async def waits() -> None:
+        await trio.sleep_forever()
+        finished.append(True)
+
+    def jobs():
+        for job in (waits, fails, waits, waits):
+            taken.append(job)
+            yield job
+
+    with pytest.raises(KeyError, match="first"):
+        await run_each(jobs(), limit=2)
+    assert finished == []
+    assert len(taken) == 2  # the jobs after the failure were never taken

@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -27,6 +28,7 @@ from .. import __version__
 from ..auth import auth_headers
 from ..config import Settings
 from ..errors import BadResponse, NotFound, Retryable, Unauthorized, Unavailable
+from ..fanout import run_each
 from ..httpwire import error_for_status, parse_retry_after, unauthorized
 from ..retry import RetryPolicy
 from .models import (
@@ -522,23 +524,12 @@ class MastClient:
         cancelled)."""
         pending = list(dict.fromkeys(uris))
         keys: dict[str, str | None] = {}
-        failure: Exception | None = None
-        limiter = trio.CapacityLimiter(PATH_LOOKUP_PARALLEL)
 
-        async def lookup(batch: list[str], nursery: trio.Nursery) -> None:
-            nonlocal failure
-            try:
-                async with limiter:
-                    keys.update(await self._path_lookup_batch(batch))
-            except Exception as exc:
-                failure = failure or exc
-                nursery.cancel_scope.cancel()
+        async def lookup(batch: list[str]) -> None:
+            keys.update(await self._path_lookup_batch(batch))
 
-        async with trio.open_nursery() as nursery:
-            for start in range(0, len(pending), PATH_LOOKUP_BATCH):
-                nursery.start_soon(lookup, pending[start:start + PATH_LOOKUP_BATCH], nursery)
-        if failure is not None:
-            raise failure
+        await run_each((partial(lookup, pending[start:start + PATH_LOOKUP_BATCH])
+                        for start in range(0, len(pending), PATH_LOOKUP_BATCH)), PATH_LOOKUP_PARALLEL)
         return keys
 
     async def _path_lookup_batch(self, batch: list[str]) -> dict[str, str | None]:
